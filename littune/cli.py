@@ -1,0 +1,64 @@
+"""The `littune` entry point: one subcommand per workflow function, built by jsonargparse from its signature.
+
+Every subcommand takes `--config file.yaml` and `--print_config`. Errors the user can fix (`UserError`) are printed
+as one line on stderr with exit code 1 and no traceback.
+"""
+
+import os
+import sys
+import warnings
+from importlib import import_module
+from typing import Callable, Optional
+
+# name -> "module:function"; a nested dict is a subcommand group (`littune finetune adapter_v2`).
+COMMANDS = {
+    "download": "littune.checkpoints:download",
+    "convert": "littune.checkpoints:convert",
+    "models": "littune.checkpoints:models",
+    "prepare": "littune.data:prepare",
+    "finetune": {"adapter_v2": "littune.finetune.adapter_v2:setup"},
+    "generate": "littune.generate:generate",
+    "evaluate": "littune.evaluate:evaluate",
+    "demo": "littune.demo:demo",
+}
+
+
+def _resolve(spec):
+    if isinstance(spec, dict):
+        return {name: _resolve(sub) for name, sub in spec.items()}
+    module, function = spec.split(":")
+    return getattr(import_module(module), function)
+
+
+def _selected(argv: list[str]) -> dict:
+    """Only import the chosen subcommand's module (torch and litgpt imports are slow); all of them for --help."""
+    if argv and argv[0] in COMMANDS:
+        return {argv[0]: COMMANDS[argv[0]]}
+    return COMMANDS
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    from jsonargparse import CLI, set_docstring_parse_options
+
+    from littune.common import UserError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", message=r".*The epoch parameter in `scheduler.step\(\)`.*")
+    set_docstring_parse_options(attribute_docstrings=True)
+    components = _resolve(_selected(argv))
+    try:
+        CLI(components, args=argv, as_positional=False, description=__doc__.splitlines()[0], env_prefix="LITTUNE")
+    except UserError as e:
+        print(f"littune: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("littune: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+
+
+if __name__ == "__main__":
+    sys.exit(main())

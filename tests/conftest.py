@@ -1,0 +1,99 @@
+"""Shared test fixtures: where ../shared/data lives, tiny real-format Hugging Face checkpoints, the CLI runner."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("LITTUNE_SHARED_DATA", REPO.parent / "shared" / "data"))
+TOKENIZERS = SHARED_DATA / "tokenizers"
+ALPACA_335 = SHARED_DATA / "alpaca" / "stanford_alpaca_first335.json"
+SST2_TRAIN = SHARED_DATA / "classification" / "sst2" / "train.tsv"
+
+# tokenizer files as a Hub repo of each family ships them (the GPT-NeoX file is renamed to tokenizer.json)
+TOKENIZER_FILES = {
+    "gpt_neox": {TOKENIZERS / "gpt-neox-20b" / "20B_tokenizer.json": "tokenizer.json"},
+    "pythia": {p: p.name for p in (TOKENIZERS / "pythia").glob("*.json")},
+    "falcon": {p: p.name for p in (TOKENIZERS / "falcon").glob("*.json")},
+    "llama": {TOKENIZERS / "llama" / "tokenizer.model": "tokenizer.model"},
+}
+ARCH_TOKENIZER = {"gpt_neox": "pythia", "falcon": "falcon", "llama": "llama", "mistral": "llama"}
+
+
+def copy_tokenizer(family: str, folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for src, name in TOKENIZER_FILES[family].items():
+        shutil.copyfile(src, folder / name)
+    return folder
+
+
+def make_hf_checkpoint(folder: Path, arch: str = "gpt_neox", seed: int = 0, weights: str = "safetensors", **overrides):
+    """Write a tiny random-init model of a real architecture with `save_pretrained` plus that family's real tokenizer.
+
+    weights="bin" rewrites the weights as a single `pytorch_model.bin` (older Hub repos).
+    Returns the transformers model (float32, eval mode) for parity checks.
+    """
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    common = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256)
+    if arch == "gpt_neox":
+        config = transformers.GPTNeoXConfig(vocab_size=50304, intermediate_size=128, rotary_pct=0.25, **common)
+        model_cls = transformers.GPTNeoXForCausalLM
+    elif arch == "falcon":
+        config = transformers.FalconConfig(
+            vocab_size=65024, multi_query=True, parallel_attn=True, new_decoder_architecture=False, bias=False,
+            alibi=False, **common,
+        )
+        model_cls = transformers.FalconForCausalLM
+    elif arch == "llama":
+        config = transformers.LlamaConfig(vocab_size=32000, intermediate_size=128, num_key_value_heads=2, **common)
+        model_cls = transformers.LlamaForCausalLM
+    elif arch == "mistral":
+        config = transformers.MistralConfig(
+            vocab_size=32000, intermediate_size=128, num_key_value_heads=2, sliding_window=None, **common
+        )
+        model_cls = transformers.MistralForCausalLM
+    else:
+        raise ValueError(arch)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    model = model_cls(config).eval()
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    if weights == "bin":
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        for f in folder.glob("*.safetensors"):
+            f.unlink()
+        torch.save(state, folder / "pytorch_model.bin")
+    copy_tokenizer(ARCH_TOKENIZER[arch], folder)
+    return model
+
+
+def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None, timeout: int = 600):
+    """Run `littune ARGS` in a subprocess, as a user would; returns the CompletedProcess (text)."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "littune.cli", *args], capture_output=True, text=True, env=full_env, cwd=cwd,
+        timeout=timeout,
+    )
+
+
+def assert_clean_error(result, *fragments: str):
+    """One clear line on stderr, non-zero exit, no traceback."""
+    assert result.returncode != 0, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    for fragment in fragments:
+        assert fragment in result.stderr, f"{fragment!r} not in stderr:\n{result.stderr}"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.fail(f"shared data not found at {SHARED_DATA} (set LITTUNE_SHARED_DATA)")
+    return SHARED_DATA
