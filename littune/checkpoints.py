@@ -1,0 +1,529 @@
+"""Checkpoints: download from the Hugging Face Hub, convert to Lit-GPT format, validate.
+
+    littune download --repo_id tiiuae/falcon-7b      # checkpoints/tiiuae/falcon-7b/{HF files, lit_model.pth, model_config.yaml}
+    littune convert --checkpoint_dir DIR              # an HF folder already on disk
+
+The weight-copying functions are litgpt's (`litgpt.scripts.convert_hf_checkpoint`). What littune adds: the Lit-GPT
+config is built from the folder's `config.json` when the repo is not one of litgpt's named configs (fine-tuned
+derivatives, small models), tensors are streamed one at a time into the output file, and the result is checked
+against the model's expected parameter names and shapes before it is renamed into place.
+"""
+
+import json
+import os
+import sys
+from dataclasses import asdict, replace
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import torch
+import yaml
+from tqdm import tqdm
+
+from littune.common import UserError, atomic_path
+
+# HF `architectures` entries littune builds a Lit-GPT config for from config.json, by family.
+ARCHITECTURES = {
+    "GPTNeoXForCausalLM": "gpt_neox",
+    "FalconForCausalLM": "falcon",
+    "RWForCausalLM": "falcon",
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "llama",
+}
+TOKENIZER_FILES = ["tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"]
+CONFIG_FILES = ["config.json", "generation_config.json"]
+
+
+# ----------------------------------------------------------------------------------------------------- commands
+
+
+def download(
+    repo_id: str,
+    checkpoint_dir: Path = Path("checkpoints"),
+    access_token: Optional[str] = None,
+    revision: Optional[str] = None,
+    model_name: Optional[str] = None,
+    dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None,
+    tokenizer_only: bool = False,
+    convert: bool = True,
+) -> None:
+    """Download a model from the Hugging Face Hub into CHECKPOINT_DIR/ORG/NAME and convert it to Lit-GPT format.
+
+    Re-running skips files already there; an interrupted download resumes. `--repo_id list` prints the models.
+
+    Arguments:
+        repo_id: The Hub repository, e.g. `tiiuae/falcon-7b`; `list` prints the supported models.
+        checkpoint_dir: The root folder; files go to CHECKPOINT_DIR/ORG/NAME.
+        access_token: Hub token for gated or private repos (default: $HF_TOKEN). Never written to any file.
+        revision: A branch, tag or commit of the repo (default: main).
+        model_name: The litgpt config name to use, when the repo name is not one (default: from the repo/config.json).
+        dtype: Convert the weights to this dtype (default: keep the dtype of the downloaded files).
+        tokenizer_only: Download only the config and tokenizer files (enough for `littune prepare`).
+        convert: Convert to Lit-GPT format after downloading.
+    """
+    if repo_id == "list":
+        models()
+        return
+    from huggingface_hub import snapshot_download
+
+    token = access_token or os.environ.get("HF_TOKEN") or None
+    if "/" not in repo_id:
+        raise UserError(f"--repo_id {repo_id!r}: expected ORG/NAME, e.g. tiiuae/falcon-7b (`--repo_id list` lists models)")
+    files = _hub_call(repo_id, lambda: _repo_files(repo_id, revision, token))
+    patterns = _allow_patterns(repo_id, files, tokenizer_only)
+
+    local_dir = Path(checkpoint_dir) / repo_id
+    print(f"Downloading {repo_id}{'@' + revision if revision else ''} to {local_dir}", file=sys.stderr)
+    _hub_call(
+        repo_id,
+        lambda: snapshot_download(
+            repo_id, revision=revision, token=token, local_dir=local_dir, allow_patterns=patterns
+        ),
+    )
+    if tokenizer_only or not convert:
+        return
+    if (local_dir / "lit_model.pth").is_file() and (local_dir / "model_config.yaml").is_file():
+        print(f"{local_dir / 'lit_model.pth'} already exists; skipping conversion", file=sys.stderr)
+        return
+    _convert(local_dir, model_name=model_name, dtype=dtype)  # the `convert` flag shadows the function here
+
+
+def convert(
+    checkpoint_dir: Path,
+    model_name: Optional[str] = None,
+    dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None,
+) -> None:
+    """Convert a Hugging Face checkpoint folder on disk to Lit-GPT format (`lit_model.pth`, `model_config.yaml`).
+
+    Arguments:
+        checkpoint_dir: A folder holding an HF model: config.json and *.safetensors or *.bin weights.
+        model_name: The litgpt config name to use (default: the folder name if litgpt knows it, else config.json).
+        dtype: Convert the weights to this dtype (default: keep the dtype of the files).
+    """
+    from litgpt.utils import incremental_save
+
+    checkpoint_dir = Path(checkpoint_dir)
+    if not checkpoint_dir.is_dir():
+        raise UserError(f"{checkpoint_dir}: no such folder (download it first: littune download --repo_id ORG/NAME)")
+    weight_files = find_weight_files(checkpoint_dir)
+    config, family = resolve_config(checkpoint_dir, model_name)
+    torch_dtype = getattr(torch, dtype) if dtype else None
+
+    if family is None:  # a litgpt named config of a family littune does not stream (phi, gemma, qwen, ...)
+        _convert_with_litgpt(checkpoint_dir, config, dtype)
+        return
+
+    copy_fn, state_dict = _copier(family, config)
+    total = sum(f.stat().st_size for f in weight_files)
+    print(f"Converting {checkpoint_dir} ({config.name}, {total / 1e6:.1f} MB) to Lit-GPT format", file=sys.stderr)
+    with atomic_path(checkpoint_dir / "lit_model.pth") as tmp:
+        with incremental_save(tmp) as saver, tqdm(total=len(weight_files), desc="Converting", unit="file") as pbar:
+            state_dict.saver = saver
+            for weight_file in weight_files:
+                with _lazy_weights(weight_file) as hf_weights:
+                    copy_fn(state_dict, hf_weights, saver=None, dtype=torch_dtype)
+                pbar.update(1)
+            if "lm_head.weight" not in state_dict:  # tied embeddings: the Hub file leaves the head out
+                state_dict["lm_head.weight"] = state_dict["transformer.wte.weight"]
+            _check_state_dict(config, state_dict, checkpoint_dir)
+            saver.save(dict(state_dict))
+    save_model_config(config, checkpoint_dir)
+    print(f"Wrote {checkpoint_dir / 'lit_model.pth'} and {checkpoint_dir / 'model_config.yaml'}", file=sys.stderr)
+
+
+_convert = convert
+
+
+def models() -> None:
+    """Print the models littune can download and convert."""
+    from litgpt.config import configs
+
+    names = sorted({f"{c['hf_config']['org']}/{c['hf_config']['name']}" for c in configs}, key=str.lower)
+    print("\n".join(names))
+    print(
+        f"\n{len(names)} named models. Any other Hub repo of these architectures also works (its config.json is "
+        f"read): {', '.join(sorted(ARCHITECTURES))}.",
+        file=sys.stderr,
+    )
+
+
+# ------------------------------------------------------------------------------------------------------ configs
+
+
+def load_hf_config(checkpoint_dir: Path) -> Optional[dict]:
+    path = Path(checkpoint_dir) / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
+
+
+def resolve_config(checkpoint_dir: Path, model_name: Optional[str] = None) -> tuple[Any, Optional[str]]:
+    """The Lit-GPT config for a folder, and the family littune streams it with (None: hand over to litgpt).
+
+    Order: --model_name, then the folder name as a litgpt config name, then config.json. A named config whose sizes
+    disagree with config.json is not used (a derivative or a small test model that reuses a famous name).
+    """
+    from litgpt import Config
+
+    hf = load_hf_config(checkpoint_dir)
+    family = _family(hf) if hf else None
+    name = model_name or Path(checkpoint_dir).name
+    named = _named_config(name)
+    if model_name and named is None:
+        raise UserError(f"--model_name {model_name!r} is not a litgpt config (`littune models` lists them)")
+    if named is not None and (hf is None or _sizes_match(named, hf)):
+        return named, family if hf else _family_of_named(named)
+    if hf is None:
+        raise UserError(
+            f"{checkpoint_dir}: no config.json and {name!r} is not a litgpt config name; pass --model_name"
+        )
+    if family is None:
+        arch = ", ".join(hf.get("architectures") or [str(hf.get("model_type"))])
+        raise UserError(
+            f"{checkpoint_dir}: cannot convert architecture {arch}; littune converts "
+            f"{', '.join(sorted(ARCHITECTURES))} from config.json, or a litgpt named config via --model_name"
+        )
+    return Config(**config_from_hf(hf, family, name)), family
+
+
+def config_from_hf(hf: dict, family: str, name: str) -> dict:
+    """Lit-GPT `Config` keyword arguments equivalent to an HF `config.json` of a supported family."""
+    n_embd, n_head = hf["hidden_size"], hf["num_attention_heads"]
+    theta, rotary_fraction = _rope(hf)
+    common = dict(
+        name=name,
+        hf_config={"org": "", "name": name},
+        block_size=hf.get("max_position_embeddings", 2048),
+        vocab_size=hf["vocab_size"],
+        padded_vocab_size=hf["vocab_size"],  # the embedding on disk is already padded
+        n_layer=hf["num_hidden_layers"],
+        n_embd=n_embd,
+        n_head=n_head,
+        head_size=hf.get("head_dim") or n_embd // n_head,
+        rope_base=theta,
+        rotary_percentage=rotary_fraction,
+    )
+    if family == "gpt_neox":
+        _require(hf, "hidden_act", ("gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh"))
+        return dict(
+            common,
+            n_query_groups=n_head,
+            parallel_residual=hf.get("use_parallel_residual", True),
+            bias=hf.get("attention_bias", True),
+            norm_eps=hf.get("layer_norm_eps", 1e-5),
+            intermediate_size=hf.get("intermediate_size", 4 * n_embd),
+            mlp_class_name="GptNeoxMLP",
+            gelu_approximate="none" if hf["hidden_act"] == "gelu" else "tanh",
+        )
+    if family == "falcon":
+        if hf.get("alibi"):
+            raise UserError(f"{name}: Falcon with ALiBi position embeddings cannot be converted (only rotary)")
+        if hf.get("bias"):
+            raise UserError(f"{name}: Falcon with linear biases cannot be converted")
+        new_arch = hf.get("new_decoder_architecture", False)
+        if not new_arch and not hf.get("parallel_attn", True):
+            raise UserError(f"{name}: Falcon without parallel attention cannot be converted")
+        n_kv = hf.get("num_kv_heads") or n_head
+        return dict(
+            common,
+            n_query_groups=n_kv if new_arch else (1 if hf.get("multi_query", True) else n_head),
+            parallel_residual=True,
+            shared_attention_norm=not new_arch,
+            bias=False,
+            norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+            intermediate_size=hf.get("ffn_hidden_size") or 4 * n_embd,
+            mlp_class_name="GptNeoxMLP",
+        )
+    # llama / mistral
+    _require(hf, "hidden_act", ("silu",))
+    if hf.get("attention_bias") or hf.get("mlp_bias"):
+        raise UserError(f"{name}: Llama-style models with linear biases cannot be converted")
+    window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
+    return dict(
+        common,
+        n_query_groups=hf.get("num_key_value_heads") or n_head,
+        parallel_residual=False,
+        bias=False,
+        norm_class_name="RMSNorm",
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        intermediate_size=hf["intermediate_size"],
+        mlp_class_name="LLaMAMLP",
+        sliding_window_size=window if window and window < common["block_size"] else None,
+    )
+
+
+def save_model_config(config, checkpoint_dir: Path) -> None:
+    """`model_config.yaml` as litgpt's `save_config` writes it, but atomically."""
+    with atomic_path(Path(checkpoint_dir) / "model_config.yaml") as tmp:
+        tmp.write_text(yaml.dump(asdict(config)), encoding="utf-8")
+
+
+def load_model_config(checkpoint_dir: Path):
+    """The Lit-GPT config of a converted checkpoint folder, or a UserError saying how to make one."""
+    from litgpt import Config
+
+    checkpoint_dir = Path(checkpoint_dir)
+    check_checkpoint_dir(checkpoint_dir)
+    return Config.from_file(checkpoint_dir / "model_config.yaml")
+
+
+def check_checkpoint_dir(checkpoint_dir: Path) -> None:
+    """A converted checkpoint folder has lit_model.pth, model_config.yaml and a tokenizer."""
+    checkpoint_dir = Path(checkpoint_dir)
+    if not checkpoint_dir.is_dir():
+        raise UserError(f"{checkpoint_dir}: no such checkpoint folder (littune download --repo_id ORG/NAME)")
+    missing = [f for f in ("lit_model.pth", "model_config.yaml") if not (checkpoint_dir / f).is_file()]
+    if missing:
+        raise UserError(
+            f"{checkpoint_dir}: no {' or '.join(missing)}; convert it first: littune convert --checkpoint_dir "
+            f"{checkpoint_dir}"
+        )
+    if not any((checkpoint_dir / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
+        raise UserError(f"{checkpoint_dir}: no tokenizer.json or tokenizer.model")
+
+
+# ------------------------------------------------------------------------------------------------------ helpers
+
+
+def find_weight_files(checkpoint_dir: Path) -> list[Path]:
+    """The weight files of an HF folder: the index's shards, else *.safetensors, else *.bin (not training_args)."""
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = checkpoint_dir / index_name
+        if index.is_file():
+            shards = sorted({checkpoint_dir / f for f in json.loads(index.read_text())["weight_map"].values()})
+            missing = [s.name for s in shards if not s.is_file()]
+            if missing:
+                raise UserError(f"{index}: shard files missing: {', '.join(missing)} (re-run littune download)")
+            return shards
+    files = sorted(checkpoint_dir.glob("*.safetensors")) or sorted(
+        f for f in checkpoint_dir.glob("*.bin") if f.name != "training_args.bin"
+    )
+    if not files:
+        raise UserError(f"{checkpoint_dir}: no weight files (*.safetensors or *.bin) to convert")
+    return files
+
+
+class _StreamingStateDict(dict):
+    """A state dict that hands each tensor to the saver as it is set, so only one tensor is in memory at a time."""
+
+    saver = None
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = {}
+
+    def __setitem__(self, key, value):
+        if isinstance(value, torch.Tensor):
+            self.shapes[key] = tuple(value.shape)
+            value = self.saver.store_early(value)
+        else:  # an entry re-used under another name (tied lm_head)
+            self.shapes[key] = next(self.shapes[k] for k, v in self.items() if v is value)
+        super().__setitem__(key, value)
+
+
+class _LazyTensor:
+    """A safetensors entry read on demand; litgpt's `load_param` calls `_load_tensor()` on such objects."""
+
+    def __init__(self, handle, name: str):
+        self.handle, self.name = handle, name
+
+    def _load_tensor(self) -> torch.Tensor:
+        return self.handle.get_tensor(self.name)
+
+
+class _lazy_weights:
+    """Context manager: name -> lazily loaded tensor for one weight file (safetensors or torch .bin)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self) -> dict:
+        if self.path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            self.handle = safe_open(str(self.path), framework="pt")
+            return {name: _LazyTensor(self.handle, name) for name in self.handle.keys()}
+        from litgpt.utils import lazy_load
+
+        self.handle = lazy_load(self.path)
+        return dict(self.handle)
+
+    def __exit__(self, *exc):
+        self.handle = None
+
+
+def _copier(family: str, config) -> tuple:
+    from litgpt.scripts import convert_hf_checkpoint as hf_convert
+
+    state_dict = _StreamingStateDict()
+    if family == "gpt_neox":
+        return partial(hf_convert.copy_weights_gpt_neox, config), state_dict
+    if family == "falcon":
+        # litgpt's Falcon copier picks its layer-norm names from "7b"/"40b" in the config name
+        style = "falcon-40b" if not config.shared_attention_norm else "falcon-7b"
+        return partial(hf_convert.copy_weights_falcon, replace(config, name=style)), state_dict
+    return partial(hf_convert.copy_weights_hf_llama, config, {}), state_dict
+
+
+def _check_state_dict(config, state_dict: dict, checkpoint_dir: Path) -> None:
+    """Every parameter of Lit-GPT's model is there with the right shape, and nothing else."""
+    from litgpt import GPT
+
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in GPT(config).state_dict().items()}
+    got = state_dict.shapes
+    missing, unexpected = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+    wrong = [f"{k} {got[k]} != {expected[k]}" for k in sorted(set(got) & set(expected)) if got[k] != expected[k]]
+    if missing or unexpected or wrong:
+        detail = "; ".join(
+            [f"missing {missing[:3]}"] * bool(missing)
+            + [f"unexpected {unexpected[:3]}"] * bool(unexpected)
+            + [f"shape {wrong[:3]}"] * bool(wrong)
+        )
+        raise UserError(f"{checkpoint_dir}: weights do not match the {config.name} config: {detail}")
+
+
+def _convert_with_litgpt(checkpoint_dir: Path, config, dtype: Optional[str]) -> None:
+    from litgpt.scripts.convert_hf_checkpoint import convert_hf_checkpoint
+
+    convert_hf_checkpoint(checkpoint_dir, model_name=config.name, dtype=dtype)
+
+
+def _named_config(name: str):
+    from litgpt import Config
+    from litgpt.config import name_to_config
+
+    match = name if name in name_to_config else next((n for n in name_to_config if n.lower() == name.lower()), None)
+    return Config.from_name(match) if match else None
+
+
+def _family(hf: dict) -> Optional[str]:
+    for arch in hf.get("architectures") or []:
+        if arch in ARCHITECTURES:
+            return ARCHITECTURES[arch]
+    return {"gpt_neox": "gpt_neox", "falcon": "falcon", "RefinedWebModel": "falcon", "llama": "llama",
+            "mistral": "llama"}.get(hf.get("model_type"))
+
+
+def _family_of_named(config) -> Optional[str]:
+    if "falcon" in config.name.lower() and "falcon3" not in config.name.lower():
+        return "falcon"
+    if config.mlp_class_name == "GptNeoxMLP" and config.name.lower().startswith("pythia"):
+        return "gpt_neox"
+    if config.mlp_class_name == "LLaMAMLP" and config.name.lower().startswith(("llama-2", "mistral", "tinyllama")):
+        return "llama"
+    return None
+
+
+def _sizes_match(config, hf: dict) -> bool:
+    return (
+        config.n_layer == hf.get("num_hidden_layers", hf.get("n_layer"))
+        and config.n_embd == hf.get("hidden_size", hf.get("n_embd"))
+        and config.padded_vocab_size == hf.get("vocab_size")
+    )
+
+
+def _rope(hf: dict) -> tuple[float, float]:
+    """(theta, fraction of the head rotated), from transformers 5's rope_parameters or the older flat keys."""
+    params = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or {}
+    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    if rope_type != "default":
+        raise UserError(f"rope scaling {rope_type!r} in config.json cannot be converted (only default RoPE)")
+    theta = params.get("rope_theta") or hf.get("rope_theta") or hf.get("rotary_emb_base") or 10000
+    fraction = params.get("partial_rotary_factor") or hf.get("partial_rotary_factor") or hf.get("rotary_pct") or 1.0
+    return float(theta), float(fraction)
+
+
+def _require(hf: dict, key: str, allowed: tuple) -> None:
+    if hf.get(key) not in allowed:
+        raise UserError(f"config.json {key}={hf.get(key)!r} cannot be converted (supported: {', '.join(allowed)})")
+
+
+# ------------------------------------------------------------------------------------------------------ the Hub
+
+
+def _repo_files(repo_id: str, revision: Optional[str], token: Optional[str]) -> list[str]:
+    from huggingface_hub import HfApi
+
+    return HfApi().list_repo_files(repo_id, revision=revision, token=token)
+
+
+def _allow_patterns(repo_id: str, files: list[str], tokenizer_only: bool) -> list[str]:
+    """Config and tokenizer files, plus one weight format: safetensors when the repo has them, else .bin."""
+    top_level = {f for f in files if "/" not in f}
+    patterns = [f for f in CONFIG_FILES + TOKENIZER_FILES if f in top_level]
+    if not any(f in top_level for f in ("tokenizer.json", "tokenizer.model")):
+        raise UserError(f"{repo_id}: the repo has no tokenizer.json or tokenizer.model")
+    if tokenizer_only:
+        return patterns
+    safetensors = sorted(f for f in top_level if f.endswith(".safetensors") or f == "model.safetensors.index.json")
+    bins = sorted(
+        f for f in top_level
+        if (f.endswith(".bin") and f != "training_args.bin") or f == "pytorch_model.bin.index.json"
+    )
+    weights = safetensors if any(f.endswith(".safetensors") for f in safetensors) else bins
+    if not any(f.endswith((".safetensors", ".bin")) for f in weights):
+        raise UserError(f"{repo_id}: the repo has no weight files (*.safetensors or *.bin); nothing to convert")
+    if "config.json" not in top_level:
+        raise UserError(f"{repo_id}: the repo has no config.json")
+    return patterns + weights
+
+
+def _hub_call(repo_id: str, call):
+    """Run a Hub call, turning the Hub's errors into one line that says what to do."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    endpoint = constants.ENDPOINT
+    try:
+        return call()
+    except GatedRepoError as e:
+        raise UserError(
+            f"{repo_id}: gated repo; accept its terms on the Hub, then pass --access_token (or set HF_TOKEN)"
+        ) from e
+    except RepositoryNotFoundError as e:
+        raise UserError(
+            f"{repo_id}: repository not found on {endpoint} (if it is private, pass --access_token or set HF_TOKEN)"
+        ) from e
+    except RevisionNotFoundError as e:
+        raise UserError(f"{repo_id}: revision not found ({_first_line(e)})") from e
+    except (OfflineModeIsEnabled, LocalEntryNotFoundError) as e:
+        raise UserError(
+            f"{repo_id}: cannot reach the Hub at {endpoint} and the files are not in the local cache "
+            f"(check HF_ENDPOINT and your network; HF_HUB_OFFLINE=1 uses only cached files)"
+        ) from e
+    except HfHubHTTPError as e:
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        if status in (401, 403):
+            raise UserError(
+                f"{repo_id}: access denied ({status}); pass --access_token or set HF_TOKEN with access to this repo"
+            ) from e
+        raise UserError(f"{repo_id}: the Hub at {endpoint} answered {status}: {_first_line(e)}") from e
+    except OSError as e:  # connection refused, DNS, timeouts (httpx/requests errors are OSErrors or wrap them)
+        raise UserError(
+            f"{repo_id}: cannot reach the Hub at {endpoint} ({type(e).__name__}); check HF_ENDPOINT and your network, "
+            f"or set HF_HUB_OFFLINE=1 to use cached files"
+        ) from e
+    except Exception as e:
+        if type(e).__module__.startswith(("httpx", "httpcore", "requests", "urllib3")):
+            raise UserError(
+                f"{repo_id}: cannot reach the Hub at {endpoint} ({type(e).__name__}); check HF_ENDPOINT and your "
+                f"network, or set HF_HUB_OFFLINE=1 to use cached files"
+            ) from e
+        raise
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
