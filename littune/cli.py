@@ -48,7 +48,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     set_docstring_parse_options(attribute_docstrings=True)
     components = _resolve(_selected(argv))
     try:
-        CLI(components, args=argv, as_positional=False, description=__doc__.splitlines()[0], env_prefix="LITTUNE")
+        CLI(components, args=argv, as_positional=False, description=__doc__.splitlines()[0], prog="littune")
     except UserError as e:
         print(f"littune: error: {e}", file=sys.stderr)
         return 1

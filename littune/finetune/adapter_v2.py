@@ -1,0 +1,35 @@
+"""LLaMA-Adapter v2 (litgpt's `adapter_v2` modules): a learned prefix in the upper attention layers, a scale and a
+bias on every linear layer, and the norms train; the base weights stay frozen. Adapter weights are a few MB."""
+
+from dataclasses import asdict
+
+import litgpt.adapter_v2 as litgpt_adapter_v2
+
+from littune.finetune.loop import Method, command
+
+
+def build_model(config):
+    return litgpt_adapter_v2.GPT(litgpt_adapter_v2.Config(**asdict(config)))
+
+
+def is_trainable(name: str) -> bool:
+    return litgpt_adapter_v2.adapter_filter(name, None)
+
+
+def clear_adapter_cache(model) -> None:
+    """litgpt caches the adapter prefix K/V on every forward, training included. A cached K/V is detached from
+    `adapter_wte` (no gradient ever reaches it) and stale after an optimizer step or loading weights: clear it."""
+    for module in model.modules():
+        if getattr(module, "adapter_kv_cache", None) is not None:
+            module.adapter_kv_cache = None
+
+
+METHOD = Method(
+    name="adapter_v2",
+    build_model=build_model,
+    is_trainable=is_trainable,
+    block_class=litgpt_adapter_v2.Block,
+    before_forward=clear_adapter_cache,
+)
+
+setup = command(METHOD)
