@@ -1,0 +1,281 @@
+"""`littune finetune adapter_v2`: the training loop, driven through the CLI on a tiny GPT-NeoX and real Alpaca data."""
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import ALPACA_335, assert_clean_error, make_hf_checkpoint, run_cli
+from littune.cli import main
+from littune.finetune.adapter_v2 import METHOD
+from littune.finetune.loop import ADAPTER_FILE, learning_rate_at, plan_epoch
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("ckpt") / "tiny-neox"
+    make_hf_checkpoint(folder, "gpt_neox", num_hidden_layers=4)  # adapter prefixes start at layer 2
+    assert main(["convert", "--checkpoint_dir", str(folder)]) == 0
+    return folder
+
+
+@pytest.fixture(scope="module")
+def alpaca_data(checkpoint, tmp_path_factory) -> Path:
+    """64 real Alpaca records (short and long), prepared by the real CLI; 8 go to the test split."""
+    folder = tmp_path_factory.mktemp("data")
+    records = json.loads(ALPACA_335.read_text())[:64]
+    source = folder / "alpaca64.json"
+    source.write_text(json.dumps(records))
+    destination = folder / "alpaca64"
+    assert main(["prepare", "--data_file", str(source), "--checkpoint_dir", str(checkpoint),
+                 "--destination_path", str(destination), "--test_size", "8", "--max_seq_length", "256",
+                 "--seed", "42"]) == 0
+    return destination
+
+
+def finetune(checkpoint, data, out_dir, *flags) -> dict:
+    args = ["finetune", "adapter_v2", "--checkpoint_dir", str(checkpoint), "--data_dir", str(data),
+            "--out_dir", str(out_dir), "--eval_interval", "1000", "--eval_iters", "1", "--save_interval", "1000",
+            *map(str, flags)]
+    assert main(args) == 0
+    return torch.load(out_dir / ADAPTER_FILE, weights_only=True)
+
+
+def read_metrics(out_dir: Path) -> list[dict]:
+    with open(out_dir / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def base_state(checkpoint: Path) -> dict:
+    return torch.load(checkpoint / "lit_model.pth", weights_only=True)
+
+
+def adapter_model(checkpoint: Path, adapter: dict | None = None):
+    from littune.checkpoints import load_model_config
+
+    torch.manual_seed(0)
+    model = METHOD.build_model(load_model_config(checkpoint))
+    model.load_state_dict(base_state(checkpoint), strict=False)
+    if adapter is not None:
+        model.load_state_dict(adapter, strict=False)
+    METHOD.before_forward(model)
+    return model.eval()
+
+
+# ------------------------------------------------------------------------------------------------ pure helpers
+
+
+def test_learning_rate_schedule_warmup_and_cosine():
+    lrs = [learning_rate_at(s, 1.0, 4, 12, "cosine") for s in range(1, 13)]
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]  # step 1 already moves
+    assert lrs[4] == 1.0 and all(a > b for a, b in zip(lrs[4:], lrs[5:]))  # then strictly decreasing
+    assert lrs[-1] > 0  # no step is wasted at learning rate 0
+    assert [learning_rate_at(s, 0.1, 0, 5, "constant") for s in range(1, 6)] == [0.1] * 5  # warmup 0: no division
+
+
+def test_plan_epoch_sees_every_record_once_and_is_seeded():
+    lengths = list(range(37))
+    plan = plan_epoch(lengths, batch_size=8, micro_batch_size=2, world_size=2, seed=1, epoch=0)
+    seen = [i for step in plan for rank in step for mb in rank for i in mb]
+    assert sorted(seen) == list(range(37))
+    assert all(len(mb) <= 2 for step in plan for rank in step for mb in rank)
+    assert plan == plan_epoch(lengths, 8, 2, 2, seed=1, epoch=0)
+    assert plan != plan_epoch(lengths, 8, 2, 2, seed=1, epoch=1)
+    assert plan != plan_epoch(lengths, 8, 2, 2, seed=2, epoch=0)
+
+
+# ----------------------------------------------------------------------------------------------- the model
+
+
+def test_adapter_model_at_init_gives_base_logits_exactly(checkpoint):
+    from littune.checkpoints import load_model_config
+    from litgpt import GPT
+
+    base = GPT(load_model_config(checkpoint))
+    base.load_state_dict(base_state(checkpoint))
+    x = torch.randint(0, 50000, (2, 33))
+    with torch.no_grad():
+        assert torch.equal(adapter_model(checkpoint)(x), base.eval()(x))
+
+
+def test_every_trainable_parameter_gets_a_gradient_on_every_step(checkpoint):
+    """litgpt caches the adapter prefix K/V in training too; littune clears it before each forward."""
+    model = adapter_model(checkpoint).train()
+    for name, p in model.named_parameters():
+        p.requires_grad = METHOD.is_trainable(name)
+    with torch.no_grad():  # a gate > 0 so the prefix matters, as after a first optimizer step
+        for name, p in model.named_parameters():
+            if "gating_factor" in name:
+                p.fill_(0.5)
+        METHOD.before_forward(model)
+        model(torch.randint(0, 50000, (1, 8)))  # a no-grad pass fills litgpt's cache
+    x = torch.randint(0, 50000, (2, 16))
+    for _ in range(2):  # the second backward fails if the cache survives
+        METHOD.before_forward(model)
+        model(x).sum().backward()
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert any("adapter_wte" in n for n in trainable)
+    no_grad = [n for n, p in trainable.items() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert no_grad == []
+
+
+# --------------------------------------------------------------------------------------------- training runs
+
+
+def test_training_moves_only_adapter_weights_and_loss_falls(checkpoint, alpaca_data, tmp_path):
+    out = tmp_path / "run"
+    adapter = finetune(checkpoint, alpaca_data, out, "--max_steps", 12, "--batch_size", 4,
+                       "--micro_batch_size", 4, "--learning_rate", 1e-2, "--warmup_steps", 2, "--seed", 7,
+                       "--lr_schedule", "constant", "--eval_interval", 6, "--eval_iters", 2)
+    # only the trainable parameters are saved, and every one of them moved
+    init = dict(adapter_model(checkpoint).named_parameters())
+    assert set(adapter) == {n for n in init if METHOD.is_trainable(n)}
+    assert [n for n, v in adapter.items() if torch.equal(v, init[n].detach())] == []
+    # training loss falls clearly on real records, validation loss is logged at the eval steps
+    rows = read_metrics(out)
+    losses = [float(r["train_loss"]) for r in rows]
+    assert len(rows) == 12 and [int(r["step"]) for r in rows] == list(range(1, 13))
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.5, losses
+    vals = [float(r["val_loss"]) for r in rows if r["val_loss"]]
+    assert len(vals) == 2 and vals[1] < vals[0]
+    assert (out / "hyperparameters.yaml").is_file() and (out / "prompt_style.yaml").is_file()
+    assert yaml.safe_load((out / "hyperparameters.yaml").read_text())["method"] == "adapter_v2"
+
+
+def test_base_weights_unchanged_in_model_after_training(checkpoint, alpaca_data, tmp_path):
+    """Train in-process and compare the live model's frozen weights with the checkpoint, bit for bit."""
+    from littune.finetune import loop
+
+    captured = {}
+    original = loop.save_adapter
+
+    def spy(fabric, model, method, path, hp):
+        captured.update({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return original(fabric, model, method, path, hp)
+
+    loop.save_adapter = spy
+    try:
+        finetune(checkpoint, alpaca_data, tmp_path / "run", "--max_steps", 3, "--batch_size", 4,
+                 "--micro_batch_size", 2, "--learning_rate", 1e-2, "--warmup_steps", 0)
+    finally:
+        loop.save_adapter = original
+    fresh = adapter_model(checkpoint).state_dict()  # the checkpoint's weights, under the adapter model's names
+    frozen = [k for k in fresh if not METHOD.is_trainable(k)]
+    assert frozen and set(captured) == set(fresh)
+    assert [k for k in frozen if not torch.equal(captured[k], fresh[k])] == []
+    assert [k for k in fresh if METHOD.is_trainable(k) and not torch.equal(captured[k], fresh[k])]  # adapters moved
+
+
+def test_gradient_accumulation_equals_one_big_batch(checkpoint, alpaca_data, tmp_path):
+    """8 records of different lengths: micro-batch 2 x 4 accumulation steps == micro-batch 8 x 1 (float32, 1e-6)."""
+    train = torch.load(alpaca_data / "train.pt", weights_only=True)
+    assert len({len(r["input_ids"]) for r in train[:8]}) > 4
+    common = ["--max_steps", 2, "--batch_size", 8, "--learning_rate", 1e-2, "--warmup_steps", 0, "--seed", 3,
+              "--precision", "32-true"]
+    accumulated = finetune(checkpoint, alpaca_data, tmp_path / "mb2", *common, "--micro_batch_size", 2)
+    one_batch = finetune(checkpoint, alpaca_data, tmp_path / "mb8", *common, "--micro_batch_size", 8)
+    assert accumulated.keys() == one_batch.keys()
+    worst = max((accumulated[k] - one_batch[k]).abs().max().item() for k in accumulated)
+    assert worst <= 1e-6, worst
+    losses_a = [float(r["train_loss"]) for r in read_metrics(tmp_path / "mb2")]
+    losses_b = [float(r["train_loss"]) for r in read_metrics(tmp_path / "mb8")]
+    assert losses_a == pytest.approx(losses_b, rel=1e-5)
+
+
+def test_same_seed_same_adapter_other_seed_other_adapter(checkpoint, alpaca_data, tmp_path):
+    flags = ["--max_steps", 2, "--batch_size", 4, "--micro_batch_size", 2, "--warmup_steps", 0]
+    a = finetune(checkpoint, alpaca_data, tmp_path / "a", *flags, "--seed", 11)
+    b = finetune(checkpoint, alpaca_data, tmp_path / "b", *flags, "--seed", 11)
+    c = finetune(checkpoint, alpaca_data, tmp_path / "c", *flags, "--seed", 12)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_learning_rates_logged_follow_the_schedule(checkpoint, alpaca_data, tmp_path):
+    finetune(checkpoint, alpaca_data, tmp_path / "run", "--max_steps", 6, "--batch_size", 2,
+             "--micro_batch_size", 2, "--warmup_steps", 2, "--learning_rate", 0.01, "--lr_schedule", "cosine")
+    logged = [float(r["learning_rate"]) for r in read_metrics(tmp_path / "run")]
+    expected = [learning_rate_at(s, 0.01, 2, 6, "cosine") for s in range(1, 7)]
+    assert logged == pytest.approx(expected, rel=1e-5)
+    assert logged[0] == pytest.approx(0.005)
+
+
+def test_weight_decay_and_clipping_take_effect(checkpoint, alpaca_data, tmp_path):
+    flags = ["--max_steps", 3, "--batch_size", 2, "--micro_batch_size", 2, "--warmup_steps", 0, "--seed", 5,
+             "--learning_rate", 0.05]
+    plain = finetune(checkpoint, alpaca_data, tmp_path / "plain", *flags, "--weight_decay", 0, "--grad_clip", 0)
+    decayed = finetune(checkpoint, alpaca_data, tmp_path / "wd", *flags, "--weight_decay", 5.0, "--grad_clip", 0)
+    clipped = finetune(checkpoint, alpaca_data, tmp_path / "clip", *flags, "--weight_decay", 0,
+                       "--grad_clip", 1e-4)
+    wte = [k for k in plain if "adapter_wte" in k][0]
+    # decoupled decay shrinks the embedding-like adapter prefix; scales and norms are not decayed
+    assert decayed[wte].norm() < plain[wte].norm()
+    # clipping the global norm to ~0 changes the updates (Adam normalises, but the first moments differ by step 2)
+    assert not all(torch.equal(plain[k], clipped[k]) for k in plain)
+
+
+def test_eval_and_save_intervals_write_step_folders(checkpoint, alpaca_data, tmp_path):
+    out = tmp_path / "run"
+    args = ["finetune", "adapter_v2", "--checkpoint_dir", str(checkpoint), "--data_dir", str(alpaca_data),
+            "--out_dir", str(out), "--max_steps", "4", "--batch_size", "2", "--micro_batch_size", "2",
+            "--save_interval", "2", "--eval_interval", "2", "--eval_iters", "1"]
+    assert main(args) == 0
+    assert (out / "step-000002" / ADAPTER_FILE).is_file()
+    assert (out / ADAPTER_FILE).is_file()
+    assert not list(out.rglob("*.tmp"))
+
+
+def test_ddp_two_processes_equal_one_process(checkpoint, alpaca_data, tmp_path):
+    flags = ["--max_steps", "2", "--batch_size", "4", "--micro_batch_size", "2", "--warmup_steps", "0",
+             "--seed", "9", "--eval_interval", "2", "--eval_iters", "2", "--save_interval", "100"]
+    base = ["finetune", "adapter_v2", "--checkpoint_dir", str(checkpoint), "--data_dir", str(alpaca_data)]
+    ddp = run_cli(*base, "--out_dir", str(tmp_path / "ddp"), "--devices", "2", "--strategy", "ddp", *flags)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    single = run_cli(*base, "--out_dir", str(tmp_path / "one"), *flags)
+    assert single.returncode == 0, single.stderr[-3000:]
+    a = torch.load(tmp_path / "ddp" / ADAPTER_FILE, weights_only=True)
+    b = torch.load(tmp_path / "one" / ADAPTER_FILE, weights_only=True)
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst <= 1e-6, worst
+    la = [float(r["train_loss"]) for r in read_metrics(tmp_path / "ddp")]
+    lb = [float(r["train_loss"]) for r in read_metrics(tmp_path / "one")]
+    assert la == pytest.approx(lb, rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------- errors
+
+
+def test_bad_input_gives_one_clear_line(checkpoint, alpaca_data, tmp_path):
+    def run(*flags, data=alpaca_data, ckpt=checkpoint, out=None):
+        out = out or tmp_path / "out"
+        return run_cli("finetune", "adapter_v2", "--checkpoint_dir", str(ckpt), "--data_dir", str(data),
+                       "--out_dir", str(out), "--max_steps", "1", *flags)
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_clean_error(run(data=empty), str(empty), "train.pt")
+    assert_clean_error(run(ckpt=empty), "lit_model.pth")
+    assert_clean_error(run("--batch_size", "6", "--micro_batch_size", "4"), "--batch_size 6", "divisible")
+    assert_clean_error(run("--precision", "16-mixed"), "16-mixed", "CUDA")
+
+    # data prepared with another tokenizer (Falcon's) than the checkpoint's (GPT-NeoX's)
+    other = tmp_path / "falcon-tok"
+    make_hf_checkpoint(other, "falcon")
+    foreign = tmp_path / "foreign"
+    source = tmp_path / "few.json"
+    source.write_text(json.dumps(json.loads(ALPACA_335.read_text())[:20]))
+    assert main(["prepare", "--data_file", str(source), "--checkpoint_dir", str(other),
+                 "--destination_path", str(foreign), "--test_size", "4"]) == 0
+    assert_clean_error(run(data=foreign), "another tokenizer", "littune prepare")
+
+    # records longer than the model's block size: the same tokenizer, a model with a 64-token context
+    short_context = tmp_path / "short-context"
+    make_hf_checkpoint(short_context, "gpt_neox", max_position_embeddings=64)
+    assert main(["convert", "--checkpoint_dir", str(short_context)]) == 0
+    assert_clean_error(run(ckpt=short_context), "block size 64")
+    for result_dir in (tmp_path / "out",):
+        assert not (result_dir / ADAPTER_FILE).exists()
