@@ -9,8 +9,10 @@ derivatives, small models), tensors are streamed one at a time into the output f
 against the model's expected parameter names and shapes before it is renamed into place.
 """
 
+import glob
 import json
 import os
+import re
 import sys
 from dataclasses import asdict, replace
 from functools import partial
@@ -33,6 +35,7 @@ ARCHITECTURES = {
 }
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"]
 CONFIG_FILES = ["config.json", "generation_config.json"]
+NOT_WEIGHTS = {"training_args.bin", "optimizer.bin", "scheduler.bin"}
 
 
 # ----------------------------------------------------------------------------------------------------- commands
@@ -51,6 +54,7 @@ def download(
     """Download a model from the Hugging Face Hub into CHECKPOINT_DIR/ORG/NAME and convert it to Lit-GPT format.
 
     Re-running skips files already there; an interrupted download resumes. `--repo_id list` prints the models.
+    With HF_HUB_OFFLINE=1 the Hub is not contacted and the files already in CHECKPOINT_DIR/ORG/NAME are used.
 
     Arguments:
         repo_id: The Hub repository, e.g. `tiiuae/falcon-7b`; `list` prints the supported models.
@@ -65,26 +69,39 @@ def download(
     if repo_id == "list":
         models()
         return
-    from huggingface_hub import snapshot_download
-
-    token = access_token or os.environ.get("HF_TOKEN") or None
-    if "/" not in repo_id:
-        raise UserError(f"--repo_id {repo_id!r}: expected ORG/NAME, e.g. tiiuae/falcon-7b (`--repo_id list` lists models)")
-    files = _hub_call(repo_id, lambda: _repo_files(repo_id, revision, token))
-    patterns = _allow_patterns(repo_id, files, tokenizer_only)
+    if not _REPO_ID.fullmatch(repo_id):
+        raise UserError(
+            f"--repo_id {repo_id!r}: expected ORG/NAME, e.g. tiiuae/falcon-7b (`--repo_id list` lists models)"
+        )
+    from huggingface_hub import constants
 
     local_dir = Path(checkpoint_dir) / repo_id
-    print(f"Downloading {repo_id}{'@' + revision if revision else ''} to {local_dir}", file=sys.stderr)
-    _hub_call(
-        repo_id,
-        lambda: snapshot_download(
-            repo_id, revision=revision, token=token, local_dir=local_dir, allow_patterns=patterns
-        ),
-    )
-    if tokenizer_only or not convert:
+    convert_after = convert and not tokenizer_only
+    if constants.HF_HUB_OFFLINE:
+        _check_offline_folder(repo_id, local_dir, tokenizer_only)
+        print(f"HF_HUB_OFFLINE is set: using the files in {local_dir}", file=sys.stderr)
+    else:
+        token = access_token or os.environ.get("HF_TOKEN") or None
+        files = _hub_call(repo_id, lambda: _repo_files(repo_id, revision, token))
+        wanted = _wanted_files(repo_id, files, tokenizer_only)
+        if convert_after and not _converted(local_dir, dtype):  # refuse an unconvertible model before its weights
+            hf = _hub_call(repo_id, lambda: _remote_config(repo_id, revision, token))
+            _check_convertible(hf, local_dir.name, model_name, where=repo_id)
+        print(f"Downloading {repo_id}{'@' + revision if revision else ''} to {local_dir}", file=sys.stderr)
+        _hub_call(repo_id, lambda: _snapshot(repo_id, revision, token, local_dir, wanted))
+        missing = [f for f in wanted if not (local_dir / f).is_file()]
+        if missing:  # snapshot_download falls back to a non-empty local_dir when the Hub fails mid-way
+            raise UserError(
+                f"{repo_id}: download incomplete, missing {', '.join(missing[:5])} in {local_dir}; re-run to resume"
+            )
+    if not convert_after:
         return
-    if (local_dir / "lit_model.pth").is_file() and (local_dir / "model_config.yaml").is_file():
-        print(f"{local_dir / 'lit_model.pth'} already exists; skipping conversion", file=sys.stderr)
+    if _converted(local_dir, dtype):
+        print(
+            f"{local_dir / 'lit_model.pth'} is up to date; skipping conversion "
+            f"(littune convert --checkpoint_dir {local_dir} redoes it)",
+            file=sys.stderr,
+        )
         return
     _convert(local_dir, model_name=model_name, dtype=dtype)  # the `convert` flag shadows the function here
 
@@ -162,32 +179,56 @@ def load_hf_config(checkpoint_dir: Path) -> Optional[dict]:
 
 
 def resolve_config(checkpoint_dir: Path, model_name: Optional[str] = None) -> tuple[Any, Optional[str]]:
-    """The Lit-GPT config for a folder, and the family littune streams it with (None: hand over to litgpt).
+    """The Lit-GPT config for a folder, and the family littune streams it with (None: hand over to litgpt)."""
+    return config_for(load_hf_config(checkpoint_dir), Path(checkpoint_dir).name, model_name, where=str(checkpoint_dir))
 
-    Order: --model_name, then the folder name as a litgpt config name, then config.json. A named config whose sizes
-    disagree with config.json is not used (a derivative or a small test model that reuses a famous name).
+
+def config_for(
+    hf: Optional[dict], name: str, model_name: Optional[str] = None, where: str = ""
+) -> tuple[Any, Optional[str]]:
+    """The Lit-GPT config for an HF `config.json` (None: absent) of a model called `name`, and its family.
+
+    Order: --model_name, then `name` as a litgpt config name, then config.json. A named config whose sizes disagree
+    with config.json is not used (a derivative or a small test model that reuses a famous name).
     """
     from litgpt import Config
 
-    hf = load_hf_config(checkpoint_dir)
+    where = where or name
     family = _family(hf) if hf else None
-    name = model_name or Path(checkpoint_dir).name
+    name = model_name or name
     named = _named_config(name)
     if model_name and named is None:
         raise UserError(f"--model_name {model_name!r} is not a litgpt config (`littune models` lists them)")
     if named is not None and (hf is None or _sizes_match(named, hf)):
         return named, family if hf else _family_of_named(named)
     if hf is None:
-        raise UserError(
-            f"{checkpoint_dir}: no config.json and {name!r} is not a litgpt config name; pass --model_name"
-        )
+        raise UserError(f"{where}: no config.json and {name!r} is not a litgpt config name; pass --model_name")
     if family is None:
         arch = ", ".join(hf.get("architectures") or [str(hf.get("model_type"))])
         raise UserError(
-            f"{checkpoint_dir}: cannot convert architecture {arch}; littune converts "
+            f"{where}: cannot convert architecture {arch}; littune converts "
             f"{', '.join(sorted(ARCHITECTURES))} from config.json, or a litgpt named config via --model_name"
         )
-    return Config(**config_from_hf(hf, family, name)), family
+    return Config(**_config_kwargs(hf, family, name, where)), family
+
+
+def _check_convertible(hf: Optional[dict], name: str, model_name: Optional[str], where: str) -> None:
+    """Raise the UserError `config_for` would, importing litgpt (seconds) only when config.json alone cannot tell."""
+    family = _family(hf) if hf else None
+    if family and not model_name:
+        try:
+            _config_kwargs(hf, family, name, where)
+            return
+        except UserError:
+            pass  # a litgpt named config may still fit
+    config_for(hf, name, model_name, where)
+
+
+def _config_kwargs(hf: dict, family: str, name: str, where: str) -> dict:
+    try:
+        return config_from_hf(hf, family, name)
+    except KeyError as e:
+        raise UserError(f"{where}: config.json has no {e.args[0]!r}, which a {family} model needs") from e
 
 
 def config_from_hf(hf: dict, family: str, name: str) -> dict:
@@ -300,7 +341,7 @@ def find_weight_files(checkpoint_dir: Path) -> list[Path]:
                 raise UserError(f"{index}: shard files missing: {', '.join(missing)} (re-run littune download)")
             return shards
     files = sorted(checkpoint_dir.glob("*.safetensors")) or sorted(
-        f for f in checkpoint_dir.glob("*.bin") if f.name != "training_args.bin"
+        f for f in checkpoint_dir.glob("*.bin") if f.name not in NOT_WEIGHTS
     )
     if not files:
         raise UserError(f"{checkpoint_dir}: no weight files (*.safetensors or *.bin) to convert")
@@ -388,9 +429,22 @@ def _check_state_dict(config, state_dict: dict, checkpoint_dir: Path) -> None:
 
 
 def _convert_with_litgpt(checkpoint_dir: Path, config, dtype: Optional[str]) -> None:
+    """litgpt's own conversion (whole files in memory), for named configs of families littune does not stream.
+
+    litgpt writes model_config.yaml first and lit_model.pth in place: on failure both are removed again, so a
+    half-converted folder never looks converted.
+    """
     from litgpt.scripts.convert_hf_checkpoint import convert_hf_checkpoint
 
-    convert_hf_checkpoint(checkpoint_dir, model_name=config.name, dtype=dtype)
+    outputs = [checkpoint_dir / "lit_model.pth", checkpoint_dir / "model_config.yaml"]
+    existed = {p: p.exists() for p in outputs}
+    try:
+        convert_hf_checkpoint(checkpoint_dir, model_name=config.name, dtype=dtype)
+    except BaseException:
+        for p in outputs:
+            if not existed[p]:
+                p.unlink(missing_ok=True)
+        raise
 
 
 def _named_config(name: str):
@@ -447,31 +501,96 @@ def _require(hf: dict, key: str, allowed: tuple) -> None:
 # ------------------------------------------------------------------------------------------------------ the Hub
 
 
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
 def _repo_files(repo_id: str, revision: Optional[str], token: Optional[str]) -> list[str]:
     from huggingface_hub import HfApi
 
     return HfApi().list_repo_files(repo_id, revision=revision, token=token)
 
 
-def _allow_patterns(repo_id: str, files: list[str], tokenizer_only: bool) -> list[str]:
-    """Config and tokenizer files, plus one weight format: safetensors when the repo has them, else .bin."""
+def _remote_config(repo_id: str, revision: Optional[str], token: Optional[str]) -> Optional[dict]:
+    """The repo's config.json (None if it has none), fetched alone into the HF cache, not into the checkpoint folder.
+
+    `snapshot_download` later copies it from that cache instead of fetching it again.
+    """
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        path = hf_hub_download(repo_id, "config.json", revision=revision, token=token)
+    except EntryNotFoundError:
+        return None
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{repo_id}: config.json on the Hub is not valid JSON ({e})") from e
+
+
+def _snapshot(repo_id: str, revision: Optional[str], token: Optional[str], local_dir: Path, files: list[str]):
+    from huggingface_hub import snapshot_download
+
+    patterns = [glob.escape(f) for f in files]  # exact names, not patterns
+    return snapshot_download(repo_id, revision=revision, token=token, local_dir=local_dir, allow_patterns=patterns)
+
+
+def _wanted_files(repo_id: str, files: list[str], tokenizer_only: bool) -> list[str]:
+    """Config and tokenizer files, plus one weight format: safetensors when the repo has them, else .bin.
+
+    Never training_args.bin, optimizer states or other formats (flax, tf, onnx, gguf): only what conversion reads.
+    """
     top_level = {f for f in files if "/" not in f}
-    patterns = [f for f in CONFIG_FILES + TOKENIZER_FILES if f in top_level]
+    wanted = [f for f in CONFIG_FILES + TOKENIZER_FILES if f in top_level]
     if not any(f in top_level for f in ("tokenizer.json", "tokenizer.model")):
-        raise UserError(f"{repo_id}: the repo has no tokenizer.json or tokenizer.model")
+        raise UserError(f"{repo_id}: the repo has no tokenizer.json or tokenizer.model; littune needs one of them")
     if tokenizer_only:
-        return patterns
+        return wanted
     safetensors = sorted(f for f in top_level if f.endswith(".safetensors") or f == "model.safetensors.index.json")
     bins = sorted(
         f for f in top_level
-        if (f.endswith(".bin") and f != "training_args.bin") or f == "pytorch_model.bin.index.json"
+        if (f.endswith(".bin") and f not in NOT_WEIGHTS) or f == "pytorch_model.bin.index.json"
     )
     weights = safetensors if any(f.endswith(".safetensors") for f in safetensors) else bins
     if not any(f.endswith((".safetensors", ".bin")) for f in weights):
         raise UserError(f"{repo_id}: the repo has no weight files (*.safetensors or *.bin); nothing to convert")
-    if "config.json" not in top_level:
-        raise UserError(f"{repo_id}: the repo has no config.json")
-    return patterns + weights
+    return wanted + weights
+
+
+def _check_offline_folder(repo_id: str, local_dir: Path, tokenizer_only: bool) -> None:
+    """With HF_HUB_OFFLINE set, the folder must already hold what the command needs."""
+    hint = f"unset HF_HUB_OFFLINE to download {repo_id}"
+    if not local_dir.is_dir():
+        raise UserError(f"HF_HUB_OFFLINE is set and {local_dir} does not exist; {hint}")
+    if not any((local_dir / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
+        raise UserError(f"HF_HUB_OFFLINE is set and {local_dir} has no tokenizer; {hint}")
+    if not tokenizer_only:
+        try:
+            find_weight_files(local_dir)
+        except UserError as e:
+            raise UserError(f"HF_HUB_OFFLINE is set and {e}; {hint}") from e
+
+
+def _converted(local_dir: Path, dtype: Optional[str]) -> bool:
+    """lit_model.pth and model_config.yaml exist, are newer than the HF weights and config, and of the asked dtype."""
+    pth, cfg = local_dir / "lit_model.pth", local_dir / "model_config.yaml"
+    if not (pth.is_file() and cfg.is_file()):
+        return False
+    try:
+        sources = find_weight_files(local_dir)
+    except UserError:
+        return False
+    sources += [f for f in (local_dir / "config.json",) if f.is_file()]
+    if pth.stat().st_mtime < max(f.stat().st_mtime for f in sources):
+        return False
+    if dtype:
+        try:
+            state = torch.load(pth, map_location="cpu", weights_only=True, mmap=True)
+            first = next(v for v in state.values() if isinstance(v, torch.Tensor))
+        except Exception:  # unreadable: convert again
+            return False
+        return first.dtype == getattr(torch, dtype)
+    return True
 
 
 def _hub_call(repo_id: str, call):
@@ -487,6 +606,10 @@ def _hub_call(repo_id: str, call):
     )
 
     endpoint = constants.ENDPOINT
+    unreachable = (
+        f"{repo_id}: cannot reach the Hub at {endpoint} (check HF_ENDPOINT and your network; with HF_HUB_OFFLINE=1 "
+        f"littune uses the files already downloaded)"
+    )
     try:
         return call()
     except GatedRepoError as e:
@@ -500,10 +623,7 @@ def _hub_call(repo_id: str, call):
     except RevisionNotFoundError as e:
         raise UserError(f"{repo_id}: revision not found ({_first_line(e)})") from e
     except (OfflineModeIsEnabled, LocalEntryNotFoundError) as e:
-        raise UserError(
-            f"{repo_id}: cannot reach the Hub at {endpoint} and the files are not in the local cache "
-            f"(check HF_ENDPOINT and your network; HF_HUB_OFFLINE=1 uses only cached files)"
-        ) from e
+        raise UserError(unreachable) from e
     except HfHubHTTPError as e:
         status = getattr(getattr(e, "response", None), "status_code", None)
         if status in (401, 403):
@@ -511,18 +631,34 @@ def _hub_call(repo_id: str, call):
                 f"{repo_id}: access denied ({status}); pass --access_token or set HF_TOKEN with access to this repo"
             ) from e
         raise UserError(f"{repo_id}: the Hub at {endpoint} answered {status}: {_first_line(e)}") from e
-    except OSError as e:  # connection refused, DNS, timeouts (httpx/requests errors are OSErrors or wrap them)
-        raise UserError(
-            f"{repo_id}: cannot reach the Hub at {endpoint} ({type(e).__name__}); check HF_ENDPOINT and your network, "
-            f"or set HF_HUB_OFFLINE=1 to use cached files"
-        ) from e
     except Exception as e:
-        if type(e).__module__.startswith(("httpx", "httpcore", "requests", "urllib3")):
+        kind = _network_error_kind(e)
+        if kind == "connect":
+            raise UserError(f"{unreachable[:-1]}; {type(e).__name__})") from e
+        if kind == "transfer":  # the connection broke mid-transfer (read error or timeout, peer closed)
             raise UserError(
-                f"{repo_id}: cannot reach the Hub at {endpoint} ({type(e).__name__}); check HF_ENDPOINT and your "
-                f"network, or set HF_HUB_OFFLINE=1 to use cached files"
+                f"{repo_id}: download interrupted ({type(e).__name__}); re-run the same command to resume"
             ) from e
+        if isinstance(e, OSError) and "Consistency check failed" in str(e):  # fewer bytes arrived than announced
+            raise UserError(f"{repo_id}: download interrupted (file incomplete); re-run the same command to resume")
+        if isinstance(e, OSError) and e.errno is not None:  # disk full, permissions, ...
+            raise UserError(f"{repo_id}: cannot write {e.filename or 'the download'}: {e.strerror}") from e
         raise
+
+
+def _network_error_kind(e: Exception) -> Optional[str]:
+    """"connect" (no connection could be made), "transfer" (it broke mid-way) or None, for httpx/requests errors."""
+    names = {cls.__name__ for cls in type(e).__mro__ if cls.__module__.startswith(_HTTP_MODULES)}
+    if not names:
+        return None
+    if names & {"ConnectError", "ConnectTimeout", "UnsupportedProtocol", "ProxyError", "InvalidURL", "MissingSchema"}:
+        return "connect"
+    if type(e).__module__.startswith("requests") and type(e).__name__ == "ConnectionError":
+        return "connect"
+    return "transfer"
+
+
+_HTTP_MODULES = ("httpx", "httpcore", "requests", "urllib3")
 
 
 def _first_line(e: Exception) -> str:

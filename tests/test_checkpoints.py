@@ -1,0 +1,436 @@
+"""`littune download` / `convert` / `models`, end to end: the real CLI against a local Hub (tests/hub_server.py).
+
+Tiny random-init models of real architectures are written with transformers' `save_pretrained` and served by a
+stdlib HTTP server that speaks the part of the Hub API huggingface_hub uses. `littune download` runs in a subprocess
+with HF_ENDPOINT pointing at it (huggingface_hub reads HF_ENDPOINT at import) and its own HF_HOME. The CLI runs are
+independent, so the module starts them all at once on a small thread pool and each test waits for the ones it reads;
+the whole file stays well under a minute and a half on two cores.
+"""
+
+import os
+import shutil
+import socket
+import types
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import assert_clean_error, copy_tokenizer, make_hf_checkpoint, run_cli
+from hub_server import HubServer, repo_of
+from littune.cli import main
+
+TOKEN = "abc123secret"  # opens org/private-ok, passed as --access_token
+GATED_TOKEN = "hf_gatedTokenXyz789"  # opens org/gated-ok, passed as HF_TOKEN
+SENTENCE = "Hello world, this is a test of the tokenizer: 1234 ünïcödé and\nnew lines."
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+WORKERS = 3  # CLI runs are mostly import time; three keep both cores busy while one waits on I/O
+
+
+# --------------------------------------------------------------------------------------------- the local Hub
+
+
+def write_unsupported(folder: Path) -> Path:
+    """A GPT-2 repo: real config.json keys, a weights file, a tokenizer."""
+    import json
+
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    config = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4,
+              "vocab_size": 50304, "n_positions": 256}
+    (folder / "config.json").write_text(json.dumps(config))
+    save_file({"transformer.wte.weight": torch.zeros(8, 4)}, folder / "model.safetensors")
+    copy_tokenizer("pythia", folder)
+    return folder
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory) -> dict:
+    """Source folders (what the Hub repos hold) and the transformers models they were saved from."""
+    root = tmp_path_factory.mktemp("src")
+    models = {
+        "falcon": make_hf_checkpoint(root / "falcon", "falcon"),
+        "gpt_neox": make_hf_checkpoint(root / "gpt_neox", "gpt_neox"),
+        "llama": make_hf_checkpoint(root / "llama", "llama"),
+        "bin": make_hf_checkpoint(root / "bin", "gpt_neox", seed=1, weights="bin"),
+    }
+    # safetensors and a *different* pytorch_model.bin (which of them was converted shows in the weights), plus the
+    # training_args.bin a Trainer leaves in a repo
+    both = root / "both"
+    shutil.copytree(root / "gpt_neox", both)
+    torch.save({k: v + 1 for k, v in models["gpt_neox"].state_dict().items()}, both / "pytorch_model.bin")
+    torch.save({"learning_rate": 1e-4}, both / "training_args.bin")
+    no_weights = root / "no_weights"
+    shutil.copytree(root / "falcon", no_weights, ignore=shutil.ignore_patterns("*.safetensors"))
+    write_unsupported(root / "gpt2")
+    return {"root": root, "models": models}
+
+
+@pytest.fixture(scope="module")
+def hub(sources):
+    root = sources["root"]
+    with HubServer() as server:
+        for repo, folder in [
+            ("org/tiny-falcon", "falcon"), ("org/tiny-neox", "gpt_neox"), ("org/tiny-llama", "llama"),
+            ("org/tiny-bin", "bin"), ("org/tiny-both", "both"), ("org/tiny-resume", "gpt_neox"),
+            ("org/tiny-tok", "llama"), ("org/no-weights", "no_weights"), ("org/tiny-gpt2", "gpt2"),
+        ]:
+            server.add_folder(repo, root / folder)
+        server.add_folder("org/private", root / "falcon", access="private", token=TOKEN)
+        server.add_folder("org/private-ok", root / "falcon", access="private", token=TOKEN)
+        server.add_folder("org/gated", root / "falcon", access="gated", token=GATED_TOKEN)
+        server.add_folder("org/gated-ok", root / "falcon", access="gated", token=GATED_TOKEN)
+        yield server
+
+
+class Run:
+    """One `littune download` subprocess with its own checkpoints/ root and HF_HOME."""
+
+    def __init__(self, hub: HubServer, folder: Path, *args: str, endpoint: str | None = None, **env: str):
+        self.hub, self.folder, self.args = hub, folder, args
+        self.checkpoints, self.hf_home = folder / "checkpoints", folder / "hf_home"
+        self.env = {"HF_ENDPOINT": endpoint or hub.url, "HF_HOME": str(self.hf_home), "OMP_NUM_THREADS": "1", **env}
+
+    def __call__(self, *extra: str, **env: str):
+        repo = self.args[self.args.index("--repo_id") + 1]
+        before = len(self.hub.requests_for(repo))
+        result = run_cli("download", *self.args, *extra, "--checkpoint_dir", str(self.checkpoints),
+                         env={**self.env, **env}, timeout=300)
+        result.requests = self.hub.requests_for(repo)[before:]
+        result.gets = [r.path.rsplit("/", 1)[-1] for r in result.requests if r.method == "GET" and "/resolve/" in r.path]
+        return result
+
+
+@pytest.fixture(scope="module", autouse=True)
+def runs(hub, tmp_path_factory):
+    """Every download scenario, started at once (before the first test, which works in-process meanwhile);
+    `runs[name].result()` waits for one."""
+    mp = pytest.MonkeyPatch()
+    for var in ("HF_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_ENDPOINT", "HF_HUB_DISABLE_IMPLICIT_TOKEN"):
+        mp.delenv(var, raising=False)
+    base = tmp_path_factory.mktemp("runs")
+
+    def new(name, repo, *args, **kwargs) -> Run:
+        return Run(hub, base / name, "--repo_id", repo, *args, **kwargs)
+
+    def falcon_chain():  # download, again (skips), again offline (no Hub at all)
+        run = new("falcon", "org/tiny-falcon")
+        first = run()
+        mtime = (run.checkpoints / "org/tiny-falcon/lit_model.pth").stat().st_mtime_ns
+        return types.SimpleNamespace(run=run, first=first, mtime=mtime, again=run(), offline=run(HF_HUB_OFFLINE="1"))
+
+    def resume_chain():  # the connection drops 3 MB into the weights, then the same command again
+        hub.drop_after[("org/tiny-resume", "model.safetensors")] = 15_000_000  # past the first 10 MB chunk
+        run = new("resume", "org/tiny-resume")
+        first = run()
+        partial = sorted((run.checkpoints / "org/tiny-resume/.cache/huggingface/download").glob("*.incomplete"))
+        sizes = [p.stat().st_size for p in partial]
+        return types.SimpleNamespace(run=run, first=first, partial_sizes=sizes, second=run())
+
+    def single(name, repo, *args, **kwargs):
+        run = new(name, repo, *args, **kwargs)
+        return lambda: types.SimpleNamespace(run=run, result=run())
+
+    jobs = {  # the longest first
+        "falcon": falcon_chain,
+        "resume": resume_chain,
+        "neox": single("neox", "org/tiny-neox"),
+        "llama": single("llama", "org/tiny-llama"),
+        "access_token": single("access_token", "org/private-ok", "--access_token", TOKEN),
+        "unsupported": single("unsupported", "org/tiny-gpt2"),
+        # download only; these are converted in the test process, where litgpt is already imported
+        "bin": single("bin", "org/tiny-bin", "--convert", "false"),
+        "both": single("both", "org/tiny-both", "--convert", "false"),
+        "hf_token": single("hf_token", "org/gated-ok", "--convert", "false", HF_TOKEN=GATED_TOKEN),
+        "tokenizer_only": single("tokenizer_only", "org/tiny-tok", "--tokenizer_only", "true"),
+        "not_found": single("not_found", "org/does-not-exist"),
+        "gated": single("gated", "org/gated"),
+        "private": single("private", "org/private"),
+        "no_weights": single("no_weights", "org/no-weights"),
+        "unreachable": single("unreachable", "org/tiny-falcon", endpoint=f"http://127.0.0.1:{free_port()}"),
+        "offline_missing": single("offline_missing", "org/tiny-falcon", HF_HUB_OFFLINE="1"),
+    }
+    pool = ThreadPoolExecutor(max_workers=WORKERS)
+    futures = {name: pool.submit(job) for name, job in jobs.items()}
+    yield futures
+    pool.shutdown(wait=True, cancel_futures=True)
+    mp.undo()
+
+
+def ok(result):
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
+    assert "Traceback" not in result.stderr, result.stderr
+    return result
+
+
+def one_error_line(result, *fragments: str) -> str:
+    assert_clean_error(result, *fragments)
+    lines = [line for line in result.stderr.splitlines() if line.startswith("littune: error:")]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+# ----------------------------------------------------------------------------------------------------- helpers
+
+
+def lit_logits(folder: Path, ids: torch.Tensor) -> torch.Tensor:
+    from litgpt import GPT, Config
+
+    model = GPT(Config.from_file(folder / "model_config.yaml"))
+    model.load_state_dict(torch.load(folder / "lit_model.pth", weights_only=True))
+    with torch.inference_mode():
+        return model.eval()(ids)
+
+
+def assert_parity(folder: Path, hf_model, tol: float = 1e-4) -> None:
+    ids = torch.randint(0, hf_model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        expected = hf_model(ids).logits
+    got = lit_logits(folder, ids)
+    assert got.dtype == torch.float32 and got.shape == expected.shape
+    diff = (got - expected).abs().max().item()
+    assert diff <= tol, f"{folder.name}: max |logits diff| {diff:.2e} > {tol}"
+
+
+def assert_no_weight_files_fetched(gets: list[str]) -> None:
+    assert not [g for g in gets if g.endswith(WEIGHT_SUFFIXES)], gets
+
+
+def run_main(capsys, *args: str):
+    """`littune ARGS` in this process (for commands that need no environment of their own)."""
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return types.SimpleNamespace(returncode=code, stdout=out, stderr=err)
+
+
+def listing(folder: Path) -> set:
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*")}
+
+
+def files_containing(root: Path, needle: str) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file() and not p.is_symlink() and needle.encode() in p.read_bytes()]
+
+
+# ------------------------------------------------------- in-process tests first: they run while the downloads do
+
+
+def test_convert_mistral_locally(tmp_path):
+    folder = tmp_path / "tiny-mistral"
+    model = make_hf_checkpoint(folder, "mistral")
+    assert main(["convert", "--checkpoint_dir", str(folder)]) == 0
+    assert_parity(folder, model)
+
+
+def test_models_and_repo_id_list(capsys):
+    assert main(["models"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert "tiiuae/falcon-7b" in listed and "EleutherAI/pythia-160m" in listed
+    assert main(["download", "--repo_id", "list"]) == 0
+    assert capsys.readouterr().out.splitlines() == listed
+
+
+def test_convert_folder_without_weights(sources, tmp_path, capsys):
+    folder = tmp_path / "no-weights"
+    shutil.copytree(sources["root"] / "no_weights", folder)
+    before = listing(folder)
+    one_error_line(run_main(capsys, "convert", "--checkpoint_dir", str(folder)), "no weight files", str(folder))
+    assert listing(folder) == before
+
+
+def test_convert_missing_folder(tmp_path, capsys):
+    missing = tmp_path / "nope"
+    one_error_line(run_main(capsys, "convert", "--checkpoint_dir", str(missing)), "no such folder")
+    assert not missing.exists()
+
+
+def test_convert_unsupported_architecture(sources, tmp_path, capsys):
+    folder = tmp_path / "tiny-gpt2"
+    shutil.copytree(sources["root"] / "gpt2", folder)
+    before = listing(folder)
+    result = run_main(capsys, "convert", "--checkpoint_dir", str(folder))
+    one_error_line(result, "GPT2LMHeadModel", "GPTNeoXForCausalLM", "FalconForCausalLM", "LlamaForCausalLM")
+    assert listing(folder) == before
+
+
+def test_convert_mismatch_leaves_no_partial_output(sources, tmp_path, capsys):
+    """config.json says 3 layers, the weights have 2: found after streaming, and nothing is left behind."""
+    import json
+
+    folder = tmp_path / "tiny-neox-3"
+    shutil.copytree(sources["root"] / "gpt_neox", folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
+    before = listing(folder)
+    one_error_line(run_main(capsys, "convert", "--checkpoint_dir", str(folder)), "do not match", "missing")
+    assert listing(folder) == before  # no lit_model.pth, model_config.yaml or temporary file
+
+
+# --------------------------------------------------------------------------------------- download, then convert
+
+
+@pytest.mark.parametrize("name, repo, arch", [
+    ("falcon", "org/tiny-falcon", "falcon"),
+    ("neox", "org/tiny-neox", "gpt_neox"),
+    ("llama", "org/tiny-llama", "llama"),
+])
+def test_download_converts_with_logits_parity(runs, sources, name, repo, arch):
+    job = runs[name].result()
+    result = ok(job.first if name == "falcon" else job.result)
+    folder = job.run.checkpoints / repo
+    assert {"config.json", "model.safetensors", "lit_model.pth", "model_config.yaml"} <= set(os.listdir(folder))
+    assert "model.safetensors" in result.gets
+    assert not [f for f in os.listdir(folder) if f.endswith(".tmp")]
+    assert_parity(folder, sources["models"][arch])
+
+
+@pytest.mark.parametrize("name, repo, bos", [
+    ("falcon", "org/tiny-falcon", False),
+    ("neox", "org/tiny-neox", False),
+    ("llama", "org/tiny-llama", True),
+])
+def test_tokenizer_matches_transformers(runs, name, repo, bos):
+    """litgpt's Tokenizer on the downloaded folder gives transformers' ids.
+
+    BOS: litgpt adds it only when tokenizer_config.json says so (`add_bos_token`, or `tokenizer_class`
+    LlamaTokenizer); a Llama repo that ships just tokenizer.model (like this one) gets none by default, while
+    transformers adds `<s>` by default. So: litgpt's default == transformers without special tokens, and litgpt
+    with bos=True == transformers' default. Falcon and Pythia add no BOS either way.
+    (transformers 5 converts tokenizer.model to a `tokenizers` tokenizer, which needs protobuf, and differs from
+    SentencePiece itself on runs of spaces and on a leading space; the sentence has neither.)
+    """
+    import transformers
+    from litgpt import Tokenizer
+
+    job = runs[name].result()
+    folder = job.run.checkpoints / repo
+    ours = Tokenizer(folder)
+    theirs = transformers.AutoTokenizer.from_pretrained(str(folder))
+    assert ours.encode(SENTENCE).tolist() == theirs(SENTENCE, add_special_tokens=False)["input_ids"]
+    assert ours.encode(SENTENCE, bos=bos).tolist() == theirs(SENTENCE)["input_ids"]
+    if bos:
+        assert theirs(SENTENCE)["input_ids"][0] == ours.bos_id == 1
+
+
+def test_bin_only_repo_converts_with_parity(runs, sources):
+    job = runs["bin"].result()
+    ok(job.result)
+    folder = job.run.checkpoints / "org/tiny-bin"
+    assert "pytorch_model.bin" in job.result.gets and not (folder / "lit_model.pth").exists()  # --convert false
+    assert main(["convert", "--checkpoint_dir", str(folder)]) == 0
+    assert_parity(folder, sources["models"]["bin"])
+
+
+@pytest.fixture(scope="module")
+def both_bf16(runs):
+    """org/tiny-both downloaded (safetensors + a different pytorch_model.bin + training_args.bin), converted bf16."""
+    job = runs["both"].result()
+    ok(job.result)
+    folder = job.run.checkpoints / "org/tiny-both"
+    files = set(os.listdir(folder))
+    assert main(["convert", "--checkpoint_dir", str(folder), "--dtype", "bfloat16"]) == 0
+    return types.SimpleNamespace(job=job, folder=folder, files=files,
+                                 state=torch.load(folder / "lit_model.pth", weights_only=True))
+
+
+def test_safetensors_preferred_and_training_args_skipped(both_bf16, sources):
+    gets = both_bf16.job.result.gets
+    assert "model.safetensors" in gets
+    assert "pytorch_model.bin" not in gets and "training_args.bin" not in gets
+    assert "model.safetensors" in both_bf16.files
+    assert "pytorch_model.bin" not in both_bf16.files and "training_args.bin" not in both_bf16.files
+    # the .bin holds the weights + 1: the converted embedding is the safetensors one
+    expected = sources["models"]["gpt_neox"].gpt_neox.embed_in.weight.detach().to(torch.bfloat16)
+    assert torch.equal(both_bf16.state["transformer.wte.weight"], expected)
+
+
+def test_dtype_bfloat16(both_bf16):
+    assert both_bf16.state and {v.dtype for v in both_bf16.state.values()} == {torch.bfloat16}
+    from safetensors import safe_open
+
+    with safe_open(str(both_bf16.folder / "model.safetensors"), "pt") as f:  # the HF file is left as it was
+        assert f.get_tensor("gpt_neox.embed_in.weight").dtype == torch.float32
+
+
+def test_rerun_skips_downloaded_files_and_conversion(runs):
+    job = runs["falcon"].result()
+    again = ok(job.again)
+    assert "model.safetensors" in job.first.gets
+    assert again.gets == [], again.gets  # every file is there at the same commit: no file request at all
+    assert "skipping conversion" in again.stderr
+    assert (job.run.checkpoints / "org/tiny-falcon/lit_model.pth").stat().st_mtime_ns == job.mtime
+
+
+def test_offline_mode_uses_downloaded_files(runs):
+    job = runs["falcon"].result()
+    offline = ok(job.offline)
+    assert offline.requests == []
+    assert "HF_HUB_OFFLINE" in offline.stderr
+
+
+def test_interrupted_download_resumes_with_range(runs, sources):
+    job = runs["resume"].result()
+    one_error_line(job.first, "interrupted", "re-run")
+    full = (sources["root"] / "gpt_neox/model.safetensors").read_bytes()
+    assert len(job.partial_sizes) == 1 and 0 < job.partial_sizes[0] < len(full)
+    second = ok(job.second)
+    weight_gets = [r for r in second.requests if r.method == "GET" and r.path.endswith("/model.safetensors")]
+    assert len(weight_gets) == 1 and weight_gets[0].headers.get("Range") == f"bytes={job.partial_sizes[0]}-"
+    folder = job.run.checkpoints / "org/tiny-resume"
+    assert (folder / "model.safetensors").read_bytes() == full
+    assert not list((folder / ".cache/huggingface/download").glob("*.incomplete"))
+    assert (folder / "lit_model.pth").is_file()
+
+
+def test_tokenizer_only_fetches_no_weights(runs):
+    job = runs["tokenizer_only"].result()
+    ok(job.result)
+    folder = job.run.checkpoints / "org/tiny-tok"
+    assert "tokenizer.model" in job.result.gets and "config.json" in job.result.gets
+    assert_no_weight_files_fetched(job.result.gets)
+    assert not list(folder.glob("*.safetensors")) and not (folder / "lit_model.pth").exists()
+
+
+@pytest.mark.parametrize("name, repo, token", [
+    ("access_token", "org/private-ok", TOKEN),
+    ("hf_token", "org/gated-ok", GATED_TOKEN),
+])
+def test_token_is_sent_and_never_written(runs, name, repo, token):
+    job = runs[name].result()
+    result = ok(job.result)
+    assert (job.run.checkpoints / repo / "model.safetensors").is_file()
+    assert result.requests and all(r.headers.get("Authorization") == f"Bearer {token}" for r in result.requests)
+    assert files_containing(job.run.folder, token) == []  # its checkpoints/ and HF_HOME
+    assert token not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("name, repo, fragments", [
+    ("not_found", "org/does-not-exist", ["not found"]),
+    ("gated", "org/gated", ["gated", "--access_token", "HF_TOKEN"]),
+    ("private", "org/private", ["401", "--access_token"]),
+    ("unreachable", "org/tiny-falcon", ["cannot reach", "HF_ENDPOINT", "HF_HUB_OFFLINE"]),
+    ("no_weights", "org/no-weights", ["no weight files"]),
+    ("unsupported", "org/tiny-gpt2", ["GPT2LMHeadModel", "GPTNeoXForCausalLM", "FalconForCausalLM", "LlamaForCausalLM"]),
+    ("offline_missing", "org/tiny-falcon", ["HF_HUB_OFFLINE"]),
+])
+def test_download_errors_are_clean_and_leave_nothing(runs, name, repo, fragments):
+    job = runs[name].result()
+    line = one_error_line(job.result, *fragments)
+    assert repo in line
+    assert not (job.run.checkpoints / repo).exists()  # no ORG/NAME folder for a repo that failed
+    assert_no_weight_files_fetched(job.result.gets)  # in particular: not the unsupported repo's weights
+
+
+def test_token_only_sent_where_given(runs, hub):
+    for future in runs.values():
+        future.result()
+    with_token = {"org/private-ok", "org/gated-ok"}
+    sent = [r.path for r in hub.requests if repo_of(r.path) not in with_token and "Authorization" in r.headers]
+    assert sent == []
