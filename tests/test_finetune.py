@@ -32,7 +32,7 @@ def alpaca_data(checkpoint, tmp_path_factory) -> Path:
     source.write_text(json.dumps(records))
     destination = folder / "alpaca64"
     assert main(["prepare", "--data_file", str(source), "--checkpoint_dir", str(checkpoint),
-                 "--destination_path", str(destination), "--test_size", "8", "--max_seq_length", "256",
+                 "--destination_path", str(destination), "--test_size", "8", "--max_seq_length", "160",
                  "--seed", "42"]) == 0
     return destination
 
@@ -48,6 +48,11 @@ def finetune(checkpoint, data, out_dir, *flags) -> dict:
 def read_metrics(out_dir: Path) -> list[dict]:
     with open(out_dir / "metrics.csv") as f:
         return list(csv.DictReader(f))
+
+
+def init_adapter(checkpoint: Path) -> dict:
+    model = adapter_model(checkpoint)
+    return {k: v for k, v in model.state_dict().items() if METHOD.is_trainable(k)}
 
 
 def base_state(checkpoint: Path) -> dict:
@@ -129,7 +134,7 @@ def test_every_trainable_parameter_gets_a_gradient_on_every_step(checkpoint):
 def test_training_moves_only_adapter_weights_and_loss_falls(checkpoint, alpaca_data, tmp_path):
     out = tmp_path / "run"
     adapter = finetune(checkpoint, alpaca_data, out, "--max_steps", 12, "--batch_size", 4,
-                       "--micro_batch_size", 4, "--learning_rate", 1e-2, "--warmup_steps", 2, "--seed", 7,
+                       "--micro_batch_size", 4, "--learning_rate", 0.1, "--warmup_steps", 2, "--seed", 7,
                        "--lr_schedule", "constant", "--eval_interval", 6, "--eval_iters", 2)
     # only the trainable parameters are saved, and every one of them moved
     init = dict(adapter_model(checkpoint).named_parameters())
@@ -171,19 +176,39 @@ def test_base_weights_unchanged_in_model_after_training(checkpoint, alpaca_data,
 
 
 def test_gradient_accumulation_equals_one_big_batch(checkpoint, alpaca_data, tmp_path):
-    """8 records of different lengths: micro-batch 2 x 4 accumulation steps == micro-batch 8 x 1 (float32, 1e-6)."""
+    """8 records of different lengths: micro-batch 2 x 4 accumulation steps == micro-batch 8 x 1 (float32).
+
+    Float rounding differs (other padding, other summation order), and Adam divides each gradient by its own size:
+    where the true gradient is zero (the key part of the qkv adapter bias: a shift of every key leaves softmax
+    unchanged) rounding noise of ~1e-12 becomes an update of lr * 1e-12 / (1e-12 + eps) ~ lr * 1e-4. So one update
+    at lr 1e-3 is held to 1e-6 (real updates are ~1e-3), three updates at lr 1e-2 to 1e-4."""
     train = torch.load(alpaca_data / "train.pt", weights_only=True)
     assert len({len(r["input_ids"]) for r in train[:8]}) > 4
-    common = ["--max_steps", 2, "--batch_size", 8, "--learning_rate", 1e-2, "--warmup_steps", 0, "--seed", 3,
-              "--precision", "32-true"]
-    accumulated = finetune(checkpoint, alpaca_data, tmp_path / "mb2", *common, "--micro_batch_size", 2)
-    one_batch = finetune(checkpoint, alpaca_data, tmp_path / "mb8", *common, "--micro_batch_size", 8)
-    assert accumulated.keys() == one_batch.keys()
-    worst = max((accumulated[k] - one_batch[k]).abs().max().item() for k in accumulated)
-    assert worst <= 1e-6, worst
-    losses_a = [float(r["train_loss"]) for r in read_metrics(tmp_path / "mb2")]
-    losses_b = [float(r["train_loss"]) for r in read_metrics(tmp_path / "mb8")]
-    assert losses_a == pytest.approx(losses_b, rel=1e-5)
+    for steps, lr, tolerance in ((1, 1e-3, 1e-6), (3, 1e-2, 1e-4)):
+        common = ["--max_steps", steps, "--batch_size", 8, "--learning_rate", lr, "--warmup_steps", 0,
+                  "--seed", 3, "--precision", "32-true"]
+        accumulated = finetune(checkpoint, alpaca_data, tmp_path / f"mb2-{steps}", *common, "--micro_batch_size", 2)
+        one_batch = finetune(checkpoint, alpaca_data, tmp_path / f"mb8-{steps}", *common, "--micro_batch_size", 8)
+        assert accumulated.keys() == one_batch.keys()
+        worst = max((accumulated[k] - one_batch[k]).abs().max().item() for k in accumulated)
+        assert worst <= tolerance, (steps, worst)
+        losses_a = [float(r["train_loss"]) for r in read_metrics(tmp_path / f"mb2-{steps}")]
+        losses_b = [float(r["train_loss"]) for r in read_metrics(tmp_path / f"mb8-{steps}")]
+        assert losses_a == pytest.approx(losses_b, rel=1e-5)
+    # the logged step loss is the mean over all target tokens of the step, not a mean of micro-batch means
+    from littune.finetune.loop import collate, count_targets, token_cross_entropy_sum
+
+    model = adapter_model(checkpoint)
+    first_step = plan_epoch([len(r["input_ids"]) for r in train], 8, 2, 1, seed=3, epoch=0)[0][0]
+    with torch.no_grad():
+        sums = [token_cross_entropy_sum(model(collate(train, mb, -100, "cpu")[0]), collate(train, mb, -100, "cpu")[1])
+                for mb in first_step]
+    counts = [count_targets(train, mb) for mb in first_step]
+    token_mean = sum(sums).item() / sum(counts)
+    mean_of_means = sum(s.item() / c for s, c in zip(sums, counts)) / len(counts)
+    logged = float(read_metrics(tmp_path / "mb2-1")[0]["train_loss"])
+    assert logged == pytest.approx(token_mean, rel=1e-5)
+    assert abs(token_mean - mean_of_means) > 1e-4
 
 
 def test_same_seed_same_adapter_other_seed_other_adapter(checkpoint, alpaca_data, tmp_path):
@@ -230,20 +255,26 @@ def test_eval_and_save_intervals_write_step_folders(checkpoint, alpaca_data, tmp
 
 
 def test_ddp_two_processes_equal_one_process(checkpoint, alpaca_data, tmp_path):
-    flags = ["--max_steps", "2", "--batch_size", "4", "--micro_batch_size", "2", "--warmup_steps", "0",
-             "--seed", "9", "--eval_interval", "2", "--eval_iters", "2", "--save_interval", "100"]
+    """Two CPU processes (gloo) with the same global batch give one process's adapter (float32; tolerance 1e-5 at
+    lr 1e-3 over three updates: see the accumulation test for why rounding noise is amplified by Adam)."""
     base = ["finetune", "adapter_v2", "--checkpoint_dir", str(checkpoint), "--data_dir", str(alpaca_data)]
+    flags = ["--max_steps", "3", "--batch_size", "4", "--micro_batch_size", "2", "--warmup_steps", "0",
+             "--seed", "9", "--eval_interval", "3", "--eval_iters", "2", "--save_interval", "1",
+             "--learning_rate", "1e-3"]
     ddp = run_cli(*base, "--out_dir", str(tmp_path / "ddp"), "--devices", "2", "--strategy", "ddp", *flags)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     single = run_cli(*base, "--out_dir", str(tmp_path / "one"), *flags)
     assert single.returncode == 0, single.stderr[-3000:]
-    a = torch.load(tmp_path / "ddp" / ADAPTER_FILE, weights_only=True)
-    b = torch.load(tmp_path / "one" / ADAPTER_FILE, weights_only=True)
-    worst = max((a[k] - b[k]).abs().max().item() for k in a)
-    assert worst <= 1e-6, worst
+    for path, tolerance in ((Path("step-000001") / ADAPTER_FILE, 1e-6), (Path(ADAPTER_FILE), 1e-5)):
+        a = torch.load(tmp_path / "ddp" / path, weights_only=True)
+        b = torch.load(tmp_path / "one" / path, weights_only=True)
+        worst = max((a[k] - b[k]).abs().max().item() for k in a)
+        assert worst <= tolerance, (path, worst)
     la = [float(r["train_loss"]) for r in read_metrics(tmp_path / "ddp")]
     lb = [float(r["train_loss"]) for r in read_metrics(tmp_path / "one")]
-    assert la == pytest.approx(lb, rel=1e-5)
+    assert len(la) == 3 and la == pytest.approx(lb, rel=1e-5)
+    val = [float(r["val_loss"]) for r in read_metrics(tmp_path / "ddp") if r["val_loss"]]
+    assert val == pytest.approx([float(r["val_loss"]) for r in read_metrics(tmp_path / "one") if r["val_loss"]])
 
 
 # ---------------------------------------------------------------------------------------------------- errors
