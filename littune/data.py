@@ -532,7 +532,7 @@ def to_records(
         flat.extend(full[n_masked:])
         flat.extend(prompt)
         sizes += (len(full), len(full), len(prompt))
-    buffer = torch.frombuffer(flat, dtype=torch.int64).clone() if flat else torch.empty(0, dtype=torch.int64)
+    buffer = torch.frombuffer(flat, dtype=torch.int64).clone()  # own its memory, not the array's
     pieces = iter(buffer.split(sizes))
     return [
         {"instruction": instructions[i], "input": inputs[i], "output": outputs[i],
