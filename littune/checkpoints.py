@@ -13,6 +13,7 @@ import glob
 import json
 import os
 import re
+import struct
 import sys
 from dataclasses import asdict, replace
 from functools import partial
@@ -367,13 +368,62 @@ class _StreamingStateDict(dict):
 
 
 class _LazyTensor:
-    """A safetensors entry read on demand; litgpt's `load_param` calls `_load_tensor()` on such objects."""
+    """One weight, read on demand; litgpt's `load_param` calls `_load_tensor()` on such objects."""
 
     def __init__(self, handle, name: str):
         self.handle, self.name = handle, name
 
     def _load_tensor(self) -> torch.Tensor:
         return self.handle.get_tensor(self.name)
+
+
+# safetensors dtype codes -> torch dtypes (the format is little-endian, like every platform torch runs on)
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+class _SafetensorsFile:
+    """Reads a .safetensors file one tensor at a time with plain reads into a fresh tensor.
+
+    Not `safetensors.safe_open`: it memory-maps the whole file, and every page a conversion touches stays in the
+    process's resident set until the file is closed, so converting a 10 GB shard would show 10 GB resident.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.file = open(path, "rb")
+        try:
+            (header_size,) = struct.unpack("<Q", self.file.read(8))
+            if header_size > 100_000_000:
+                raise ValueError(f"header size {header_size}")
+            self.header = json.loads(self.file.read(header_size))
+            self.header.pop("__metadata__", None)
+        except (struct.error, ValueError, UnicodeDecodeError) as e:
+            self.file.close()
+            raise UserError(f"{path}: not a safetensors file or truncated ({e}); delete it and download again") from e
+        self.data_start = 8 + header_size
+
+    def keys(self):
+        return self.header.keys()
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        info = self.header[name]
+        if info["dtype"] not in _SAFETENSORS_DTYPES:
+            raise UserError(f"{self.path}: tensor {name} has dtype {info['dtype']}, which cannot be converted")
+        begin, end = info["data_offsets"]
+        tensor = torch.empty(info["shape"], dtype=_SAFETENSORS_DTYPES[info["dtype"]])
+        if end > begin:
+            buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+            self.file.seek(self.data_start + begin)
+            if self.file.readinto(buffer) != end - begin or buffer.nbytes != end - begin:
+                raise UserError(f"{self.path}: truncated at tensor {name}; delete it and download again")
+        return tensor
+
+    def close(self) -> None:
+        self.file.close()
 
 
 class _lazy_weights:
@@ -384,16 +434,19 @@ class _lazy_weights:
 
     def __enter__(self) -> dict:
         if self.path.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            self.handle = safe_open(str(self.path), framework="pt")
+            self.handle = _SafetensorsFile(self.path)
             return {name: _LazyTensor(self.handle, name) for name in self.handle.keys()}
         from litgpt.utils import lazy_load
 
-        self.handle = lazy_load(self.path)
-        return dict(self.handle)
+        self.handle = None
+        try:
+            return dict(lazy_load(self.path))
+        except Exception as e:  # not a zip/pickle torch file, truncated, or objects torch refuses to unpickle
+            raise UserError(f"{self.path}: cannot read ({type(e).__name__}: {_first_line(e)})") from e
 
     def __exit__(self, *exc):
+        if self.handle is not None:
+            self.handle.close()
         self.handle = None
 
 
