@@ -6,6 +6,7 @@ tokenizer trained on the demo data by `tokenizers`. From there on every step is 
 convert -> prepare -> finetune adapter_v2 -> generate, each printed as the `littune ...` line a user would type.
 """
 
+import csv
 import json
 import random
 import shlex
@@ -48,7 +49,7 @@ def demo_records() -> list[dict]:
     return records
 
 
-def demo(workdir: Path = Path("littune-demo"), max_steps: int = 60, seed: int = 42) -> None:
+def demo(workdir: Path = Path("littune-demo"), max_steps: int = 100, seed: int = 42) -> None:
     """Run the whole workflow offline on a tiny embedded model: convert, prepare, finetune, generate.
 
     Arguments:
@@ -76,8 +77,8 @@ def demo(workdir: Path = Path("littune-demo"), max_steps: int = 60, seed: int = 
     prepare(data_file=data_file, checkpoint_dir=checkpoint_dir, destination_path=data_dir, seed=seed, test_size=8)
 
     train_flags = dict(checkpoint_dir=checkpoint_dir, data_dir=data_dir, out_dir=out_dir, max_steps=max_steps,
-                       batch_size=8, micro_batch_size=8, learning_rate=2e-2, warmup_steps=5, eval_interval=20,
-                       eval_iters=2, save_interval=30, seed=seed)
+                       batch_size=8, micro_batch_size=8, learning_rate=0.1, warmup_steps=5, eval_interval=25,
+                       eval_iters=2, save_interval=50, seed=seed)
     _step("3. Fine-tune with adapter_v2", "finetune adapter_v2", **train_flags)
     finetune_adapter_v2(**train_flags)
 
@@ -89,7 +90,10 @@ def demo(workdir: Path = Path("littune-demo"), max_steps: int = 60, seed: int = 
           temperature=0, max_new_tokens=16, **question)
     generate(checkpoint_dir=checkpoint_dir, adapter_path=out_dir, temperature=0, max_new_tokens=16, **question)
 
-    _banner(f"Done in {time.perf_counter() - started:.0f}s. Outputs:")
+    with open(out_dir / "metrics.csv") as f:
+        losses = [float(row["train_loss"]) for row in csv.DictReader(f)]
+    _banner(f"Training loss {losses[0]:.2f} -> {losses[-1]:.2f} over {len(losses)} steps. "
+            f"Done in {time.perf_counter() - started:.0f}s. Outputs:")
     for label, path in [("checkpoint", checkpoint_dir), ("instructions", data_file), ("prepared data", data_dir),
                         ("adapter", out_dir / "lit_model_adapter_finetuned.pth"),
                         ("training log", out_dir / "metrics.csv")]:
