@@ -7,6 +7,8 @@ The weight-copying functions are litgpt's (`litgpt.scripts.convert_hf_checkpoint
 config is built from the folder's `config.json` when the repo is not one of litgpt's named configs (fine-tuned
 derivatives, small models), tensors are streamed one at a time into the output file, and the result is checked
 against the model's expected parameter names and shapes before it is renamed into place.
+
+torch is imported inside the functions that use it, so that commands that fail early (or only download) start fast.
 """
 
 import glob
@@ -20,7 +22,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-import torch
 import yaml
 from tqdm import tqdm
 
@@ -84,7 +85,8 @@ def download(
     else:
         token = access_token or os.environ.get("HF_TOKEN") or None
         files = _hub_call(repo_id, lambda: _repo_files(repo_id, revision, token))
-        wanted = _wanted_files(repo_id, files, tokenizer_only)
+        read_index = lambda name: _hub_call(repo_id, lambda: _remote_index(repo_id, revision, token, name))  # noqa: E731
+        wanted = _wanted_files(repo_id, files, tokenizer_only, read_index)
         if convert_after and not _converted(local_dir, dtype):  # refuse an unconvertible model before its weights
             hf = _hub_call(repo_id, lambda: _remote_config(repo_id, revision, token))
             _check_convertible(hf, local_dir.name, model_name, where=repo_id)
@@ -119,6 +121,7 @@ def convert(
         model_name: The litgpt config name to use (default: the folder name if litgpt knows it, else config.json).
         dtype: Convert the weights to this dtype (default: keep the dtype of the files).
     """
+    import torch
     from litgpt.utils import incremental_save
 
     checkpoint_dir = Path(checkpoint_dir)
@@ -359,6 +362,8 @@ class _StreamingStateDict(dict):
         self.shapes = {}
 
     def __setitem__(self, key, value):
+        import torch
+
         if isinstance(value, torch.Tensor):
             self.shapes[key] = tuple(value.shape)
             value = self.saver.store_early(value)
@@ -373,15 +378,14 @@ class _LazyTensor:
     def __init__(self, handle, name: str):
         self.handle, self.name = handle, name
 
-    def _load_tensor(self) -> torch.Tensor:
+    def _load_tensor(self) -> "torch.Tensor":
         return self.handle.get_tensor(self.name)
 
 
-# safetensors dtype codes -> torch dtypes (the format is little-endian, like every platform torch runs on)
+# safetensors dtype codes -> torch dtype names (the format is little-endian, like every platform torch runs on)
 _SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
+    "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
 }
 
 
@@ -409,12 +413,14 @@ class _SafetensorsFile:
     def keys(self):
         return self.header.keys()
 
-    def get_tensor(self, name: str) -> torch.Tensor:
+    def get_tensor(self, name: str) -> "torch.Tensor":
+        import torch
+
         info = self.header[name]
         if info["dtype"] not in _SAFETENSORS_DTYPES:
             raise UserError(f"{self.path}: tensor {name} has dtype {info['dtype']}, which cannot be converted")
         begin, end = info["data_offsets"]
-        tensor = torch.empty(info["shape"], dtype=_SAFETENSORS_DTYPES[info["dtype"]])
+        tensor = torch.empty(info["shape"], dtype=getattr(torch, _SAFETENSORS_DTYPES[info["dtype"]]))
         if end > begin:
             buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
             self.file.seek(self.data_start + begin)
@@ -465,6 +471,7 @@ def _copier(family: str, config) -> tuple:
 
 def _check_state_dict(config, state_dict: dict, checkpoint_dir: Path) -> None:
     """Every parameter of Lit-GPT's model is there with the right shape, and nothing else."""
+    import torch
     from litgpt import GPT
 
     with torch.device("meta"):
@@ -588,10 +595,12 @@ def _snapshot(repo_id: str, revision: Optional[str], token: Optional[str], local
     return snapshot_download(repo_id, revision=revision, token=token, local_dir=local_dir, allow_patterns=patterns)
 
 
-def _wanted_files(repo_id: str, files: list[str], tokenizer_only: bool) -> list[str]:
+def _wanted_files(repo_id: str, files: list[str], tokenizer_only: bool, read_index=None) -> list[str]:
     """Config and tokenizer files, plus one weight format: safetensors when the repo has them, else .bin.
 
-    Never training_args.bin, optimizer states or other formats (flax, tf, onnx, gguf): only what conversion reads.
+    With a shard index, exactly the shards it names (repos such as Mistral's also hold a `consolidated.safetensors`
+    copy of the same weights); `read_index(name)` fetches an index and returns its shard names. Never
+    training_args.bin, optimizer states or other formats (flax, tf, onnx, gguf): only what conversion reads.
     """
     top_level = {f for f in files if "/" not in f}
     wanted = [f for f in CONFIG_FILES + TOKENIZER_FILES if f in top_level]
@@ -599,15 +608,28 @@ def _wanted_files(repo_id: str, files: list[str], tokenizer_only: bool) -> list[
         raise UserError(f"{repo_id}: the repo has no tokenizer.json or tokenizer.model; littune needs one of them")
     if tokenizer_only:
         return wanted
-    safetensors = sorted(f for f in top_level if f.endswith(".safetensors") or f == "model.safetensors.index.json")
-    bins = sorted(
-        f for f in top_level
-        if (f.endswith(".bin") and f not in NOT_WEIGHTS) or f == "pytorch_model.bin.index.json"
-    )
-    weights = safetensors if any(f.endswith(".safetensors") for f in safetensors) else bins
-    if not any(f.endswith((".safetensors", ".bin")) for f in weights):
-        raise UserError(f"{repo_id}: the repo has no weight files (*.safetensors or *.bin); nothing to convert")
-    return wanted + weights
+    for suffix, index in ((".safetensors", "model.safetensors.index.json"), (".bin", "pytorch_model.bin.index.json")):
+        if index in top_level and read_index is not None:
+            shards = sorted(set(read_index(index)))
+            missing = [f for f in shards if f not in files]
+            if missing:
+                raise UserError(f"{repo_id}: {index} names shards the repo does not have: {', '.join(missing[:3])}")
+            return wanted + [index] + shards
+        weights = sorted(f for f in top_level if f.endswith(suffix) and f not in NOT_WEIGHTS)
+        if weights:
+            return wanted + weights + [index] * (index in top_level)
+    raise UserError(f"{repo_id}: the repo has no weight files (*.safetensors or *.bin); nothing to convert")
+
+
+def _remote_index(repo_id: str, revision: Optional[str], token: Optional[str], name: str) -> list[str]:
+    """The shard names of a weight index on the Hub (fetched into the HF cache, like config.json)."""
+    from huggingface_hub import hf_hub_download
+
+    path = hf_hub_download(repo_id, name, revision=revision, token=token)
+    try:
+        return list(json.loads(Path(path).read_text(encoding="utf-8"))["weight_map"].values())
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise UserError(f"{repo_id}: {name} on the Hub is not a valid weight index ({type(e).__name__})") from e
 
 
 def _check_offline_folder(repo_id: str, local_dir: Path, tokenizer_only: bool) -> None:
@@ -637,6 +659,8 @@ def _converted(local_dir: Path, dtype: Optional[str]) -> bool:
     if pth.stat().st_mtime < max(f.stat().st_mtime for f in sources):
         return False
     if dtype:
+        import torch
+
         try:
             state = torch.load(pth, map_location="cpu", weights_only=True, mmap=True)
             first = next(v for v in state.values() if isinstance(v, torch.Tensor))

@@ -68,6 +68,11 @@ def sources(tmp_path_factory) -> dict:
     shutil.copytree(root / "gpt_neox", both)
     torch.save({k: v + 1 for k, v in models["gpt_neox"].state_dict().items()}, both / "pytorch_model.bin")
     torch.save({"learning_rate": 1e-4}, both / "training_args.bin")
+    # sharded with an index, plus the `consolidated.safetensors` some repos also carry (the same weights again)
+    sharded = root / "sharded"
+    models["gpt_neox"].save_pretrained(sharded, max_shard_size="8MB")
+    copy_tokenizer("pythia", sharded)
+    shutil.copyfile(root / "gpt_neox" / "model.safetensors", sharded / "consolidated.safetensors")
     no_weights = root / "no_weights"
     shutil.copytree(root / "falcon", no_weights, ignore=shutil.ignore_patterns("*.safetensors"))
     write_unsupported(root / "gpt2")
@@ -81,7 +86,7 @@ def hub(sources):
         for repo, folder in [
             ("org/tiny-falcon", "falcon"), ("org/tiny-neox", "gpt_neox"), ("org/tiny-llama", "llama"),
             ("org/tiny-bin", "bin"), ("org/tiny-both", "both"), ("org/tiny-resume", "gpt_neox"),
-            ("org/tiny-tok", "llama"), ("org/no-weights", "no_weights"), ("org/tiny-gpt2", "gpt2"),
+            ("org/tiny-tok", "llama"), ("org/tiny-sharded", "sharded"), ("org/no-weights", "no_weights"), ("org/tiny-gpt2", "gpt2"),
         ]:
             server.add_folder(repo, root / folder)
         server.add_folder("org/private", root / "falcon", access="private", token=TOKEN)
@@ -129,7 +134,7 @@ def runs(hub, tmp_path_factory):
 
     def resume_chain():  # the connection drops 3 MB into the weights, then the same command again
         hub.drop_after[("org/tiny-resume", "model.safetensors")] = 15_000_000  # past the first 10 MB chunk
-        run = new("resume", "org/tiny-resume")
+        run = new("resume", "org/tiny-resume", "--convert", "false")  # the download is what is tested here
         first = run()
         partial = sorted((run.checkpoints / "org/tiny-resume/.cache/huggingface/download").glob("*.incomplete"))
         sizes = [p.stat().st_size for p in partial]
@@ -149,6 +154,7 @@ def runs(hub, tmp_path_factory):
         # download only; these are converted in the test process, where litgpt is already imported
         "bin": single("bin", "org/tiny-bin", "--convert", "false"),
         "both": single("both", "org/tiny-both", "--convert", "false"),
+        "sharded": single("sharded", "org/tiny-sharded", "--convert", "false"),
         "hf_token": single("hf_token", "org/gated-ok", "--convert", "false", HF_TOKEN=GATED_TOKEN),
         "tokenizer_only": single("tokenizer_only", "org/tiny-tok", "--tokenizer_only", "true"),
         "not_found": single("not_found", "org/does-not-exist"),
@@ -328,6 +334,18 @@ def test_bin_only_repo_converts_with_parity(runs, sources):
     assert_parity(folder, sources["models"]["bin"])
 
 
+def test_sharded_repo_fetches_indexed_shards_only(runs, sources):
+    job = runs["sharded"].result()
+    ok(job.result)
+    folder = job.run.checkpoints / "org/tiny-sharded"
+    shards = sorted(p.name for p in (sources["root"] / "sharded").glob("model-*.safetensors"))
+    assert len(shards) > 1
+    assert sorted(g for g in job.result.gets if g.startswith("model-")) == shards
+    assert "model.safetensors.index.json" in job.result.gets and "consolidated.safetensors" not in job.result.gets
+    assert main(["convert", "--checkpoint_dir", str(folder)]) == 0
+    assert_parity(folder, sources["models"]["gpt_neox"])
+
+
 @pytest.fixture(scope="module")
 def both_bf16(runs):
     """org/tiny-both downloaded (safetensors + a different pytorch_model.bin + training_args.bin), converted bf16."""
@@ -386,7 +404,6 @@ def test_interrupted_download_resumes_with_range(runs, sources):
     folder = job.run.checkpoints / "org/tiny-resume"
     assert (folder / "model.safetensors").read_bytes() == full
     assert not list((folder / ".cache/huggingface/download").glob("*.incomplete"))
-    assert (folder / "lit_model.pth").is_file()
 
 
 def test_tokenizer_only_fetches_no_weights(runs):
