@@ -56,20 +56,21 @@ def main(rows: int | None, workdir: Path) -> None:
     prompts = [Alpaca().apply(r["instruction"], input=r["input"]) for r in records]
     texts = prompts + [p + r["output"] for p, r in zip(prompts, records)]
     # a fresh tokenizer each time: the BPE word cache of one run must not speed up the next
-    batched = timed(lambda: encode_batch(Tokenizer(checkpoint_dir), texts))
-    single = timed(lambda: encode_one_at_a_time(Tokenizer(checkpoint_dir), texts))
+    batched, batched_cpu = timed(lambda: encode_batch(Tokenizer(checkpoint_dir), texts))
+    single, single_cpu = timed(lambda: encode_one_at_a_time(Tokenizer(checkpoint_dir), texts))
 
-    ours = timed(lambda: prepare(data_file=data_file, checkpoint_dir=checkpoint_dir,
-                                 destination_path=workdir / "littune", test_split_fraction=TEST_SPLIT_FRACTION,
-                                 max_seq_length=MAX_SEQ_LENGTH))
-    baseline = timed(lambda: prepare_alpaca_baseline(data_file, checkpoint_dir, workdir / "baseline"))
+    ours, ours_cpu = timed(lambda: prepare(data_file=data_file, checkpoint_dir=checkpoint_dir,
+                                           destination_path=workdir / "littune",
+                                           test_split_fraction=TEST_SPLIT_FRACTION, max_seq_length=MAX_SEQ_LENGTH))
+    baseline, baseline_cpu = timed(lambda: prepare_alpaca_baseline(data_file, checkpoint_dir, workdir / "baseline"))
 
-    print()
-    print(f"tokenizer only, encode_batch (2 threads) : {n / batched:10,.0f} records/s  ({batched:6.1f} s)")
-    print(f"tokenizer only, one string at a time     : {n / single:10,.0f} records/s  ({single:6.1f} s)")
-    print(f"(a) littune prepare, end to end          : {n / ours:10,.0f} records/s  ({ours:6.1f} s)")
-    print(f"(b) Lit-GPT prepare_alpaca, end to end   : {n / baseline:10,.0f} records/s  ({baseline:6.1f} s)")
-    print(f"speed-up (a)/(b)                         : {baseline / ours:10.2f} x")
+    print(f"\nwall clock (CPU seconds of this process in brackets: other load on the machine inflates the wall clock)")
+    for label, wall, cpu in [("tokenizer only, encode_batch (2 threads)", batched, batched_cpu),
+                             ("tokenizer only, one string at a time", single, single_cpu),
+                             ("(a) littune prepare, end to end", ours, ours_cpu),
+                             ("(b) Lit-GPT prepare_alpaca, end to end", baseline, baseline_cpu)]:
+        print(f"{label:41s}: {n / wall:8,.0f} records/s  {wall:6.1f} s  ({cpu:5.1f} CPU s)")
+    print(f"{'speed-up (a)/(b)':41s}: {baseline / ours:8.2f} x")
     print(f"(a) is {batched / ours:.0%} batched tokenising, (b) {single / baseline:.0%} one-string tokenising; "
           f"the rest is reading, building tensors and torch.save")
 
@@ -122,10 +123,11 @@ def encode_one_at_a_time(tokenizer, texts: list[str]) -> list[list[int]]:
     return [tokenizer.processor.encode(text).ids for text in texts]
 
 
-def timed(fn) -> float:
-    start = time.perf_counter()
+def timed(fn) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process, all threads) of fn()."""
+    start, start_cpu = time.perf_counter(), time.process_time()
     fn()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - start_cpu
 
 
 if __name__ == "__main__":
