@@ -34,6 +34,7 @@ from littune.common import UserError, atomic_path, load_torch, save_json, sha256
 FIELDS = ("instruction", "input", "output")
 REQUIRED_FIELDS = ("instruction", "output")
 PREPARED_FILES = ("train.pt", "test.pt", "prompt_style.yaml", "prepare.json")
+COLUMNS_EXAMPLE = '{"instruction": "=Classify the sentiment.", "input": "text", "output": "label"}'
 CHUNK_SIZE = 1024  # strings per tokenizer call: big enough to amortise the call, small enough for a live progress bar
 
 
@@ -187,12 +188,11 @@ def load_prepared(data_dir: Path) -> tuple[list[dict], list[dict], dict]:
 def parse_columns(columns: Optional[dict[str, str]]) -> dict[str, tuple[bool, str]]:
     """--columns as field -> (is_fixed_text, column name or the text); unnamed fields read their own column."""
     sources = {field: (False, field) for field in FIELDS}
-    example = '{"instruction": "=Classify the sentiment.", "input": "text", "output": "label"}'
     for field, source in (columns or {}).items():
         if field not in FIELDS:
             raise UserError(
                 f"--columns: {field!r} is not a field; the keys are {', '.join(FIELDS)} and each value a column "
-                f"name or =fixed text, e.g. {example}"
+                f"name or =fixed text, e.g. {COLUMNS_EXAMPLE}"
             )
         if not isinstance(source, str) or not source:
             raise UserError(f"--columns: the source of {field!r} must be a column name or =fixed text, got {source!r}")
@@ -465,8 +465,7 @@ def extract_fields(
             if not fixed and column not in rows[0] and (field in REQUIRED_FIELDS or column != field):
                 raise UserError(
                     f"{data_file}: no column {column!r} for {field!r} (the header has {', '.join(rows[0])}); "
-                    f"map columns with --columns, e.g. "
-                    f'\'{{"instruction": "=Classify the sentiment.", "input": "text", "output": "label"}}\''
+                    f"map columns with --columns, e.g. '{COLUMNS_EXAMPLE}'"
                 )
     fields: dict[str, list[str]] = {field: [] for field in FIELDS}
     for index, row in enumerate(rows):
