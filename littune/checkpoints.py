@@ -698,7 +698,7 @@ def _hub_call(repo_id: str, call):
             f"{repo_id}: repository not found on {endpoint} (if it is private, pass --access_token or set HF_TOKEN)"
         ) from e
     except RevisionNotFoundError as e:
-        raise UserError(f"{repo_id}: revision not found ({_first_line(e)})") from e
+        raise UserError(f"{repo_id}: no such revision on {endpoint}; check --revision (a branch, tag or commit)") from e
     except (OfflineModeIsEnabled, LocalEntryNotFoundError) as e:
         raise UserError(unreachable) from e
     except HfHubHTTPError as e:

@@ -266,6 +266,17 @@ def test_convert_unsupported_architecture(sources, tmp_path, capsys):
     assert listing(folder) == before
 
 
+def test_convert_truncated_weights(sources, tmp_path, capsys):
+    """A weights file cut short (a copy interrupted outside littune): one clear line, nothing written."""
+    folder = tmp_path / "tiny-neox-cut"
+    shutil.copytree(sources["root"] / "gpt_neox", folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    before = listing(folder)
+    one_error_line(run_main(capsys, "convert", "--checkpoint_dir", str(folder)), "truncated", "model.safetensors")
+    assert listing(folder) == before
+
+
 def test_convert_mismatch_leaves_no_partial_output(sources, tmp_path, capsys):
     """config.json says 3 layers, the weights have 2: found after streaming, and nothing is left behind."""
     import json
