@@ -158,9 +158,9 @@ def test_base_weights_unchanged_in_model_after_training(checkpoint, alpaca_data,
     captured = {}
     original = loop.save_adapter
 
-    def spy(fabric, model, method, path, hp):
+    def spy(fabric, model, method, path, hp, **kwargs):
         captured.update({k: v.detach().clone() for k, v in model.state_dict().items()})
-        return original(fabric, model, method, path, hp)
+        return original(fabric, model, method, path, hp, **kwargs)
 
     loop.save_adapter = spy
     try:

@@ -16,7 +16,10 @@ import csv
 import math
 import os
 import resource
+import shutil
+import signal
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,7 +29,7 @@ import torch
 import yaml
 
 from littune.checkpoints import check_checkpoint_dir, load_model_config
-from littune.common import UserError, save_text, save_torch
+from littune.common import UserError, atomic_path, load_torch, save_json, save_text, save_torch, sha256_file
 from littune.data import load_prepared, tokenizer_identity
 
 ADAPTER_FILE = "lit_model_adapter_finetuned.pth"
@@ -70,7 +73,10 @@ class Hyperparameters:
     eval_iters: int
     save_interval: int
     log_interval: int
-    extra: dict = field(default_factory=dict)
+    group_by_length: bool = True
+    early_stopping_patience: Optional[int] = None
+    logger: list = field(default_factory=lambda: ["csv"])
+    mlflow_tracking_uri: Optional[str] = None
 
 
 def finetune(
@@ -96,6 +102,11 @@ def finetune(
     eval_iters: int = 100,
     save_interval: int = 100,
     log_interval: int = 1,
+    group_by_length: bool = True,
+    resume: Optional[str] = None,
+    early_stopping_patience: Optional[int] = None,
+    logger: list[Literal["csv", "tensorboard", "mlflow"]] = ["csv"],
+    mlflow_tracking_uri: Optional[str] = None,
 ) -> Path:
     """Fine-tune a converted checkpoint on data from `littune prepare`; returns the final adapter file.
 
@@ -121,6 +132,11 @@ def finetune(
         eval_iters: Test micro-batches per evaluation.
         save_interval: Steps between adapter checkpoints (out_dir/step-NNNNNN/).
         log_interval: Steps between rows of metrics.csv.
+        group_by_length: Put records of similar length in the same micro-batch (less padding; batches stay shuffled).
+        resume: Continue a run: `auto` (the newest complete state in out_dir) or a step-NNNNNN folder.
+        early_stopping_patience: Stop after this many evaluations without a better validation loss.
+        logger: Where metrics go besides out_dir/metrics.csv: csv, tensorboard (out_dir/tensorboard), mlflow.
+        mlflow_tracking_uri: MLflow tracking URI (default: a local out_dir/mlruns store).
     """
     import lightning as L
 
@@ -153,17 +169,22 @@ def finetune(
         learning_rate=learning_rate, batch_size=batch_size, micro_batch_size=micro_batch_size, epochs=epochs,
         max_steps=max_steps, warmup_steps=warmup_steps, weight_decay=weight_decay, grad_clip=grad_clip,
         lr_schedule=lr_schedule, eval_interval=eval_interval, eval_iters=eval_iters, save_interval=save_interval,
-        log_interval=log_interval,
+        log_interval=log_interval, group_by_length=group_by_length, early_stopping_patience=early_stopping_patience,
+        logger=list(logger), mlflow_tracking_uri=mlflow_tracking_uri,
     )
+    resume_dir = find_resume_state(out_dir, resume) if resume else None
     fabric = L.Fabric(
         accelerator="auto", devices=devices, num_nodes=num_nodes, precision=precision,
         strategy=fabric_strategy(strategy, world_size, method),
     )
     fabric.launch()
-    return fit(fabric, method, config, hparams, train_data, test_data, data_meta)
+    fingerprint = run_fingerprint(hparams, checkpoint_dir, data_dir, len(train_data))
+    return fit(fabric, method, config, hparams, train_data, test_data, data_meta, fingerprint, resume_dir)
 
 
-def fit(fabric, method: Method, config, hp: Hyperparameters, train_data: list, test_data: list, data_meta: dict) -> Path:
+def fit(fabric, method: Method, config, hp: Hyperparameters, train_data: list, test_data: list, data_meta: dict,
+        fingerprint: dict, resume_dir: Optional[Path] = None) -> Path:
+    from litgpt import Tokenizer
     from litgpt.prompts import load_prompt_style, save_prompt_style
 
     out_dir, checkpoint_dir = Path(hp.out_dir), Path(hp.checkpoint_dir)
@@ -173,9 +194,8 @@ def fit(fabric, method: Method, config, hp: Hyperparameters, train_data: list, t
     for name, param in model.named_parameters():
         param.requires_grad = method.is_trainable(name)
     load_base_weights(model, checkpoint_dir / "lit_model.pth", method)
-    trainable = [p for p in model.parameters() if p.requires_grad]
     fabric.print(
-        f"{method.name}: {sum(p.numel() for p in trainable):,} trainable parameters, "
+        f"{method.name}: {sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable parameters, "
         f"{sum(p.numel() for p in model.parameters() if not p.requires_grad):,} frozen"
     )
     model = fabric.setup_module(model)
@@ -183,28 +203,34 @@ def fit(fabric, method: Method, config, hp: Hyperparameters, train_data: list, t
 
     world, rank = fabric.world_size, fabric.global_rank
     lengths = [len(r["input_ids"]) for r in train_data]
-    steps_per_epoch = math.ceil(len(train_data) / hp.batch_size)
-    total_steps = hp.max_steps if hp.max_steps is not None else hp.epochs * steps_per_epoch
-    if hp.epochs is not None and hp.max_steps is not None:
-        total_steps = min(hp.max_steps, hp.epochs * steps_per_epoch)
+    total_steps = fingerprint["total_steps"]
+    tokenizer = Tokenizer(checkpoint_dir)
+    ignore_index = int(data_meta.get("ignore_index", -100))
+    state = {"step": 0, "epoch": 0, "step_in_epoch": 0, "tokens_seen": 0, "elapsed": 0.0,
+             "best_val_loss": math.inf, "evals_since_best": 0}
+    if resume_dir is not None:
+        state = load_training_state(resume_dir, model, optimizer, fingerprint, state)
+        fabric.print(f"Resuming from {resume_dir} at step {state['step']}")
 
+    metrics_path = out_dir / "metrics.csv"
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_text(yaml.dump(asdict(hp), sort_keys=False), out_dir / "hyperparameters.yaml")
         save_prompt_style(load_prompt_style(Path(hp.data_dir)), out_dir)
-        metrics_path = out_dir / "metrics.csv"
-        write_metrics_header(metrics_path)
-    from litgpt import Tokenizer
+        keep_metrics_until(metrics_path, state["step"])
+    loggers = make_loggers(hp, out_dir) if rank == 0 else []
+    if resume_dir is None:
+        for experiment_logger in loggers:
+            experiment_logger.log_hyperparams(asdict(hp))
 
-    tokenizer = Tokenizer(checkpoint_dir)
-    ignore_index = int(data_meta.get("ignore_index", -100))
-
-    progress = make_progress(fabric, total_steps)
-    tokens_seen, start = 0, time.perf_counter()
-    step, epoch = 0, 0
-    while step < total_steps:
-        plan = plan_epoch(lengths, hp.batch_size, hp.micro_batch_size, world, hp.seed, epoch)
-        for step_batches in plan:
+    stop = StopRequest()
+    progress = make_progress(fabric, total_steps, state["step"])
+    step, epoch = state["step"], state["epoch"]
+    session_start, session_tokens = time.perf_counter(), 0
+    stopped_early = False
+    while step < total_steps and not stopped_early:
+        plan = plan_epoch(lengths, hp.batch_size, hp.micro_batch_size, world, hp.seed, epoch, hp.group_by_length)
+        for step_batches in plan[state["step_in_epoch"]:]:
             if step >= total_steps:
                 break
             step += 1
@@ -214,36 +240,64 @@ def fit(fabric, method: Method, config, hp: Hyperparameters, train_data: list, t
             step_loss, step_tokens = train_step(
                 fabric, model, optimizer, method, train_data, step_batches, ignore_index, hp.grad_clip
             )
-            tokens_seen += step_tokens
-            elapsed = time.perf_counter() - start
+            session_tokens += step_tokens
+            now = time.perf_counter()
+            state.update(step=step, epoch=epoch, step_in_epoch=state["step_in_epoch"] + 1,
+                         tokens_seen=state["tokens_seen"] + step_tokens)
+            elapsed = state["elapsed"] + now - session_start
+            tokens_per_sec = session_tokens / max(now - session_start, 1e-9)
 
             val_loss = None
             if step % hp.eval_interval == 0 or step == total_steps:
                 val_loss = validate(fabric, model, method, test_data, hp.micro_batch_size, hp.eval_iters, ignore_index)
+                improved = val_loss < state["best_val_loss"]
+                state["best_val_loss"] = min(val_loss, state["best_val_loss"])
+                state["evals_since_best"] = 0 if improved else state["evals_since_best"] + 1
+                if improved:
+                    save_adapter(fabric, model, method, out_dir / "best" / ADAPTER_FILE, hp,
+                                 extra={"step": step, "val_loss": val_loss})
                 if rank == 0:
                     answer = sample_response(model, method, test_data[0], tokenizer, config)
-                    progress.write(f"step {step}: val loss {val_loss:.4f} | "
+                    progress.write(f"step {step}: val loss {val_loss:.4f}{' (best)' if improved else ''} | "
                                    f"{test_data[0]['instruction'][:60]!r} -> {answer!r}")
+                patience = hp.early_stopping_patience
+                stopped_early = patience is not None and state["evals_since_best"] >= patience
             if rank == 0 and (step % hp.log_interval == 0 or step == total_steps or val_loss is not None):
-                append_metrics(metrics_path, {
-                    "step": step, "epoch": epoch, "train_loss": step_loss, "learning_rate": lr,
-                    "val_loss": "" if val_loss is None else val_loss,
-                    "tokens": tokens_seen, "tokens_per_sec": tokens_seen / elapsed, "elapsed_sec": elapsed,
-                })
-            progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_seen / elapsed:,.0f}")
+                row = {"step": step, "epoch": epoch, "train_loss": step_loss, "learning_rate": lr,
+                       "val_loss": "" if val_loss is None else val_loss, "tokens": state["tokens_seen"],
+                       "tokens_per_sec": tokens_per_sec, "elapsed_sec": elapsed}
+                append_metrics(metrics_path, row)
+                for experiment_logger in loggers:
+                    experiment_logger.log_metrics({k: v for k, v in row.items() if v != "" and k != "step"}, step)
+            progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_sec:,.0f}")
             progress.update(1)
-            if step % hp.save_interval == 0 and step != total_steps:
-                save_adapter(fabric, model, method, out_dir / f"step-{step:06d}" / ADAPTER_FILE, hp)
-        epoch += 1
+            if step % hp.save_interval == 0 or step == total_steps or stopped_early or stop.requested:
+                save_training_state(fabric, model, optimizer, method, out_dir, hp,
+                                    {**state, "elapsed": elapsed}, fingerprint)
+            if stop.requested:
+                progress.close()
+                raise UserError(
+                    f"stopped by {stop.requested} after step {step}; the state is saved in "
+                    f"{out_dir / step_folder(step)}. Resume with the same command plus --resume auto"
+                )
+            if stopped_early:
+                fabric.print(f"Early stopping: no better validation loss in {hp.early_stopping_patience} evaluations")
+                break
+        else:
+            epoch += 1
+            state.update(epoch=epoch, step_in_epoch=0)
     progress.close()
+    stop.restore()
+    for experiment_logger in loggers:
+        experiment_logger.finalize("success")
 
     final = out_dir / ADAPTER_FILE
     save_adapter(fabric, model, method, final, hp)
-    elapsed = time.perf_counter() - start
+    elapsed = state["elapsed"] + time.perf_counter() - session_start
     fabric.print(
-        f"Done: {step} steps, {tokens_seen:,} target-bearing tokens trained in {elapsed:.1f}s "
-        f"({tokens_seen / max(elapsed, 1e-9):,.0f} tokens/s), peak memory {peak_memory_gb(fabric):.2f} GB. "
-        f"Adapter: {final}"
+        f"Done: {step} steps, {state['tokens_seen']:,} tokens trained in {elapsed:.1f}s "
+        f"({session_tokens / max(time.perf_counter() - session_start, 1e-9):,.0f} tokens/s), "
+        f"peak memory {peak_memory_gb(fabric):.2f} GB. Adapter: {final}"
     )
     return final
 
@@ -313,22 +367,31 @@ def collate(data: list, indices: list, ignore_index: int, device) -> tuple:
 # --------------------------------------------------------------------------------------------------- data order
 
 
-def plan_epoch(lengths: list, batch_size: int, micro_batch_size: int, world_size: int, seed: int, epoch: int) -> list:
+def plan_epoch(lengths: list, batch_size: int, micro_batch_size: int, world_size: int, seed: int, epoch: int,
+               group_by_length: bool = True) -> list:
     """The epoch's optimizer steps; each is, per rank, a list of micro-batches (lists of record indices).
 
     A pure function of its arguments: every rank computes the same plan without talking to the others, and a
     resumed run recomputes it. Records are shuffled with a generator seeded by (seed, epoch); every record is seen
-    once per epoch (the last step may be smaller).
+    once per epoch (the last step may be smaller). With group_by_length, the shuffled records are sorted by length
+    within pools of 64 steps' worth, cut into steps, and the steps shuffled again: a micro-batch holds records of
+    similar length (little padding), while which records share a step, and the order of steps, stay random.
     """
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     order = torch.randperm(len(lengths), generator=generator).tolist()
-    steps = []
-    for start in range(0, len(order), batch_size):
-        records = order[start:start + batch_size]
-        per_rank = [records[r::world_size] for r in range(world_size)]
-        steps.append([[share[i:i + micro_batch_size] for i in range(0, len(share), micro_batch_size)]
-                      for share in per_rank])
-    return steps
+    if group_by_length:
+        pool = batch_size * 64
+        order = [i for start in range(0, len(order), pool)
+                 for i in sorted(order[start:start + pool], key=lambda i: lengths[i])]
+    steps = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    if group_by_length:
+        steps = [steps[i] for i in torch.randperm(len(steps), generator=generator).tolist()]
+    plan = []
+    for records in steps:
+        # contiguous micro-batches (similar lengths together), dealt to the ranks in turn
+        micro = [records[i:i + micro_batch_size] for i in range(0, len(records), micro_batch_size)]
+        plan.append([micro[r::world_size] for r in range(world_size)])
+    return plan
 
 
 # --------------------------------------------------------------------------------------------------- optimiser
@@ -406,19 +469,169 @@ def sample_response(model, method: Method, record: dict, tokenizer, config, max_
     return tokenizer.decode(output).strip()[:120]
 
 
-def save_adapter(fabric, model, method: Method, path: Path, hp) -> None:
-    """The trainable parameters only, written atomically (gathered from every rank under FSDP)."""
+def adapter_state(fabric, model, method: Method) -> dict:
+    """The trainable parameters, on CPU (gathered from every rank under FSDP)."""
     state = fabric.strategy.get_module_state_dict(model) if hasattr(fabric.strategy, "get_module_state_dict") \
         else model.state_dict()
-    adapter = {k: v.detach().cpu().clone() for k, v in state.items() if method.is_trainable(k)}
+    return {k: v.detach().cpu().clone() for k, v in state.items() if method.is_trainable(k)}
+
+
+def save_adapter(fabric, model, method: Method, path: Path, hp, extra: Optional[dict] = None) -> None:
+    """The adapter weights, written atomically, with the run's hyperparameters and prompt style beside them."""
+    adapter = adapter_state(fabric, model, method)
     if fabric.global_rank == 0:
         save_torch(adapter, path)
-        if path.parent != Path(hp.out_dir):
-            for name in ("hyperparameters.yaml", "prompt_style.yaml"):
-                source = Path(hp.out_dir) / name
-                if source.is_file():
-                    save_text(source.read_text(), path.parent / name)
+        copy_run_files(Path(hp.out_dir), path.parent)
+        if extra is not None:
+            save_json(extra, path.parent / "adapter_info.json")
     fabric.barrier()
+
+
+def copy_run_files(out_dir: Path, folder: Path) -> None:
+    if folder != out_dir:
+        for name in ("hyperparameters.yaml", "prompt_style.yaml"):
+            if (out_dir / name).is_file():
+                save_text((out_dir / name).read_text(), folder / name)
+
+
+# ---------------------------------------------------------------------------------------- resumable training state
+
+STATE_FILE = "training_state.pt"
+
+
+def step_folder(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def save_training_state(fabric, model, optimizer, method: Method, out_dir: Path, hp, counters: dict,
+                        fingerprint: dict) -> None:
+    """out_dir/step-NNNNNN/: the adapter plus everything an exact resume needs (optimizer moments, counters, the
+    place in the data, every RNG state). Built in a temporary folder and renamed into place, so a kill at any
+    moment leaves either the complete folder or none."""
+    adapter = adapter_state(fabric, model, method)
+    optimizer_state = fabric.strategy.get_optimizer_state(optimizer) if hasattr(
+        fabric.strategy, "get_optimizer_state") else optimizer.state_dict()
+    if fabric.global_rank == 0:
+        import random
+
+        import numpy as np
+
+        final = out_dir / step_folder(counters["step"])
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=out_dir))
+        try:
+            save_torch(adapter, tmp / ADAPTER_FILE)
+            numpy_state = np.random.get_state()
+            save_torch({
+                "counters": counters,
+                "fingerprint": fingerprint,
+                "optimizer": optimizer_state,
+                "rng": {
+                    "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                    "python": _to_lists(random.getstate()),
+                    "numpy": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
+                },
+            }, tmp / STATE_FILE)
+            copy_run_files(out_dir, tmp)
+            if final.exists():  # the same step saved by an earlier attempt: replace it whole
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    fabric.barrier()
+
+
+def find_resume_state(out_dir: Path, resume: str) -> Optional[Path]:
+    """`auto`: the newest complete step folder in out_dir (none: start fresh); else the given folder."""
+    if resume != "auto":
+        folder = Path(resume)
+        if not (folder / STATE_FILE).is_file():
+            raise UserError(f"--resume {resume}: no {STATE_FILE} there (give a step-NNNNNN folder or 'auto')")
+        return folder
+    complete = sorted(p for p in Path(out_dir).glob("step-[0-9]*") if (p / STATE_FILE).is_file() and p.is_dir())
+    if not complete:
+        print(f"--resume auto: no saved state in {out_dir}; starting from step 0", file=sys.stderr)
+        return None
+    return complete[-1]
+
+
+def load_training_state(folder: Path, model, optimizer, fingerprint: dict, state: dict) -> dict:
+    """Restore a saved state; refuse (before touching anything) one from another model, data or settings."""
+    import random
+
+    import numpy as np
+
+    saved = load_torch(folder / STATE_FILE, "training state")
+    adapter = load_torch(folder / ADAPTER_FILE, "adapter weights")
+    differing = sorted(k for k in set(fingerprint) | set(saved.get("fingerprint", {}))
+                       if saved["fingerprint"].get(k) != fingerprint.get(k))
+    if differing:
+        details = ", ".join(f"{k}: saved {saved['fingerprint'].get(k)!r} vs now {fingerprint.get(k)!r}"
+                            for k in differing[:3])
+        raise UserError(f"{folder}: cannot resume, the run differs ({details})")
+    missing = set(k for k, p in model.named_parameters() if p.requires_grad) - set(adapter)
+    if missing:
+        raise UserError(f"{folder / ADAPTER_FILE}: incomplete adapter (missing {sorted(missing)[:3]})")
+    model.load_state_dict(adapter, strict=False)
+    optimizer.load_state_dict(saved["optimizer"])
+    rng = saved["rng"]
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    random.setstate(_to_tuples(rng["python"]))
+    np.random.set_state((rng["numpy"][0], np.array(rng["numpy"][1], dtype=np.uint32), *rng["numpy"][2:]))
+    return {**state, **saved["counters"]}
+
+
+def run_fingerprint(hp: Hyperparameters, checkpoint_dir: Path, data_dir: Path, n_train: int) -> dict:
+    """What must be the same for a resumed run to be the same run."""
+    steps_per_epoch = math.ceil(n_train / hp.batch_size)
+    total_steps = hp.max_steps if hp.max_steps is not None else hp.epochs * steps_per_epoch
+    if hp.epochs is not None and hp.max_steps is not None:
+        total_steps = min(hp.max_steps, hp.epochs * steps_per_epoch)
+    return {
+        "method": hp.method,
+        "model_config_sha256": sha256_file(Path(checkpoint_dir) / "model_config.yaml"),
+        "base_weights_bytes": (Path(checkpoint_dir) / "lit_model.pth").stat().st_size,
+        "data_sha256": sha256_file(Path(data_dir) / "train.pt"),
+        "world_size": hp.devices * hp.num_nodes,
+        "total_steps": total_steps,
+        **{k: getattr(hp, k) for k in ("seed", "learning_rate", "batch_size", "micro_batch_size", "warmup_steps",
+                                       "weight_decay", "grad_clip", "lr_schedule", "precision", "group_by_length")},
+    }
+
+
+def _to_lists(value):
+    return [_to_lists(v) for v in value] if isinstance(value, (tuple, list)) else value
+
+
+def _to_tuples(value):
+    return tuple(_to_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+class StopRequest:
+    """SIGINT/SIGTERM ask the loop to finish its optimizer step, save and stop (a second signal stops at once)."""
+
+    def __init__(self):
+        self.requested = None
+        self.previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.previous[sig] = signal.signal(sig, self.handle)
+            except ValueError:  # not the main thread (e.g. inside a test runner thread): no handler
+                pass
+
+    def handle(self, signum, frame):
+        if self.requested:
+            self.restore()
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        print(f"\n{self.requested}: finishing this step, then saving (send again to stop at once)", file=sys.stderr)
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
 
 
 def load_base_weights(model, path: Path, method: Method) -> None:
@@ -485,15 +698,41 @@ def fabric_strategy(strategy: str, world_size: int, method: Method):
 # ----------------------------------------------------------------------------------------------------- logging
 
 
-def make_progress(fabric, total: int):
+def make_progress(fabric, total: int, done: int = 0):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc="Fine-tuning", unit="step", disable=fabric.global_rank != 0, file=sys.stderr,
-                dynamic_ncols=True)
+    return tqdm(total=total, initial=done, desc="Fine-tuning", unit="step", disable=fabric.global_rank != 0,
+                file=sys.stderr, dynamic_ncols=True)
 
 
-def write_metrics_header(path: Path) -> None:
-    save_text(",".join(METRIC_COLUMNS) + "\n", path)
+def keep_metrics_until(path: Path, step: int) -> None:
+    """metrics.csv with the rows of steps <= step (a resumed run drops rows logged after its saved state)."""
+    rows = []
+    if step > 0 and path.is_file():
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and int(r["step"]) <= step]
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, METRIC_COLUMNS)
+        writer.writeheader()
+        writer.writerows({k: r.get(k, "") for k in METRIC_COLUMNS} for r in rows)
+
+
+def make_loggers(hp, out_dir: Path) -> list:
+    """Fabric/Lightning experiment loggers besides metrics.csv (which is always written)."""
+    loggers = []
+    if "tensorboard" in hp.logger:
+        from lightning.fabric.loggers import TensorBoardLogger
+
+        loggers.append(TensorBoardLogger(root_dir=out_dir, name="tensorboard"))
+    if "mlflow" in hp.logger:
+        try:
+            from lightning.pytorch.loggers import MLFlowLogger
+
+            loggers.append(MLFlowLogger(experiment_name=f"littune-{hp.method}", run_name=Path(hp.out_dir).name,
+                                        tracking_uri=hp.mlflow_tracking_uri or (out_dir / "mlruns").resolve().as_uri()))
+        except ModuleNotFoundError as e:
+            raise UserError("--logger mlflow needs MLflow: pip install 'littune[mlflow]'") from e
+    return loggers
 
 
 def append_metrics(path: Path, row: dict) -> None:
