@@ -319,13 +319,26 @@ def test_test_loss_is_the_mean_over_target_tokens(evaluation, inference, sst2):
 
 
 def test_explicit_labels_and_free_text_task_without_adapter(checkpoint, sst2, tmp_path, monkeypatch, capsys):
+    import lightning as L
+
+    from littune.data import load_prepared
+    from littune.generate import generate_tokens, load_for_inference
+
     # --labels in its own order, one label nobody expects; explicit --out_dir; no run folder, so no loss.png
     out = tmp_path / "labels3"
     assert main(["evaluate", "--checkpoint_dir", str(checkpoint), "--data_dir", str(sst2), "--out_dir", str(out),
-                 "--labels", "positive,negative,neutral", "--max_new_tokens", "2", "--batch_size", "16"]) == 0
+                 "--labels", "positive,negative,neutral", "--max_new_tokens", "5", "--batch_size", "16"]) == 0
+    # the base model's answers (several tokens, many different) are the ones littune generate gives one by one
+    model, tokenizer, style = load_for_inference(L.Fabric(devices=1, accelerator="cpu", precision="32-true"),
+                                                 checkpoint, None, None)
+    predictions = read_jsonl(out / "predictions.jsonl")
+    for record, p in zip(load_prepared(sst2)[1], predictions, strict=True):
+        alone = generate_tokens(model, record["input_ids_no_response"], 5, temperature=0.0,
+                                stop_tokens=style.stop_tokens(tokenizer))
+        assert p["predicted"] == tokenizer.decode(torch.tensor(list(alone), dtype=torch.int64))
+    assert len({p["predicted"] for p in predictions}) > 3
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["labels"] == ["positive", "negative", "neutral"] and metrics["per_class"]["neutral"]["support"] == 0
-    predictions = read_jsonl(out / "predictions.jsonl")
     y_true, y_pred = sklearn_view([p["expected"] for p in predictions], [p["predicted"] for p in predictions],
                                   metrics["labels"])
     assert_sklearn_parity(metrics, y_true, y_pred, metrics["labels"])
