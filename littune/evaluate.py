@@ -75,11 +75,6 @@ def evaluate(
         out_dir: Where predictions, metrics and plots go (default: RUN_FOLDER/eval with an adapter, else out/eval/<data folder name>; eval-train for --split train).
         labels: The label set of a classification task, comma-separated, e.g. positive,negative (default: detected from the expected outputs).
     """
-    import lightning as L
-    from littune.data import load_prepared
-    from littune.finetune.loop import check_data_matches_model
-    from littune.generate import check_fits, default_inference_precision, load_for_inference, resolve_adapter
-
     checkpoint_dir, data_dir = Path(checkpoint_dir), Path(data_dir)
     if split not in SPLITS:
         raise UserError(f"--split {split!r}: unknown split; choose one of {', '.join(SPLITS)}")
@@ -93,6 +88,11 @@ def evaluate(
             f"{data_dir}: no {split}.pt; prepare the data first: littune prepare --data_file FILE "
             f"--checkpoint_dir {checkpoint_dir} --destination_path {data_dir}"
         )
+    from littune.checkpoints import load_model_config
+    from littune.data import load_prepared
+    from littune.finetune.loop import check_data_matches_model
+    from littune.generate import check_fits, default_inference_precision, load_for_inference, resolve_adapter
+
     run_dir = resolve_adapter(adapter_path)[1] if adapter_path is not None else None
     if out_dir is None:
         folder = "eval" if split == "test" else f"eval-{split}"
@@ -108,12 +108,12 @@ def evaluate(
     else:
         label_list = detect_labels(expected)
 
-    from littune.checkpoints import load_model_config
-
     config = load_model_config(checkpoint_dir)
     check_data_matches_model(data_dir, meta, records, checkpoint_dir, config)
     longest_prompt = max(records, key=lambda r: len(r["input_ids_no_response"]))["input_ids_no_response"]
     check_fits(longest_prompt, max_new_tokens, config.block_size)
+
+    import lightning as L
 
     fabric = L.Fabric(devices=1, precision=default_inference_precision(), accelerator="auto")
     model, tokenizer, style = load_for_inference(fabric, checkpoint_dir, adapter_path, meta.get("prompt_style"))
