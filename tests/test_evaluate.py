@@ -25,7 +25,7 @@ SST2_VALUES = json.dumps({"1": "positive", "0": "negative"})
 @pytest.fixture(scope="module", autouse=True)
 def one_torch_thread():
     """Tiny models gain nothing from a second intra-op thread, and on a busy 2-core machine two threads waiting on
-    each other make every small op several times slower (this file: ~150 s with 2 threads, ~70 s with 1)."""
+    each other make every small op several times slower (this file took 145 s with 2 threads, 40-60 s with 1)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -218,15 +218,22 @@ def pick_stop_sequences(outputs: list[list[int]], eos_id: int) -> tuple:
     return [eos_id], [single]
 
 
-@pytest.mark.parametrize("with_adapter", [False, True])
-def test_batched_greedy_equals_one_by_one_for_every_prompt(checkpoint, perturbed_adapter, with_adapter):
+@pytest.mark.parametrize("arch, with_adapter", [("gpt_neox", False), ("gpt_neox", True), ("llama", False),
+                                                ("falcon", False)])
+def test_batched_greedy_equals_one_by_one_for_every_prompt(checkpoint, perturbed_adapter, tmp_path, arch,
+                                                           with_adapter):
     """Prompts of very different lengths, batch size 5 for 23 prompts, stop sequences that end rows at different
-    steps: the tokens of litgpt's generate_fn (`littune generate`), one prompt at a time."""
+    steps: the tokens of litgpt's generate_fn (`littune generate`), one prompt at a time. GPT-NeoX (multi-head,
+    partial rotary, with and without adapter), Llama (grouped-query attention, SentencePiece), Falcon (multi-query)."""
     import lightning as L
     from litgpt.prompts import Alpaca
 
     from littune.generate import generate_tokens, load_for_inference
 
+    if arch != "gpt_neox":
+        checkpoint = tmp_path / f"tiny-{arch}"
+        make_hf_checkpoint(checkpoint, arch, seed=1, initializer_range=0.2)  # larger weights: answers vary by prompt
+        assert main(["convert", "--checkpoint_dir", str(checkpoint)]) == 0
     fabric = L.Fabric(devices=1, accelerator="cpu", precision="32-true")
     model, tokenizer, _ = load_for_inference(fabric, checkpoint, perturbed_adapter if with_adapter else None, None)
     records = json.loads(ALPACA_335.read_text())
