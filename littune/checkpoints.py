@@ -366,10 +366,35 @@ class _StreamingStateDict(dict):
 
         if isinstance(value, torch.Tensor):
             self.shapes[key] = tuple(value.shape)
+            large = value.nbytes >= 1 << 20
             value = self.saver.store_early(value)
+            if large:
+                _release_free_memory()
         else:  # an entry re-used under another name (tied lm_head)
             self.shapes[key] = next(self.shapes[k] for k, v in self.items() if v is value)
         super().__setitem__(key, value)
+
+
+_malloc_trim = None
+
+
+def _release_free_memory() -> None:
+    """Give freed heap memory back to the OS.
+
+    glibc keeps freed blocks of a few MB (the previous layers' tensors and their temporaries) in its heap; over
+    hundreds of tensors that can pile up to a large part of the model (seen: +200 MB on a 650 MB checkpoint, in
+    some runs and not others). `malloc_trim` releases it. A no-op where the C library has no malloc_trim.
+    """
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+
+            _malloc_trim = ctypes.CDLL(None).malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
 
 
 class _LazyTensor:

@@ -12,8 +12,9 @@
    - the same plus litgpt and its converter module (what any conversion must import: lightning, ...),
    - `littune convert --checkpoint_dir DIR`,
    - litgpt's `convert_hf_checkpoint(DIR)` (loads each safetensors file whole with `load_file`).
-3. Prints each peak, as MB and as a multiple of the weights' size, also above the import baseline, and checks that
-   both conversions wrote the same tensors.
+3. Prints each peak, as MB and as a multiple of the weights' size, also above the import baseline (a converter
+   that streams one tensor at a time needs about the largest tensor above it), and checks that both conversions
+   wrote the same tensors.
 
 RSS counts the pages of memory-mapped files that were touched, so a converter that mmaps a file and reads all of
 it shows the whole file even if it never copies it.
@@ -36,8 +37,8 @@ MB = 1e6
 SAFETENSORS_DTYPES = {"torch.float32": "F32", "torch.bfloat16": "BF16", "torch.float16": "F16"}
 
 
-def write_checkpoint(folder: Path, model: str) -> int:
-    """A random-init GPT-NeoX with the shapes of litgpt's `model` config; returns the weights' size in bytes."""
+def write_checkpoint(folder: Path, model: str) -> tuple[int, int]:
+    """A random-init GPT-NeoX with the shapes of litgpt's `model` config; returns (weights' bytes, largest tensor's)."""
     import torch
     import transformers
     from litgpt import Config
@@ -56,9 +57,10 @@ def write_checkpoint(folder: Path, model: str) -> int:
         shapes = {k: (tuple(v.shape), v.dtype) for k, v in transformers.GPTNeoXForCausalLM(hf_config).state_dict().items()}
 
     # safetensors layout: u64 header size, JSON header (offsets), then the tensors' bytes back to back
-    header, offset = {}, 0
+    header, offset, largest = {}, 0, 0
     for name, (shape, dtype) in shapes.items():
         nbytes = torch.Size(shape).numel() * dtype.itemsize
+        largest = max(largest, nbytes)
         header[name] = {"dtype": SAFETENSORS_DTYPES[str(dtype)], "shape": list(shape),
                         "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
@@ -78,7 +80,7 @@ def write_checkpoint(folder: Path, model: str) -> int:
     tokenizer = REPO.parent / "shared" / "data" / "tokenizers" / "pythia"
     for file in tokenizer.glob("*.json"):
         shutil.copyfile(file, folder / file.name)
-    return offset
+    return offset, largest
 
 
 def peak_rss(cmd: list[str], env: dict) -> tuple[float, float]:
@@ -114,7 +116,7 @@ def main() -> None:
     if args._step:  # the heavy steps run in children so that this process stays small (see peak_rss)
         step, *rest = args._step
         if step == "write":
-            print(write_checkpoint(Path(rest[0]), rest[1]))
+            print(*write_checkpoint(Path(rest[0]), rest[1]))
         elif step == "compare":
             print(same_tensors(Path(rest[0]), Path(rest[1])))
         return
@@ -126,7 +128,7 @@ def main() -> None:
     py, me = sys.executable, str(Path(__file__).resolve())
     env = {**os.environ, "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1"}
     t = time.perf_counter()
-    size = int(child([py, me, "--_step", "write", str(ours), args.model], env).split()[-1])
+    size, largest = map(int, child([py, me, "--_step", "write", str(ours), args.model], env).split()[-2:])
     shutil.copytree(ours, theirs, copy_function=os.link)  # the same file, no extra disk
     print(f"wrote {ours / 'model.safetensors'}: {size / MB:.1f} MB float32 ({args.model} shapes) "
           f"in {time.perf_counter() - t:.1f}s", file=sys.stderr)
@@ -144,7 +146,8 @@ def main() -> None:
                    "convert_hf_checkpoint(Path(sys.argv[1]))", str(theirs)], env)),
     ]
     base = rows[1][1][0]
-    print(f"\nweights: {size / MB:.1f} MB ({args.model} shapes, float32 safetensors, 1 file)")
+    print(f"\nweights: {size / MB:.1f} MB ({args.model} shapes, float32 safetensors, 1 file); "
+          f"largest tensor {largest / MB:.1f} MB = {largest / size:.2f}x")
     print(f"{'':46} {'peak RSS':>9} {'x weights':>10} {'above baseline+litgpt':>22} {'time':>7}")
     for label, (rss, seconds) in rows:
         above = "" if label.startswith("baseline") else f"{(rss - base) / MB:7.1f} MB = {(rss - base) / size:4.2f}x"
