@@ -143,9 +143,20 @@ def convert(
             state_dict.saver = saver
             for weight_file in weight_files:
                 with _lazy_weights(weight_file) as hf_weights:
-                    copy_fn(state_dict, hf_weights, saver=None, dtype=torch_dtype)
+                    try:
+                        copy_fn(state_dict, hf_weights, saver=None, dtype=torch_dtype)
+                    except KeyError as e:  # litgpt's name map has no entry for this tensor
+                        raise UserError(
+                            f"{weight_file}: tensor {e.args[0]!r} is not part of a {config.name} ({family}) model; "
+                            f"is this the right --model_name / config.json?"
+                        ) from e
+                    except (RuntimeError, ValueError) as e:  # e.g. a q/k/v split that does not fit the head sizes
+                        raise UserError(
+                            f"{weight_file}: weights do not fit the {config.name} config ({_first_line(e)})"
+                        ) from e
                 pbar.update(1)
-            if "lm_head.weight" not in state_dict:  # tied embeddings: the Hub file leaves the head out
+            tied = "lm_head.weight" not in state_dict and "transformer.wte.weight" in state_dict
+            if tied:  # tied embeddings: the Hub file leaves the head out
                 state_dict["lm_head.weight"] = state_dict["transformer.wte.weight"]
             _check_state_dict(config, state_dict, checkpoint_dir)
             saver.save(dict(state_dict))

@@ -277,6 +277,19 @@ def test_convert_truncated_weights(sources, tmp_path, capsys):
     assert listing(folder) == before
 
 
+def test_convert_unknown_tensor(sources, tmp_path, capsys):
+    """A tensor litgpt's name map does not know (here a classification head): a clean error, not a KeyError."""
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "tiny-neox-head"
+    shutil.copytree(sources["root"] / "gpt_neox", folder)
+    weights = load_file(folder / "model.safetensors")
+    save_file({**weights, "score.weight": torch.zeros(2, 64)}, folder / "model.safetensors")
+    before = listing(folder)
+    one_error_line(run_main(capsys, "convert", "--checkpoint_dir", str(folder)), "score.weight")
+    assert listing(folder) == before
+
+
 def test_convert_mismatch_leaves_no_partial_output(sources, tmp_path, capsys):
     """config.json says 3 layers, the weights have 2: found after streaming, and nothing is left behind."""
     import json
