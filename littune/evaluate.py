@@ -17,9 +17,9 @@ a batched `input_pos` of shape (B, 1)). So each row gets the rotary angles, KV-c
 gets alone; litgpt's own causal mask hides the pad slots beyond a row's position, and those slots are overwritten
 by the row's own tokens before its position reaches them. (Left padding with shared positions would give every row
 the same relative positions, but rotary angles of other absolute positions round differently in float32, enough to
-flip a near-tie.) What remains differs in the last bits only: a matrix product of a batch uses other CPU/GPU
-kernels than a single row (about 1e-6 on the logits), far below the gap between the two best tokens of a trained
-model.
+flip a near-tie.) What remains differs in the last bits only: a matrix product over a batch runs other CPU/GPU
+kernels than over a single row (float32 logits differ by about 1e-6), so batched and one-by-one could only part
+where the two best tokens are closer than that; the tests check every record on several architectures.
 
 Label tasks and the "other" predictions: a prediction is compared with the expected output after trimming
 whitespace and lowercasing. When the expected outputs form a small label set (at most 20 distinct values, at least
@@ -119,7 +119,7 @@ def evaluate(
     model, tokenizer, style = load_for_inference(fabric, checkpoint_dir, adapter_path, meta.get("prompt_style"))
     ignore_index = int(meta.get("ignore_index", -100))
 
-    loss = test_loss(model, records, batch_size, ignore_index, fabric.device)
+    loss = teacher_forced_loss(model, records, batch_size, ignore_index, fabric.device, progress=True)
     prompts = [r["input_ids_no_response"] for r in records]
     generated = batched_greedy(model, prompts, max_new_tokens, style.stop_tokens(tokenizer), batch_size,
                                fabric.device, progress=True)
@@ -160,18 +160,24 @@ def evaluate(
 
 
 @torch.no_grad()
-def test_loss(model, records: list, batch_size: int, ignore_index: int, device) -> float:
+def teacher_forced_loss(model, records: list, batch_size: int, ignore_index: int, device, progress: bool = False
+                        ) -> float:
     """Mean next-token cross-entropy over all target tokens of the records (teacher forcing, masked as in training)."""
+    from tqdm import tqdm
+
     from littune.finetune.loop import collate, count_targets, token_cross_entropy_sum
 
     module = getattr(model, "module", model)
     lengths = [len(r["input_ids"]) for r in records]
     loss_sum, targets = 0.0, 0
-    with _max_seq_length(module, max(lengths)):
+    with _max_seq_length(module, max(lengths)), tqdm(total=len(records), desc="Test loss", unit="rec",
+                                                      file=sys.stderr, dynamic_ncols=True,
+                                                      disable=not progress) as bar:
         for indices in loss_batches(lengths, batch_size):
             input_ids, labels = collate(records, indices, ignore_index, device)
             loss_sum += token_cross_entropy_sum(module(input_ids), labels, ignore_index).double().item()
             targets += count_targets(records, indices, ignore_index)
+            bar.update(len(indices))
     if targets == 0:
         raise UserError("no target tokens in the split (every label is --ignore_index); nothing to compute a loss on")
     return loss_sum / targets
