@@ -102,7 +102,8 @@ class Run:
     def __init__(self, hub: HubServer, folder: Path, *args: str, endpoint: str | None = None, **env: str):
         self.hub, self.folder, self.args = hub, folder, args
         self.checkpoints, self.hf_home = folder / "checkpoints", folder / "hf_home"
-        self.env = {"HF_ENDPOINT": endpoint or hub.url, "HF_HOME": str(self.hf_home), "OMP_NUM_THREADS": "1", **env}
+        self.env = {"HF_ENDPOINT": endpoint or hub.url, "HF_HOME": str(self.hf_home), "OMP_NUM_THREADS": "1",
+                    "HF_HUB_ETAG_TIMEOUT": "60", "HF_HUB_DOWNLOAD_TIMEOUT": "60", **env}  # a loaded CI box is slow
 
     def __call__(self, *extra: str, **env: str):
         repo = self.args[self.args.index("--repo_id") + 1]
