@@ -40,8 +40,9 @@ import json
 import math
 import sys
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 
@@ -197,7 +198,7 @@ def loss_batches(lengths: list[int], batch_size: int, max_tokens: int = LOSS_TOK
 
 
 class StopMatcher:
-    """litgpt `generate_fn`'s stop-sequence rule for one sequence, so batched output equals generate_fn's.
+    """litgpt `generate_fn`'s stop-sequence rule for one row, so batched output equals generate_fn's.
 
     A token advances the progress of each stop sequence it continues and resets the others; tokens that may be the
     start of a stop sequence are held back; a completed stop sequence ends the output without the held-back tokens.
@@ -245,10 +246,10 @@ def batched_greedy(
     device = device or next(module.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     results: list[list[int]] = [[] for _ in prompts]
-    bar = tqdm(total=len(prompts), desc="Generating", unit="rec", file=sys.stderr, dynamic_ncols=True,
-               disable=not progress)
     # the rope cache covers the longest row; each batch gets a KV cache of its own width
-    with _max_seq_length(module, max(len(p) for p in prompts) + max_new_tokens):
+    with _max_seq_length(module, max(len(p) for p in prompts) + max_new_tokens), \
+            tqdm(total=len(prompts), desc="Generating", unit="rec", file=sys.stderr, dynamic_ncols=True,
+                 disable=not progress) as bar:
         try:
             for start in range(0, len(order), batch_size):
                 batch = order[start:start + batch_size]
@@ -257,7 +258,6 @@ def batched_greedy(
                     results[i] = tokens
                 bar.update(len(batch))
         finally:
-            bar.close()
             module.clear_kv_cache()
     return results
 
@@ -290,37 +290,27 @@ def _greedy_batch(module, prompts: list[torch.Tensor], max_new_tokens: int, stop
     return [m.output for m in matchers]
 
 
-class _max_seq_length:
+@contextmanager
+def _max_seq_length(module, length: int) -> Iterator[None]:
     """Within the block, the model's max_seq_length (the length of its rope cache) is `length`; restored after."""
-
-    def __init__(self, module, length: int):
-        self.module, self.length = module, length
-
-    def __enter__(self):
-        self.before = self.module.max_seq_length
-        self.module.max_seq_length = self.length
-
-    def __exit__(self, *exc):
-        self.module.max_seq_length = self.before
+    before = module.max_seq_length
+    module.max_seq_length = length
+    try:
+        yield
+    finally:
+        module.max_seq_length = before
 
 
-class _only_positions:
+@contextmanager
+def _only_positions(module, last: torch.Tensor) -> Iterator[None]:
     """Within the block, the model's final norm returns only position `last[b]` of each row b (shape B x 1 x C), so
     the vocabulary projection runs on one position per row instead of all of them."""
-
-    def __init__(self, module, last: torch.Tensor):
-        self.module, self.last = module, last
-
-    def __enter__(self):
-        rows = torch.arange(len(self.last), device=self.last.device)
-
-        def hook(_, __, out):
-            return out[rows, self.last][:, None]
-
-        self.handle = self.module.transformer.ln_f.register_forward_hook(hook)
-
-    def __exit__(self, *exc):
-        self.handle.remove()
+    rows = torch.arange(len(last), device=last.device)
+    handle = module.transformer.ln_f.register_forward_hook(lambda _, __, out: out[rows, last][:, None])
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 # ------------------------------------------------------------------------------------------------------ metrics
