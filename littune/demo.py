@@ -100,7 +100,8 @@ def demo(workdir: Path = Path("littune-demo"), max_steps: int = 100, seed: int =
         print(f"  {label:14s} {path}")
 
 
-def write_demo_checkpoint(folder: Path, texts: list[str], seed: int, vocab_size: int = 512) -> None:
+def write_demo_checkpoint(folder: Path, texts: list[str], seed: int, vocab_size: int = 512,
+                          block_size: int = 256) -> None:
     """A Pythia-shaped GPT-NeoX in the Hub's file layout: config.json, model.safetensors, tokenizer files."""
     from safetensors.torch import save_file
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -122,7 +123,7 @@ def write_demo_checkpoint(folder: Path, texts: list[str], seed: int, vocab_size:
     config = {
         "architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox", "vocab_size": vocab_size,
         "hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads,
-        "intermediate_size": inner, "max_position_embeddings": 256, "rotary_pct": 0.25, "rotary_emb_base": 10000,
+        "intermediate_size": inner, "max_position_embeddings": block_size, "rotary_pct": 0.25, "rotary_emb_base": 10000,
         "hidden_act": "gelu", "layer_norm_eps": 1e-5, "use_parallel_residual": True, "tie_word_embeddings": False,
         "bos_token_id": eos_id, "eos_token_id": eos_id, "torch_dtype": "float32",
     }
