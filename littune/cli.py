@@ -38,14 +38,14 @@ def _selected(argv: list[str]) -> dict:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from jsonargparse import CLI, set_docstring_parse_options
+    from jsonargparse import CLI, set_parsing_settings
 
     from littune.common import UserError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", message=r".*The epoch parameter in `scheduler.step\(\)`.*")
-    set_docstring_parse_options(attribute_docstrings=True)
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
     components = _resolve(_selected(argv))
     try:
         CLI(components, args=argv, as_positional=False, description=__doc__.splitlines()[0], prog="littune")

@@ -11,8 +11,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-import torch
-
 
 class UserError(Exception):
     """Bad input the user can fix. The CLI prints its message as one line and exits non-zero, no traceback."""
@@ -29,6 +27,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the final file gets the mode a plain open() would give
     try:
         yield tmp
         with open(tmp, "rb") as f:  # make the bytes durable before the rename makes them visible
@@ -38,9 +37,19 @@ def atomic_path(path: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def save_torch(obj: Any, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    import torch
+
+    # Through a file object: torch.save names the archive's inner folder after a path's file name, so saving to
+    # the random temporary name would make the bytes differ between two saves of the same object.
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
 
 
 def save_json(obj: Any, path: Path) -> None:
@@ -55,6 +64,8 @@ def save_text(text: str, path: Path) -> None:
 
 def load_torch(path: Path, what: str = "file") -> Any:
     """torch.load with weights_only=True (a .pt from elsewhere must not run code), errors as UserError."""
+    import torch
+
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: {what} not found")

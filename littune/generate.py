@@ -186,7 +186,8 @@ def generate_tokens(
 
     module = getattr(model, "module", model)
     device = prompt_ids.device
-    module.max_seq_length = prompt_ids.numel() + max_new_tokens
+    full_length = module.max_seq_length
+    module.max_seq_length = prompt_ids.numel() + max_new_tokens  # a KV cache (and RoPE table) this long, no longer
     module.set_kv_cache(batch_size=1, device=device)
     try:
         for token in generate_fn(
@@ -196,6 +197,7 @@ def generate_tokens(
             yield int(token)
     finally:
         module.clear_kv_cache()
+        module.max_seq_length = full_length
 
 
 def stream_text(tokenizer, tokens: Iterator[int]) -> Iterator[tuple[str, int]]:

@@ -1,5 +1,6 @@
 """Shared test fixtures: where ../shared/data lives, tiny real-format Hugging Face checkpoints, the CLI runner."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -7,6 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from littune.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("LITTUNE_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -97,3 +100,33 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.fail(f"shared data not found at {SHARED_DATA} (set LITTUNE_SHARED_DATA)")
     return SHARED_DATA
+
+
+def small_vocab_checkpoint(folder: Path, block_size: int = 256) -> Path:
+    """A 4-layer GPT-NeoX (adapter prefixes start at layer 2) with a 512-token BPE trained on the Alpaca records:
+    the same code paths as a real checkpoint at a fraction of the cost of a 50K vocabulary."""
+    from littune.demo import write_demo_checkpoint
+
+    texts = [json.dumps(r) for r in json.loads(ALPACA_335.read_text())]
+    write_demo_checkpoint(folder, texts, seed=0, block_size=block_size)
+    assert main(["convert", "--checkpoint_dir", str(folder)]) == 0
+    return folder
+
+
+@pytest.fixture(scope="session")
+def small_checkpoint(tmp_path_factory) -> Path:
+    return small_vocab_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-neox")
+
+
+@pytest.fixture(scope="session")
+def alpaca64(small_checkpoint, tmp_path_factory) -> Path:
+    """64 real Alpaca records (short and long), prepared by the real CLI; 8 go to the test split."""
+    folder = tmp_path_factory.mktemp("data")
+    records = json.loads(ALPACA_335.read_text())[:64]
+    source = folder / "alpaca64.json"
+    source.write_text(json.dumps(records))
+    destination = folder / "alpaca64"
+    assert main(["prepare", "--data_file", str(source), "--checkpoint_dir", str(small_checkpoint),
+                 "--destination_path", str(destination), "--test_size", "8", "--max_seq_length", "160",
+                 "--seed", "42"]) == 0
+    return destination

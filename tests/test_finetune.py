@@ -9,40 +9,20 @@ import pytest
 import torch
 import yaml
 
-from conftest import ALPACA_335, assert_clean_error, make_hf_checkpoint, run_cli
+from conftest import ALPACA_335, assert_clean_error, make_hf_checkpoint, run_cli, small_vocab_checkpoint
 from littune.cli import main
 from littune.finetune.adapter_v2 import METHOD
 from littune.finetune.loop import ADAPTER_FILE, learning_rate_at, plan_epoch
 
 
-def small_vocab_checkpoint(folder: Path, block_size: int = 256) -> Path:
-    """A 4-layer GPT-NeoX (adapter prefixes start at layer 2) with a 512-token BPE trained on the Alpaca records:
-    the same code paths as a real checkpoint at a fraction of the cost of a 50K vocabulary."""
-    from littune.demo import write_demo_checkpoint
-
-    texts = [json.dumps(r) for r in json.loads(ALPACA_335.read_text())]
-    write_demo_checkpoint(folder, texts, seed=0, block_size=block_size)
-    assert main(["convert", "--checkpoint_dir", str(folder)]) == 0
-    return folder
+@pytest.fixture
+def checkpoint(small_checkpoint) -> Path:
+    return small_checkpoint
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    return small_vocab_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-neox")
-
-
-@pytest.fixture(scope="module")
-def alpaca_data(checkpoint, tmp_path_factory) -> Path:
-    """64 real Alpaca records (short and long), prepared by the real CLI; 8 go to the test split."""
-    folder = tmp_path_factory.mktemp("data")
-    records = json.loads(ALPACA_335.read_text())[:64]
-    source = folder / "alpaca64.json"
-    source.write_text(json.dumps(records))
-    destination = folder / "alpaca64"
-    assert main(["prepare", "--data_file", str(source), "--checkpoint_dir", str(checkpoint),
-                 "--destination_path", str(destination), "--test_size", "8", "--max_seq_length", "160",
-                 "--seed", "42"]) == 0
-    return destination
+@pytest.fixture
+def alpaca_data(alpaca64) -> Path:
+    return alpaca64
 
 
 def finetune(checkpoint, data, out_dir, *flags) -> dict:

@@ -215,81 +215,92 @@ def fit(fabric, method: Method, config, hp: Hyperparameters, train_data: list, t
     metrics_path = out_dir / "metrics.csv"
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(out_dir)
         save_text(yaml.dump(asdict(hp), sort_keys=False), out_dir / "hyperparameters.yaml")
         save_prompt_style(load_prompt_style(Path(hp.data_dir)), out_dir)
         keep_metrics_until(metrics_path, state["step"])
-    loggers = make_loggers(hp, out_dir) if rank == 0 else []
+    loggers = make_loggers(hp, out_dir, state.get("mlflow_run_id")) if rank == 0 else []
     if resume_dir is None:
         for experiment_logger in loggers:
             experiment_logger.log_hyperparams(asdict(hp))
+    for experiment_logger in loggers:  # a resumed run goes on logging into the same MLflow run
+        if hasattr(experiment_logger, "run_id"):
+            state["mlflow_run_id"] = experiment_logger.run_id
 
     stop = StopRequest()
     progress = make_progress(fabric, total_steps, state["step"])
     step, epoch = state["step"], state["epoch"]
     session_start, session_tokens = time.perf_counter(), 0
-    stopped_early = False
-    while step < total_steps and not stopped_early:
-        plan = plan_epoch(lengths, hp.batch_size, hp.micro_batch_size, world, hp.seed, epoch, hp.group_by_length)
-        for step_batches in plan[state["step_in_epoch"]:]:
-            if step >= total_steps:
-                break
-            step += 1
-            lr = learning_rate_at(step, hp.learning_rate, hp.warmup_steps, total_steps, hp.lr_schedule)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            step_loss, step_tokens = train_step(
-                fabric, model, optimizer, method, train_data, step_batches, ignore_index, hp.grad_clip
-            )
-            session_tokens += step_tokens
-            now = time.perf_counter()
-            state.update(step=step, epoch=epoch, step_in_epoch=state["step_in_epoch"] + 1,
-                         tokens_seen=state["tokens_seen"] + step_tokens)
-            elapsed = state["elapsed"] + now - session_start
-            tokens_per_sec = session_tokens / max(now - session_start, 1e-9)
-
-            val_loss = None
-            if step % hp.eval_interval == 0 or step == total_steps:
-                val_loss = validate(fabric, model, method, test_data, hp.micro_batch_size, hp.eval_iters, ignore_index)
-                improved = val_loss < state["best_val_loss"]
-                state["best_val_loss"] = min(val_loss, state["best_val_loss"])
-                state["evals_since_best"] = 0 if improved else state["evals_since_best"] + 1
-                if improved:
-                    save_adapter(fabric, model, method, out_dir / "best" / ADAPTER_FILE, hp,
-                                 extra={"step": step, "val_loss": val_loss})
-                if rank == 0:
-                    answer = sample_response(model, method, test_data[0], tokenizer, config)
-                    progress.write(f"step {step}: val loss {val_loss:.4f}{' (best)' if improved else ''} | "
-                                   f"{test_data[0]['instruction'][:60]!r} -> {answer!r}")
-                patience = hp.early_stopping_patience
-                stopped_early = patience is not None and state["evals_since_best"] >= patience
-            if rank == 0 and (step % hp.log_interval == 0 or step == total_steps or val_loss is not None):
-                row = {"step": step, "epoch": epoch, "train_loss": step_loss, "learning_rate": lr,
-                       "val_loss": "" if val_loss is None else val_loss, "tokens": state["tokens_seen"],
-                       "tokens_per_sec": tokens_per_sec, "elapsed_sec": elapsed}
-                append_metrics(metrics_path, row)
-                for experiment_logger in loggers:
-                    experiment_logger.log_metrics({k: v for k, v in row.items() if v != "" and k != "step"}, step)
-            progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_sec:,.0f}")
-            progress.update(1)
-            if step % hp.save_interval == 0 or step == total_steps or stopped_early or stop.requested:
-                save_training_state(fabric, model, optimizer, method, out_dir, hp,
-                                    {**state, "elapsed": elapsed}, fingerprint)
-            if stop.requested:
-                progress.close()
-                raise UserError(
-                    f"stopped by {stop.requested} after step {step}; the state is saved in "
-                    f"{out_dir / step_folder(step)}. Resume with the same command plus --resume auto"
+    patience = hp.early_stopping_patience
+    stopped_early = patience is not None and state["evals_since_best"] >= patience  # a resumed early-stopped run
+    status = "FAILED"
+    try:
+        while step < total_steps and not stopped_early:
+            plan = plan_epoch(lengths, hp.batch_size, hp.micro_batch_size, world, hp.seed, epoch, hp.group_by_length)
+            for step_batches in plan[state["step_in_epoch"]:]:
+                if step >= total_steps:
+                    break
+                step += 1
+                lr = learning_rate_at(step, hp.learning_rate, hp.warmup_steps, total_steps, hp.lr_schedule)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                step_loss, step_tokens = train_step(
+                    fabric, model, optimizer, method, train_data, step_batches, ignore_index, hp.grad_clip
                 )
-            if stopped_early:
-                fabric.print(f"Early stopping: no better validation loss in {hp.early_stopping_patience} evaluations")
-                break
-        else:
-            epoch += 1
-            state.update(epoch=epoch, step_in_epoch=0)
-    progress.close()
-    stop.restore()
-    for experiment_logger in loggers:
-        experiment_logger.finalize("success")
+                session_tokens += step_tokens
+                now = time.perf_counter()
+                state.update(step=step, epoch=epoch, step_in_epoch=state["step_in_epoch"] + 1,
+                             tokens_seen=state["tokens_seen"] + step_tokens)
+                elapsed = state["elapsed"] + now - session_start
+                tokens_per_sec = session_tokens / max(now - session_start, 1e-9)
+
+                val_loss = None
+                if step % hp.eval_interval == 0 or step == total_steps:
+                    val_loss = validate(fabric, model, method, test_data, hp.micro_batch_size, hp.eval_iters, ignore_index)
+                    improved = val_loss < state["best_val_loss"]
+                    state["best_val_loss"] = min(val_loss, state["best_val_loss"])
+                    state["evals_since_best"] = 0 if improved else state["evals_since_best"] + 1
+                    if improved:
+                        save_adapter(fabric, model, method, out_dir / "best" / ADAPTER_FILE, hp,
+                                     extra={"step": step, "val_loss": val_loss})
+                    if rank == 0:
+                        answer = sample_response(model, method, test_data[0], tokenizer, config)
+                        progress.write(f"step {step}: val loss {val_loss:.4f}{' (best)' if improved else ''} | "
+                                       f"{test_data[0]['instruction'][:60]!r} -> {answer!r}")
+                    stopped_early = patience is not None and state["evals_since_best"] >= patience
+                if rank == 0 and (step % hp.log_interval == 0 or step == total_steps or val_loss is not None):
+                    row = {"step": step, "epoch": epoch, "train_loss": step_loss, "learning_rate": lr,
+                           "val_loss": "" if val_loss is None else val_loss, "tokens": state["tokens_seen"],
+                           "tokens_per_sec": tokens_per_sec, "elapsed_sec": elapsed}
+                    append_metrics(metrics_path, row)
+                    for experiment_logger in loggers:
+                        experiment_logger.log_metrics({k: v for k, v in row.items() if v != "" and k != "step"}, step)
+                progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_sec:,.0f}")
+                progress.update(1)
+                if world > 1:  # a signal may reach only some ranks: all save and stop together
+                    stop.requested = stop.requested or ("SIGNAL" if fabric.strategy.reduce_boolean_decision(
+                        stop.requested is not None, all=False) else None)
+                if step % hp.save_interval == 0 or step == total_steps or stopped_early or stop.requested:
+                    save_training_state(fabric, model, optimizer, method, out_dir, hp,
+                                        {**state, "elapsed": elapsed}, fingerprint)
+                if stop.requested:
+                    status = "KILLED"
+                    raise UserError(
+                        f"stopped by {stop.requested} after step {step}; the state is saved in "
+                        f"{out_dir / step_folder(step)}. Resume with the same command plus --resume auto"
+                    )
+                if stopped_early:
+                    fabric.print(f"Early stopping: no better validation loss in {hp.early_stopping_patience} evaluations")
+                    break
+            else:
+                epoch += 1
+                state.update(epoch=epoch, step_in_epoch=0)
+        status = "success"
+    finally:  # whichever way the loop ends: signal handlers back, logs flushed and marked
+        stop.restore()
+        progress.close()
+        for experiment_logger in loggers:
+            experiment_logger.finalize(status)
 
     final = out_dir / ADAPTER_FILE
     save_adapter(fabric, model, method, final, hp)
@@ -518,6 +529,7 @@ def save_training_state(fabric, model, optimizer, method: Method, out_dir: Path,
 
         final = out_dir / step_folder(counters["step"])
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=out_dir))
+        old = tmp.with_name(tmp.name + ".old")
         try:
             save_torch(adapter, tmp / ADAPTER_FILE)
             numpy_state = np.random.get_state()
@@ -533,12 +545,21 @@ def save_training_state(fabric, model, optimizer, method: Method, out_dir: Path,
                 },
             }, tmp / STATE_FILE)
             copy_run_files(out_dir, tmp)
-            if final.exists():  # the same step saved by an earlier attempt: replace it whole
-                shutil.rmtree(final)
+            if final.exists():  # the same step saved by an earlier attempt: set it aside, then replace it whole
+                os.replace(final, old)
             os.replace(tmp, final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True)
     fabric.barrier()
+
+
+def remove_stale_temporaries(out_dir: Path) -> None:
+    """Half-written files and folders of a run that was killed while saving (their names start with '.' and end
+    with '.tmp': no reader ever mistakes them for a checkpoint)."""
+    for folder in (out_dir, out_dir / "best"):
+        for path in folder.glob(".*.tmp*"):
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 def find_resume_state(out_dir: Path, resume: str) -> Optional[Path]:
@@ -569,10 +590,11 @@ def load_training_state(folder: Path, model, optimizer, fingerprint: dict, state
         details = ", ".join(f"{k}: saved {saved['fingerprint'].get(k)!r} vs now {fingerprint.get(k)!r}"
                             for k in differing[:3])
         raise UserError(f"{folder}: cannot resume, the run differs ({details})")
-    missing = set(k for k, p in model.named_parameters() if p.requires_grad) - set(adapter)
+    module = getattr(model, "module", model)  # the model itself, not Fabric's wrapper (whose names are prefixed)
+    missing = set(k for k, p in module.named_parameters() if p.requires_grad) - set(adapter)
     if missing:
         raise UserError(f"{folder / ADAPTER_FILE}: incomplete adapter (missing {sorted(missing)[:3]})")
-    model.load_state_dict(adapter, strict=False)
+    module.load_state_dict(adapter, strict=False)
     optimizer.load_state_dict(saved["optimizer"])
     rng = saved["rng"]
     torch.set_rng_state(rng["torch"])
@@ -717,7 +739,7 @@ def keep_metrics_until(path: Path, step: int) -> None:
         writer.writerows({k: r.get(k, "") for k in METRIC_COLUMNS} for r in rows)
 
 
-def make_loggers(hp, out_dir: Path) -> list:
+def make_loggers(hp, out_dir: Path, mlflow_run_id: Optional[str] = None) -> list:
     """Fabric/Lightning experiment loggers besides metrics.csv (which is always written)."""
     loggers = []
     if "tensorboard" in hp.logger:
@@ -728,7 +750,11 @@ def make_loggers(hp, out_dir: Path) -> list:
         try:
             from lightning.pytorch.loggers import MLFlowLogger
 
+            if hp.mlflow_tracking_uri is None:  # the issue's local mlruns/ folder: MLflow 3 wants this opt-in for it
+                os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+
             loggers.append(MLFlowLogger(experiment_name=f"littune-{hp.method}", run_name=Path(hp.out_dir).name,
+                                        run_id=mlflow_run_id,
                                         tracking_uri=hp.mlflow_tracking_uri or (out_dir / "mlruns").resolve().as_uri()))
         except ModuleNotFoundError as e:
             raise UserError("--logger mlflow needs MLflow: pip install 'littune[mlflow]'") from e
