@@ -122,13 +122,14 @@ def newest_state_loads(out_dir: Path, expected_step: int) -> None:
         load_torch(step_dir / STATE_FILE)
 
 
-def assert_same_run(resumed: Path, reference: Path, last_step: int) -> None:
+def assert_same_run(resumed: Path, reference: Path, last_step: int, python_rng: bool = True) -> None:
     assert_same_tensors(torch.load(resumed / ADAPTER_FILE, weights_only=True),
                         torch.load(reference / ADAPTER_FILE, weights_only=True), "final adapter")
     a = torch.load(resumed / f"step-{last_step:06d}" / STATE_FILE, weights_only=True)
     b = torch.load(reference / f"step-{last_step:06d}" / STATE_FILE, weights_only=True)
     assert_same_tensors(a["optimizer"], b["optimizer"], "optimizer")
-    assert_same_tensors(a["rng"], b["rng"], "rng")
+    rng_kinds = ["torch", "cuda", "numpy"] + (["python"] if python_rng else [])
+    assert_same_tensors({k: a["rng"][k] for k in rng_kinds}, {k: b["rng"][k] for k in rng_kinds}, "rng")
     drop = ("elapsed", "mlflow_run_id")
     assert {k: v for k, v in a["counters"].items() if k not in drop} == \
         {k: v for k, v in b["counters"].items() if k not in drop}
@@ -207,7 +208,9 @@ def test_sigterm_finishes_the_step_saves_and_resumes_exactly_with_loggers(small_
     assert not (out / ADAPTER_FILE).exists()  # no final adapter from a stopped run
 
     assert main(finetune_args(small_checkpoint, alpaca64, out, *flags, "--resume", "auto")) == 0
-    assert_same_run(out, reference, 6)
+    # Python's global `random` is left out here: the logger libraries draw from it on their own threads (the
+    # state differed in about 1 of 3 runs with these loggers on, never without them); training never uses it.
+    assert_same_run(out, reference, 6, python_rng=False)
 
     # MLflow: one run, read back with the client from the local store; metrics as in metrics.csv
     client = MlflowClient(tracking_uri=(out / "mlruns").resolve().as_uri())
