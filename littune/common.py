@@ -43,13 +43,18 @@ def _umask() -> int:
     return mask
 
 
-def save_torch(obj: Any, path: Path) -> None:
+def write_torch(obj: Any, path: Path) -> None:
+    """torch.save through a file object: given a path, torch.save names the archive's inner folder after the file
+    name, so saving to a random temporary name would make two saves of the same object differ in bytes."""
     import torch
 
-    # Through a file object: torch.save names the archive's inner folder after a path's file name, so saving to
-    # the random temporary name would make the bytes differ between two saves of the same object.
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+    with open(path, "wb") as f:
         torch.save(obj, f)
+
+
+def save_torch(obj: Any, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        write_torch(obj, tmp)
 
 
 def save_json(obj: Any, path: Path) -> None:

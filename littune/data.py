@@ -29,7 +29,7 @@ import yaml
 from tqdm import tqdm
 
 import littune
-from littune.common import UserError, atomic_path, load_torch, save_json, sha256_file
+from littune.common import UserError, atomic_path, load_torch, save_json, sha256_file, write_torch
 
 FIELDS = ("instruction", "input", "output")
 REQUIRED_FIELDS = ("instruction", "output")
@@ -550,8 +550,8 @@ def write_prepared(destination: Path, train: list, test: list, style, meta: dict
             os.replace(Path(folder) / "prompt_style.yaml", tmp)
 
     writers = {
-        "train.pt": lambda tmp: _save_torch_reproducibly(train, tmp),
-        "test.pt": lambda tmp: _save_torch_reproducibly(test, tmp),
+        "train.pt": lambda tmp: without_gc(write_torch)(train, tmp),
+        "test.pt": lambda tmp: without_gc(write_torch)(test, tmp),
         "prompt_style.yaml": write_style,
     }
     written = []
@@ -568,10 +568,3 @@ def write_prepared(destination: Path, train: list, test: list, style, meta: dict
             raise UserError(f"{destination}: cannot write the prepared data ({e.strerror or e}: {e.filename or ''})") from e
         raise
 
-
-@without_gc
-def _save_torch_reproducibly(obj: Any, path: Path) -> None:
-    # Through a file object: given a path, torch.save names the archive inside the zip after the (random) temp
-    # file, and the same data would not give the same bytes
-    with open(path, "wb") as f:
-        torch.save(obj, f)

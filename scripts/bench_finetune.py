@@ -58,9 +58,7 @@ NEVER = 10**9  # an eval / save interval past any run
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=sorted(MODELS), default="pythia-160m")
-    parser.add_argument("--checkpoint_dir", type=Path, help="a converted checkpoint to use instead of --model")
-    parser.add_argument("--workdir", type=Path, default=Path("/tmp/littune-bench"))
+    add_model_arguments(parser)
     parser.add_argument("--data_file", type=Path, default=SHARED_DATA / "alpaca" / "stanford_alpaca_long2000.json")
     parser.add_argument("--max_seq_length", type=int, default=512)
     parser.add_argument("--micro_batch_size", type=int, default=4)
@@ -122,6 +120,13 @@ def main(argv=None) -> int:
 
 
 # ------------------------------------------------------------------------------------------ checkpoint and data
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--model / --checkpoint_dir / --workdir, shared with bench_generate.py (resolved by build_checkpoint)."""
+    parser.add_argument("--model", choices=sorted(MODELS), default="pythia-160m")
+    parser.add_argument("--checkpoint_dir", type=Path, help="a converted checkpoint to use instead of --model")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/littune-bench"))
 
 
 def build_checkpoint(model: str, workdir: Path) -> Path:

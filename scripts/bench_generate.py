@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_finetune import MODELS, build_checkpoint, load_average  # noqa: E402  (the same checkpoint builder)
+from bench_finetune import add_model_arguments, build_checkpoint, load_average  # noqa: E402  (the same checkpoint builder)
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 LITTUNE_TIMING = re.compile(r"(\d+) new tokens in ([\d.]+)s \(([\d.]+) tokens/s\)")
@@ -55,9 +55,7 @@ def run_litgpt(checkpoint_dir: Path, max_new_tokens: int, precision: str) -> dic
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=sorted(MODELS), default="pythia-160m")
-    parser.add_argument("--checkpoint_dir", type=Path, help="a converted checkpoint to use instead of --model")
-    parser.add_argument("--workdir", type=Path, default=Path("/tmp/littune-bench"))
+    add_model_arguments(parser)
     parser.add_argument("--max_new_tokens", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--precision", default="32-true", help="the same for both (32-true on CPU; bf16-true on GPU)")

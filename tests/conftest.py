@@ -1,5 +1,6 @@
 """Shared test fixtures: where ../shared/data lives, tiny real-format Hugging Face checkpoints, the CLI runner."""
 
+import csv
 import json
 import os
 import shutil
@@ -85,6 +86,12 @@ def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None, timeou
         [sys.executable, "-m", "littune.cli", *args], capture_output=True, text=True, env=full_env, cwd=cwd,
         timeout=timeout,
     )
+
+
+def read_metrics(out_dir: Path) -> list[dict]:
+    """A fine-tuning run's metrics.csv rows."""
+    with open(out_dir / "metrics.csv") as f:
+        return list(csv.DictReader(f))
 
 
 def assert_clean_error(result, *fragments: str):

@@ -1,6 +1,5 @@
 """`littune finetune adapter_v2`: the training loop, driven through the CLI on a tiny GPT-NeoX and real Alpaca data."""
 
-import csv
 import json
 import math
 from pathlib import Path
@@ -9,7 +8,8 @@ import pytest
 import torch
 import yaml
 
-from conftest import ALPACA_335, assert_clean_error, make_hf_checkpoint, run_cli, small_vocab_checkpoint
+from conftest import (ALPACA_335, assert_clean_error, make_hf_checkpoint, read_metrics, run_cli,
+                      small_vocab_checkpoint)
 from littune.cli import main
 from littune.finetune.adapter_v2 import METHOD
 from littune.finetune.loop import ADAPTER_FILE, learning_rate_at, plan_epoch
@@ -47,11 +47,6 @@ def max_difference(a: dict, b: dict) -> float:
             diff = torch.cat([diff[:third], diff[2 * third:]])
         worst = max(worst, diff.max().item())
     return worst
-
-
-def read_metrics(out_dir: Path) -> list[dict]:
-    with open(out_dir / "metrics.csv") as f:
-        return list(csv.DictReader(f))
 
 
 def init_adapter(checkpoint: Path) -> dict:

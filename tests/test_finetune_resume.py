@@ -4,7 +4,6 @@ The kills are real: `littune finetune` runs in a subprocess that SIGKILLs itself
 optimizer step, half-way through writing a state file, just before a step folder is renamed into place).
 """
 
-import csv
 import json
 import os
 import signal
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, assert_clean_error
+from conftest import REPO, assert_clean_error, read_metrics, run_cli
 from littune.cli import main
 from littune.common import load_torch
 from littune.finetune.loop import ADAPTER_FILE, STATE_FILE, find_resume_state
@@ -75,22 +74,14 @@ def finetune_args(checkpoint: Path, data: Path, out_dir: Path, *flags) -> list[s
             "--out_dir", str(out_dir), *map(str, flags)]
 
 
-def run_killable(tmp_path: Path, args: list[str], kill_at: str | None = None):
+def run_killed(tmp_path: Path, args: list[str], kill_at: str):
+    """`littune ARGS` in a subprocess that SIGKILLs itself at kill_at (see KILLER)."""
     import subprocess
 
     script = tmp_path / "killer.py"
     script.write_text(KILLER)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
-    if kill_at is None:
-        command = [sys.executable, "-m", "littune.cli", *args]
-    else:
-        command, env["KILL_AT"] = [sys.executable, str(script), *args], kill_at
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
-
-
-def read_metrics(out_dir: Path) -> list[dict]:
-    with open(out_dir / "metrics.csv") as f:
-        return list(csv.DictReader(f))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", "KILL_AT": kill_at}
+    return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=env, timeout=600)
 
 
 def assert_same_tensors(a, b, where: str = ""):
@@ -143,31 +134,31 @@ def assert_same_run(resumed: Path, reference: Path, last_step: int, python_rng: 
 
 def test_sigkill_at_several_points_then_resume_equals_an_uninterrupted_run(small_checkpoint, alpaca64, tmp_path):
     reference, out = tmp_path / "reference", tmp_path / "killed"
-    done = run_killable(tmp_path, finetune_args(small_checkpoint, alpaca64, reference, *FLAGS))
+    done = run_cli(*finetune_args(small_checkpoint, alpaca64, reference, *FLAGS))
     assert done.returncode == 0, done.stderr[-3000:]
     args = finetune_args(small_checkpoint, alpaca64, out, *FLAGS)
 
     # 1. inside optimizer step 5: the state of step 4 is the newest
-    killed = run_killable(tmp_path, args, kill_at="optimizer_step:5")
+    killed = run_killed(tmp_path, args, kill_at="optimizer_step:5")
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     newest_state_loads(out, 4)
     assert [int(r["step"]) for r in read_metrics(out)] == [1, 2, 3, 4]
 
     # 2. resumed, then killed half-way through writing step 6's training_state.pt: step 4 is still the newest
-    killed = run_killable(tmp_path, [*args, "--resume", "auto"], kill_at="state_write:1")
+    killed = run_killed(tmp_path, [*args, "--resume", "auto"], kill_at="state_write:1")
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert list(out.glob(".step-000006.*.tmp")), "the half-written state should be in a hidden temporary folder"
     newest_state_loads(out, 4)
 
     # 3. resumed (the stale temporary folder is removed), step 6 saved, killed just before step 8's folder appears
-    killed = run_killable(tmp_path, [*args, "--resume", "auto"], kill_at="folder_rename:2")
+    killed = run_killed(tmp_path, [*args, "--resume", "auto"], kill_at="folder_rename:2")
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert "Resuming from" in killed.stdout + killed.stderr
     assert not list(out.glob(".step-000006.*"))
     newest_state_loads(out, 6)
 
     # 4. resumed to the end: the same adapter, optimizer moments, RNG states and metrics as never stopping
-    finished = run_killable(tmp_path, [*args, "--resume", "auto"])
+    finished = run_cli(*args, "--resume", "auto")
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert_same_run(out, reference, 10)
     assert not list(out.rglob("*.tmp*"))
@@ -283,5 +274,5 @@ def test_resume_refuses_another_run_or_a_damaged_state(small_checkpoint, alpaca6
     err = refused("--resume", "auto")
     assert str(state) in err and "training state" in err
     # as a user runs it: one line, no traceback
-    assert_clean_error(run_killable(tmp_path, finetune_args(small_checkpoint, alpaca64, out, *flags,
-                                                            "--resume", "auto")), "training state")
+    assert_clean_error(run_cli(*finetune_args(small_checkpoint, alpaca64, out, *flags, "--resume", "auto")),
+                       "training state")
