@@ -8,13 +8,13 @@ import os
 import sys
 import warnings
 from importlib import import_module
-from typing import Callable, Optional
+from typing import Optional
 
 # name -> "module:function"; a nested dict is a subcommand group (`littune finetune adapter_v2`).
 COMMANDS = {
-    "download": "littune.checkpoints:download",
-    "convert": "littune.checkpoints:convert",
-    "models": "littune.checkpoints:models",
+    "download": "littune.checkpoints.hub:download",
+    "convert": "littune.checkpoints.hf:convert",
+    "models": "littune.checkpoints.hf:models",
     "prepare": "littune.data:prepare",
     "finetune": {"adapter_v2": "littune.finetune.adapter_v2:setup"},
     "generate": "littune.generate:generate",

@@ -80,6 +80,11 @@ def load_torch(path: Path, what: str = "file") -> Any:
         raise UserError(f"{path}: cannot read {what} ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
 
 
+def first_line(error: Exception) -> str:
+    """The first line of an exception's message (at most 200 characters), for one-line errors."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+
+
 def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

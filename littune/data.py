@@ -29,7 +29,7 @@ import yaml
 from tqdm import tqdm
 
 import littune
-from littune.common import UserError, atomic_path, load_torch, save_json, sha256_file, write_torch
+from littune.common import UserError, atomic_path, first_line, load_torch, save_json, sha256_file, write_torch
 
 FIELDS = ("instruction", "input", "output")
 REQUIRED_FIELDS = ("instruction", "output")
@@ -243,7 +243,7 @@ def load_tokenizer(checkpoint_dir: Path):
     try:
         tokenizer = Tokenizer(checkpoint_dir)
     except Exception as e:  # a corrupt tokenizer file, or a special token the vocabulary lacks
-        raise UserError(f"{checkpoint_dir}: cannot load the tokenizer ({type(e).__name__}: {_first_line(e)})") from e
+        raise UserError(f"{checkpoint_dir}: cannot load the tokenizer ({type(e).__name__}: {first_line(e)})") from e
     if tokenizer.eos_id is None:
         raise UserError(
             f"{checkpoint_dir}: the tokenizer has no end-of-sequence token (eos_token in tokenizer_config.json or "
@@ -281,7 +281,7 @@ def model_block_size(checkpoint_dir: Path) -> int:
         try:
             config = yaml.safe_load(yaml_path.read_text(encoding="utf-8"))
         except yaml.YAMLError as e:
-            raise UserError(f"{yaml_path}: invalid YAML ({_first_line(e)})") from e
+            raise UserError(f"{yaml_path}: invalid YAML ({first_line(e)})") from e
         if isinstance(config, dict) and isinstance(config.get("block_size"), int):
             return config["block_size"]
     hf = load_hf_config(checkpoint_dir)
@@ -504,10 +504,6 @@ def _json_type(value: Any) -> str:
     names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number",
              float: "a number", type(None): "null"}
     return names.get(type(value), type(value).__name__)
-
-
-def _first_line(error: Exception) -> str:
-    return (str(error).splitlines() or [""])[0][:200]
 
 
 # ------------------------------------------------------------------------------------------------- writing

@@ -1,0 +1,46 @@
+"""Checkpoints: download from the Hugging Face Hub, convert to Lit-GPT format, validate a converted folder.
+
+    littune download --repo_id tiiuae/falcon-7b      # checkpoints/tiiuae/falcon-7b/{HF files, lit_model.pth, model_config.yaml}
+    littune convert --checkpoint_dir DIR              # an HF folder already on disk
+
+- `hub.py`: the download (huggingface_hub), its errors as one line;
+- `hf.py`: Lit-GPT configs built from `config.json`, streamed HF -> Lit conversion with litgpt's copiers.
+
+torch is imported inside the functions that use it, so that commands that fail early (or only download) start fast.
+"""
+
+from pathlib import Path
+
+from littune.common import UserError
+
+
+def load_model_config(checkpoint_dir: Path):
+    """The Lit-GPT config of a converted checkpoint folder, or a UserError saying how to make one."""
+    from litgpt import Config
+
+    checkpoint_dir = Path(checkpoint_dir)
+    check_checkpoint_dir(checkpoint_dir)
+    return Config.from_file(checkpoint_dir / "model_config.yaml")
+
+
+def check_checkpoint_dir(checkpoint_dir: Path) -> None:
+    """A converted checkpoint folder has lit_model.pth, model_config.yaml and a tokenizer."""
+    checkpoint_dir = Path(checkpoint_dir)
+    if not checkpoint_dir.is_dir():
+        raise UserError(f"{checkpoint_dir}: no such checkpoint folder (littune download --repo_id ORG/NAME)")
+    missing = [f for f in ("lit_model.pth", "model_config.yaml") if not (checkpoint_dir / f).is_file()]
+    if missing:
+        raise UserError(
+            f"{checkpoint_dir}: no {' or '.join(missing)}; convert it first: littune convert --checkpoint_dir "
+            f"{checkpoint_dir}"
+        )
+    if not any((checkpoint_dir / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
+        raise UserError(f"{checkpoint_dir}: no tokenizer.json or tokenizer.model")
+
+
+
+
+from littune.checkpoints.hf import convert, load_hf_config, models  # noqa: E402  (the commands)
+from littune.checkpoints.hub import download  # noqa: E402
+
+__all__ = ["check_checkpoint_dir", "convert", "download", "load_hf_config", "load_model_config", "models"]
