@@ -1,14 +1,21 @@
-"""Prepare: an instruction file -> tokenised train.pt / test.pt for fine-tuning, as Lit-GPT's prepare_alpaca made them.
+"""Prepare: instruction files -> tokenised train.pt / val.pt / test.pt for fine-tuning and evaluation.
 
     littune prepare --data_file alpaca.json --checkpoint_dir checkpoints/EleutherAI/pythia-160m
-    littune prepare --data_file sst2/train.tsv --checkpoint_dir checkpoints/EleutherAI/pythia-160m \\
+    littune prepare --data_file sst2/train.tsv --test_file sst2/dev.tsv \\
+        --checkpoint_dir checkpoints/EleutherAI/pythia-160m \\
         --columns '{"instruction": "=Is the sentiment of this review positive or negative?", "input": "text",
                     "output": "label"}' --output_values '{"1": "positive", "0": "negative"}'
 
 Every record becomes `prompt = style.apply(instruction, input=input)` and `prompt + output`, tokenised with the
 checkpoint's own tokenizer exactly as litgpt's `Tokenizer.encode` does it one string at a time, but in batches on
-two threads. Everything is validated and built in memory first; the files are written at the very end, each
-atomically, so a failed run leaves no train.pt, test.pt or prepare.json behind.
+two threads. The test split is an official test file (--test_file) or a seeded random hold-out; the validation split
+(model selection, early stopping) is always held out of the training file, so choosing a model never sees the test
+split. Everything is validated and built in memory first; the files are written at the very end, each atomically, so
+a failed run leaves no train.pt, val.pt, test.pt or prepare.json behind.
+
+The prompt style is a litgpt style (alpaca, ...) or `chat`: the model's own chat template (tokenizer_config.json's
+`chat_template`), rendered as transformers' `apply_chat_template` renders it. Such a style carries its template, so it
+is stored with `save_style` and read back with `load_style_file` (litgpt's `load_prompt_style` calls `cls()`).
 """
 
 import csv
@@ -17,25 +24,34 @@ import gc
 import io
 import json
 import os
+import re
 import sys
-import tempfile
 from array import array
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+import jinja2
+import jinja2.ext
 import torch
 import yaml
 from tqdm import tqdm
 
 import littune
-from littune.common import UserError, atomic_path, first_line, load_torch, save_json, sha256_file, write_torch
+from littune.common import (UserError, atomic_path, first_line, load_torch, save_json, save_text, sha256_file,
+                            write_torch)
 
 FIELDS = ("instruction", "input", "output")
 REQUIRED_FIELDS = ("instruction", "output")
-PREPARED_FILES = ("train.pt", "test.pt", "prompt_style.yaml", "prepare.json")
+PREPARED_FILES = ("train.pt", "test.pt", "prompt_style.yaml", "prepare.json")  # what every prepared folder has
+SPLITS = ("train", "val", "test")
 COLUMNS_EXAMPLE = '{"instruction": "=Classify the sentiment.", "input": "text", "output": "label"}'
 CHUNK_SIZE = 1024  # strings per tokenizer call: big enough to amortise the call, small enough for a live progress bar
+VAL_FRACTION, VAL_MAX = 0.05, 500  # the default validation split: 5% of the training records, at most 500
+MAX_LABELS = 20  # outputs with more distinct values than this are free text, not a label set
+CHAT_STYLE = "chat"
+STYLE_FILE = "prompt_style.yaml"
 
 
 # ----------------------------------------------------------------------------------------------------- command
@@ -45,49 +61,65 @@ def prepare(
     data_file: Path,
     checkpoint_dir: Path,
     destination_path: Optional[Path] = None,
+    test_file: Optional[Path] = None,
     seed: int = 42,
     test_split_fraction: float = 0.03865,
     test_size: Optional[int] = None,
+    val_size: Optional[int] = None,
     max_seq_length: Optional[int] = None,
     mask_inputs: bool = False,
     ignore_index: int = -100,
     prompt_style: str = "alpaca",
+    system: Optional[str] = None,
     columns: Optional[dict[str, str]] = None,
     output_values: Optional[dict[str, str]] = None,
 ) -> None:
-    """Tokenise an instruction file with a checkpoint's tokenizer and split it into train.pt and test.pt.
+    """Tokenise instruction files with a checkpoint's tokenizer into train.pt, val.pt and test.pt.
 
-    The file is a JSON list of records, JSON Lines (.jsonl, one record per line) or a table (.csv, .tsv with a header
+    A file is a JSON list of records, JSON Lines (.jsonl, one record per line) or a table (.csv, .tsv with a header
     line). A record has `instruction`, `output` and optionally `input`, all strings. Records whose prompt fills the
     whole --max_seq_length while --mask_inputs is on have nothing to learn from and are dropped (and counted).
 
     Arguments:
         data_file: The instruction file: .json (a list of records), .jsonl, .csv or .tsv.
         checkpoint_dir: The model folder whose tokenizer (tokenizer.json or tokenizer.model) to use.
-        destination_path: Where train.pt, test.pt, prompt_style.yaml and prepare.json go (default: data/<file stem>).
-        seed: Seed of the random train/test split; the same seed and inputs give byte-identical files.
-        test_split_fraction: Fraction of the records held out for testing (default 0.03865: 2,000 of Alpaca's 52K).
-        test_size: Number of test records, instead of --test_split_fraction.
+        destination_path: Where train.pt, val.pt, test.pt, prompt_style.yaml and prepare.json go (default: data/<file stem>).
+        test_file: An official test split (e.g. GLUE dev) in the same format as --data_file, used as test.pt instead of a random hold-out; --columns and --output_values apply to it too.
+        seed: Seed of the random splits; the same seed and inputs give byte-identical files.
+        test_split_fraction: Without --test_file: the fraction of the records held out for testing, at least one (default 0.03865: 2,000 of Alpaca's 52K).
+        test_size: Without --test_file: the number of test records, instead of --test_split_fraction.
+        val_size: Training records held out as val.pt for model selection (default: 5% of them, at most 500, at least 1, none if that would leave no training record); 0: no validation split.
         max_seq_length: Truncate records to this many tokens (default: the model's block size, from model_config.yaml or config.json).
         mask_inputs: Set the labels of the prompt tokens to --ignore_index, so only the response is learned.
         ignore_index: The label value the loss ignores.
-        prompt_style: A litgpt prompt style name (alpaca, flan, longform, ...) that turns instruction and input into a prompt.
+        prompt_style: How instruction and input become a prompt: chat (the model's own chat template from tokenizer_config.json), or a litgpt prompt style name (alpaca, flan, longform, ...).
+        system: With --prompt_style chat: a system message before every prompt.
         columns: Where each field comes from, as FIELD: COLUMN, or FIELD: =TEXT for the same fixed text in every record, e.g. {"instruction": "=Classify the sentiment.", "input": "text", "output": "label"}; unnamed fields come from the column of the same name.
         output_values: Replace whole output values, e.g. {"1": "positive", "0": "negative"}; an output not listed is an error.
     """
     data_file, checkpoint_dir = Path(data_file), Path(checkpoint_dir)
+    test_file = Path(test_file) if test_file is not None else None
     destination_path = Path(destination_path) if destination_path is not None else Path("data") / data_file.stem
     sources = parse_columns(columns)
-    style = load_style(prompt_style)
-    check_split_arguments(test_split_fraction, test_size)
+    check_style_name(prompt_style, system)
+    check_split_arguments(test_split_fraction, test_size, val_size, test_file)
 
-    rows, lines = read_rows(data_file)
-    instructions, inputs, outputs = extract_fields(rows, lines, sources, output_values, data_file)
-    del rows
-    n_read = len(instructions)
-    count_test(n_read, test_split_fraction, test_size, data_file)  # fail before tokenising; checked again below
+    # the training file's records first, then the test file's: one tokenizer pass over both
+    instructions, inputs, outputs = read_fields(data_file, sources, output_values)
+    n_train_read = len(instructions)
+    n_test_read = 0
+    if test_file is not None:
+        test_fields = read_fields(test_file, sources, output_values)
+        n_test_read = len(test_fields[0])
+        for texts, more in zip((instructions, inputs, outputs), test_fields):
+            texts.extend(more)
+        del test_fields
+    n_read = n_train_read + n_test_read
+    # fail before tokenising; checked again on the records that survive
+    split_sizes(n_train_read, test_split_fraction, test_size, val_size, test_file, data_file)
 
     tokenizer = load_tokenizer(checkpoint_dir)
+    style = style_by_name(prompt_style, checkpoint_dir, system, tokenizer=tokenizer)
     identity = tokenizer_identity_of(tokenizer, checkpoint_dir)
     max_seq_length = max_seq_length if max_seq_length is not None else model_block_size(checkpoint_dir)
     if max_seq_length < 1:
@@ -97,49 +129,68 @@ def prepare(
     # Labels copy the full ids with the first `masked` positions set to ignore_index (Lit-GPT's rule); a record whose
     # labels would all be ignored (its prompt filled the window) has nothing to learn and is dropped
     masked = [len(ids) if mask_inputs else 0 for ids in prompt_ids]
-    kept = [i for i in range(n_read) if not all(t == ignore_index for t in full_ids[i][masked[i]:])]
-    if not kept:
-        raise UserError(
-            f"{data_file}: all {n_read} records dropped: with --mask_inputs the prompt fills all "
-            f"--max_seq_length {max_seq_length} tokens, leaving no response to learn; raise --max_seq_length"
-        )
+    usable = [not all(t == ignore_index for t in full_ids[i][masked[i]:]) for i in range(n_read)]
+    kept_train = [i for i in range(n_train_read) if usable[i]]
+    kept_test = [i for i in range(n_train_read, n_read) if usable[i]]
+    for file, n, kept in ((data_file, n_train_read, kept_train), (test_file, n_test_read, kept_test)):
+        if n and not kept:
+            raise UserError(
+                f"{file}: all {n} records dropped: with --mask_inputs the prompt fills all "
+                f"--max_seq_length {max_seq_length} tokens, leaving no response to learn; raise --max_seq_length"
+            )
 
-    n_test = count_test(len(kept), test_split_fraction, test_size, data_file)
-    permutation = torch.randperm(len(kept), generator=torch.Generator().manual_seed(seed)).tolist()
-    test_order = [kept[j] for j in permutation[:n_test]]
-    train_order = [kept[j] for j in permutation[n_test:]]
+    n_test, n_val = split_sizes(len(kept_train), test_split_fraction, test_size, val_size, test_file, data_file)
+    permutation = torch.randperm(len(kept_train), generator=torch.Generator().manual_seed(seed)).tolist()
+    shuffled = [kept_train[j] for j in permutation]
+    # an official test file keeps its own order; a random hold-out takes the first n_test of the shuffled records
+    test_order = kept_test if test_file is not None else shuffled[:n_test]
+    val_order = shuffled[n_test : n_test + n_val]
+    train_order = shuffled[n_test + n_val :]
 
     texts = (instructions, inputs, outputs)
-    train = to_records(train_order, texts, full_ids, prompt_ids, masked, ignore_index)
-    test = to_records(test_order, texts, full_ids, prompt_ids, masked, ignore_index)
-    counts = {"read": n_read, "train": len(train), "test": len(test), "truncated": truncated,
-              "dropped": n_read - len(kept)}
+    splits = {name: to_records(order, texts, full_ids, prompt_ids, masked, ignore_index)
+              for name, order in (("train", train_order), ("val", val_order), ("test", test_order))}
+    counts = {"read": n_read, **{name: len(records) for name, records in splits.items()}, "truncated": truncated,
+              "dropped": n_read - len(kept_train) - len(kept_test)}
     meta = {
         "littune_version": littune.__version__,
         "data_file": str(data_file.resolve()),
         "data_sha256": sha256_file(data_file),
+        "test_file": str(test_file.resolve()) if test_file is not None else None,
+        "test_sha256": sha256_file(test_file) if test_file is not None else None,
         "checkpoint_dir": str(checkpoint_dir.resolve()),
         "columns": columns,
         "output_values": output_values,
         "seed": seed,
-        "test_split_fraction": test_split_fraction,
+        "test_split_fraction": test_split_fraction if test_file is None else None,
         "test_size": test_size,
+        "val_size": val_size,
         "counts": counts,
+        "labels": label_set([outputs[i] for i in kept_train + kept_test]),
         "max_seq_length": max_seq_length,
-        "longest_record": max(len(full_ids[i]) for i in kept),
+        "longest_record": max(len(full_ids[i]) for i in kept_train + kept_test),
         "mask_inputs": mask_inputs,
         "ignore_index": ignore_index,
         "prompt_style": prompt_style,
+        "system": system,
         "tokenizer": identity,
         "vocab_size": identity["vocab_size"],
     }
-    write_prepared(destination_path, train, test, style, meta)
+    written = write_prepared(destination_path, splits, style, meta)
 
+    sources_read = f"{n_train_read:,} records from {data_file}"
+    if test_file is not None:
+        sources_read += f" and {n_test_read:,} test records from {test_file}"
     print(
-        f"Read {n_read:,} records from {data_file}: {counts['train']:,} train, {counts['test']:,} test, "
+        f"Read {sources_read}: {counts['train']:,} train, {counts['val']:,} val, {counts['test']:,} test, "
         f"{truncated:,} truncated to {max_seq_length} tokens, {counts['dropped']:,} dropped (nothing left to learn)"
     )
-    print(f"Longest record: {meta['longest_record']} tokens. Wrote {', '.join(PREPARED_FILES)} to {destination_path}")
+    if meta["labels"] is not None:
+        print(f"Labels: {', '.join(meta['labels'])}")
+    print(f"Longest record: {meta['longest_record']} tokens. Wrote {', '.join(written)} to {destination_path}")
+    if truncated * 2 > n_read:  # most records lose their end: a too-small --max_seq_length, not a few outliers
+        print(f"littune: warning: {truncated:,} of {n_read:,} records were truncated to --max_seq_length "
+              f"{max_seq_length} tokens, cutting off their responses; raise --max_seq_length", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------------------------- public helpers
@@ -160,26 +211,111 @@ def load_prepared(data_dir: Path) -> tuple[list[dict], list[dict], dict]:
 
     A record: instruction, input, output (str); input_ids, input_ids_no_response, labels (1-D int64 tensors). The
     tensors of one file are views into one storage (fast to save and load): clone a record before saving it alone.
+    The validation split, where there is one, is `load_split(data_dir, "val")`.
     """
     data_dir = Path(data_dir)
     for name in PREPARED_FILES:
         if not (data_dir / name).is_file():
+            raise UserError(f"{data_dir}: no {name}; {_prepare_hint(data_dir)}")
+    return load_split(data_dir, "train"), load_split(data_dir, "test"), load_prepare_json(data_dir)
+
+
+def load_split(data_dir: Path, split: str) -> list[dict]:
+    """The records of one split ("train", "val" or "test") of a prepared folder, in the format of `load_prepared`."""
+    data_dir = Path(data_dir)
+    if split not in SPLITS:
+        raise UserError(f"split {split!r}: unknown; choose one of {', '.join(SPLITS)}")
+    path = data_dir / f"{split}.pt"
+    if not path.is_file():
+        if split == "val" and (data_dir / "prepare.json").is_file():
             raise UserError(
-                f"{data_dir}: no {name}; prepare the data first: "
-                f"littune prepare --data_file FILE --checkpoint_dir DIR --destination_path {data_dir}"
+                f"{data_dir}: no val.pt: prepared without a validation split (--val_size 0, too few records, or an "
+                f"older littune); re-run littune prepare with --val_size > 0, or use the test split"
             )
-    meta_path = data_dir / "prepare.json"
+        raise UserError(f"{data_dir}: no {split}.pt; {_prepare_hint(data_dir)}")
     try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        records = load_torch(path, f"prepared {split} data")
+    except UserError as e:
+        raise UserError(f"{e}; re-run littune prepare") from e
+    if not (isinstance(records, list) and records and isinstance(records[0], dict)
+            and {"input_ids", "input_ids_no_response", "labels"} <= records[0].keys()):
+        raise UserError(f"{path}: not a list of prepared records; re-run littune prepare")
+    return records
+
+
+def validation_split_name(data_dir: Path) -> str:
+    """The split to select models on: "val" where the folder has val.pt, else "test" (folders of older littunes)."""
+    return "val" if (Path(data_dir) / "val.pt").is_file() else "test"
+
+
+def load_prepare_json(data_dir: Path) -> dict:
+    meta_path = Path(data_dir) / "prepare.json"
+    if not meta_path.is_file():
+        raise UserError(f"{data_dir}: no prepare.json; {_prepare_hint(data_dir)}")
+    try:
+        return json.loads(meta_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{meta_path}: not valid JSON ({e}); re-run littune prepare") from e
-    train = load_torch(data_dir / "train.pt", "prepared training data")
-    test = load_torch(data_dir / "test.pt", "prepared test data")
-    for name, records in (("train.pt", train), ("test.pt", test)):
-        if not (isinstance(records, list) and records and isinstance(records[0], dict)
-                and {"input_ids", "input_ids_no_response", "labels"} <= records[0].keys()):
-            raise UserError(f"{data_dir / name}: not a list of prepared records; re-run littune prepare")
-    return train, test, meta
+
+
+def _prepare_hint(data_dir: Path) -> str:
+    return (f"prepare the data first: littune prepare --data_file FILE --checkpoint_dir DIR "
+            f"--destination_path {data_dir}")
+
+
+def label_set(outputs: list[str]) -> Optional[list[str]]:
+    """The sorted label set when the outputs look like one: 2..20 distinct values, each seen twice or more.
+
+    Values are compared as evaluation compares answers: stripped and lower-cased. None for free-text outputs.
+    """
+    counts = Counter(normalize_label(output) for output in outputs)
+    if 2 <= len(counts) <= MAX_LABELS and min(counts.values()) >= 2:
+        return sorted(counts)
+    return None
+
+
+def normalize_label(text: str) -> str:
+    return text.strip().lower()
+
+
+def style_by_name(name: str, checkpoint_dir: Path, system: Optional[str] = None, *, tokenizer=None):
+    """The prompt style called `name`: "chat" (the checkpoint's own chat template) or a litgpt style name.
+
+    `system` (a system message) only goes with "chat". `tokenizer`: the checkpoint's litgpt Tokenizer if already
+    loaded (chat needs to know whether it adds BOS itself).
+    """
+    check_style_name(name, system)
+    if name == CHAT_STYLE:
+        return chat_style(Path(checkpoint_dir), system, tokenizer)
+    from litgpt.prompts import PromptStyle
+
+    return PromptStyle.from_name(name)
+
+
+def save_style(style, folder: Path) -> None:
+    """Write folder/prompt_style.yaml atomically: litgpt's format (class_path) plus init_args for a chat template."""
+    save_text(style_yaml(style), Path(folder) / STYLE_FILE)
+
+
+def load_style_file(folder: Path):
+    """The prompt style of folder/prompt_style.yaml, written by `save_style` or by litgpt's `save_prompt_style`.
+
+    Only littune's ChatTemplate and the classes of litgpt.prompts are built: the file names a class to instantiate,
+    and importing whatever module a data folder names would run code from it.
+    """
+    path = Path(folder) / STYLE_FILE
+    if not path.is_file():
+        raise UserError(f"{folder}: no {STYLE_FILE}; prepare the data with littune prepare, which writes it")
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: invalid YAML ({first_line(e)}); re-run littune prepare") from e
+    if not isinstance(config, dict) or not isinstance(config.get("class_path"), str):
+        raise UserError(f"{path}: expected 'class_path: MODULE.CLASS' (and init_args); re-run littune prepare")
+    init_args = config.get("init_args") or {}
+    if not isinstance(init_args, dict):
+        raise UserError(f"{path}: init_args must be a mapping, got {_json_type(init_args)}; re-run littune prepare")
+    return style_from_class_path(config["class_path"], init_args, path)
 
 
 # ----------------------------------------------------------------------------------------------- arguments
@@ -200,30 +336,58 @@ def parse_columns(columns: Optional[dict[str, str]]) -> dict[str, tuple[bool, st
     return sources
 
 
-def load_style(name: str):
-    from litgpt.prompts import PromptStyle, prompt_styles
+def check_style_name(name: str, system: Optional[str]) -> None:
+    from litgpt.prompts import prompt_styles
 
-    if name not in prompt_styles:
-        raise UserError(f"--prompt_style {name!r} is not a litgpt prompt style; choose one of {', '.join(prompt_styles)}")
-    return PromptStyle.from_name(name)
+    if name != CHAT_STYLE and name not in prompt_styles:
+        raise UserError(f"--prompt_style {name!r} is not a prompt style; choose {CHAT_STYLE} (the model's chat "
+                        f"template) or a litgpt style: {', '.join(prompt_styles)}")
+    if system is not None and name != CHAT_STYLE:
+        raise UserError(f"--system goes with --prompt_style {CHAT_STYLE}; litgpt's {name!r} style has its own fixed "
+                        f"text")
 
 
-def check_split_arguments(test_split_fraction: float, test_size: Optional[int]) -> None:
-    if test_size is None and not 0 < test_split_fraction < 1:
+def check_split_arguments(
+    test_split_fraction: float, test_size: Optional[int], val_size: Optional[int], test_file: Optional[Path]
+) -> None:
+    if test_file is not None and test_size is not None:
+        raise UserError("--test_size and --test_file exclude each other: the test file is the whole test split")
+    if test_file is None and test_size is None and not 0 < test_split_fraction < 1:
         raise UserError(f"--test_split_fraction must be between 0 and 1 (exclusive), got {test_split_fraction}")
     if test_size is not None and test_size < 1:
         raise UserError(f"--test_size must be >= 1, got {test_size}")
+    if val_size is not None and val_size < 0:
+        raise UserError(f"--val_size must be >= 0 (0: no validation split), got {val_size}")
 
 
-def count_test(n: int, test_split_fraction: float, test_size: Optional[int], data_file: Path) -> int:
-    """Test records out of n; both splits must hold at least one record."""
-    n_test = test_size if test_size is not None else round(n * test_split_fraction)
-    asked = f"--test_size {test_size}" if test_size is not None else f"--test_split_fraction {test_split_fraction}"
-    if n_test < 1:
-        raise UserError(f"{data_file}: {asked} of {n} usable records leaves the test split empty; raise it or use --test_size")
-    if n_test >= n:
-        raise UserError(f"{data_file}: {asked} holds out {n_test} of {n} usable records, leaving none to train on; lower it")
-    return n_test
+def split_sizes(
+    n: int, test_split_fraction: float, test_size: Optional[int], val_size: Optional[int],
+    test_file: Optional[Path], data_file: Path,
+) -> tuple[int, int]:
+    """(test, validation) records held out of the n usable records of the training file; training keeps >= 1.
+
+    A random hold-out keeps at least one test record; the default validation split takes 5% of what the test split
+    leaves (at least 1, at most 500) while at least one training record remains.
+    """
+    if test_file is not None:
+        n_test = 0
+    elif test_size is not None:
+        if test_size >= n:
+            raise UserError(f"{data_file}: --test_size {test_size} holds out {test_size} of {n} usable records, "
+                            f"leaving none to train on; lower it")
+        n_test = test_size
+    else:
+        if n < 2:
+            raise UserError(f"{data_file}: {n} usable record; a random train/test split needs at least 2 "
+                            f"(or give the test split with --test_file)")
+        n_test = min(max(1, round(n * test_split_fraction)), n - 1)
+    left = n - n_test
+    if val_size is None:
+        return n_test, min(VAL_MAX, max(1, round(left * VAL_FRACTION)), left - 1)
+    if val_size >= left:
+        raise UserError(f"{data_file}: --val_size {val_size} holds out {val_size} of the {left} usable training "
+                        f"records, leaving none to train on; lower it (0: no validation split)")
+    return n_test, val_size
 
 
 # ----------------------------------------------------------------------------------------------- tokenizer
@@ -380,6 +544,12 @@ def litgpt_special_tokens(ids: list[int], tokenizer) -> list[int]:
 # ------------------------------------------------------------------------------------------------- reading
 
 
+def read_fields(data_file: Path, sources: dict, output_values: Optional[dict[str, str]]) -> tuple[list, list, list]:
+    """Instructions, inputs and outputs of every record of a file (see `extract_fields`)."""
+    rows, lines = read_rows(data_file)
+    return extract_fields(rows, lines, sources, output_values, data_file)
+
+
 def read_rows(data_file: Path) -> tuple[list, Optional[list[int]]]:
     """The file's records, and the line each starts on (None for a JSON list: its records are named by index)."""
     if not data_file.is_file():
@@ -527,7 +697,7 @@ def to_records(
         flat.extend(full[n_masked:])
         flat.extend(prompt)
         sizes += (len(full), len(full), len(prompt))
-    buffer = torch.frombuffer(flat, dtype=torch.int64).clone()  # own its memory, not the array's
+    buffer = torch.frombuffer(flat, dtype=torch.int64).clone() if flat else torch.empty(0, dtype=torch.int64)
     pieces = iter(buffer.split(sizes))
     return [
         {"instruction": instructions[i], "input": inputs[i], "output": outputs[i],
@@ -536,31 +706,262 @@ def to_records(
     ]
 
 
-def write_prepared(destination: Path, train: list, test: list, style, meta: dict) -> None:
-    """All four files, each atomically; if one cannot be written, the ones this run wrote are removed again."""
-    from litgpt.prompts import save_prompt_style
-
-    def write_style(tmp: Path) -> None:  # litgpt writes prompt_style.yaml into a folder; give it a private one
-        with tempfile.TemporaryDirectory(dir=tmp.parent) as folder:
-            save_prompt_style(style, Path(folder))
-            os.replace(Path(folder) / "prompt_style.yaml", tmp)
-
-    writers = {
-        "train.pt": lambda tmp: without_gc(write_torch)(train, tmp),
-        "test.pt": lambda tmp: without_gc(write_torch)(test, tmp),
-        "prompt_style.yaml": write_style,
-    }
+def write_prepared(destination: Path, splits: dict[str, list], style, meta: dict) -> list[str]:
+    """train.pt, val.pt (when there is a validation split), test.pt, prompt_style.yaml and prepare.json, each
+    atomically; if one cannot be written, the ones this run wrote are removed again. Returns the names written."""
+    writers = {f"{split}.pt": functools.partial(without_gc(write_torch), records)
+               for split, records in splits.items() if records}
+    writers[STYLE_FILE] = lambda tmp: tmp.write_text(style_yaml(style), encoding="utf-8")
     written = []
     try:
         for name, write in writers.items():
             with atomic_path(destination / name) as tmp:
                 write(tmp)
             written.append(destination / name)
-        save_json(meta, destination / "prepare.json")  # last: its presence says the other three are complete
+        if not splits["val"]:  # a val.pt of an earlier run would pass for this run's validation split
+            (destination / "val.pt").unlink(missing_ok=True)
+        save_json(meta, destination / "prepare.json")  # last: its presence says the others are complete
     except BaseException as e:
         for path in written:
             path.unlink(missing_ok=True)
         if isinstance(e, OSError):
             raise UserError(f"{destination}: cannot write the prepared data ({e.strerror or e}: {e.filename or ''})") from e
         raise
+    return [path.name for path in written] + ["prepare.json"]
 
+
+def style_yaml(style) -> str:
+    """prompt_style.yaml's text: litgpt's `class_path`, plus `init_args` for a style that carries data (a chat
+    template), which litgpt's `save_prompt_style` would drop."""
+    cls = type(style)
+    config: dict[str, Any] = {"class_path": f"{cls.__module__}.{cls.__name__}"}
+    if isinstance(style, chat_template_class()):
+        config["init_args"] = style.init_args()
+    # width: no folding of long template lines, so the file reads as the template does
+    return yaml.safe_dump(config, sort_keys=False, allow_unicode=True, width=1 << 30)
+
+
+def style_from_class_path(class_path: str, init_args: dict, path: Path):
+    module_name, _, class_name = class_path.rpartition(".")
+    if class_path == f"{__name__}.ChatTemplate":
+        unknown = sorted(set(init_args) - set(CHAT_TEMPLATE_ARGS))
+        if unknown or not isinstance(init_args.get("template"), str):
+            raise UserError(f"{path}: a chat template style needs init_args with a template string and only "
+                            f"{', '.join(CHAT_TEMPLATE_ARGS)}; re-run littune prepare")
+        return chat_template_class()(**init_args)
+    if module_name == "litgpt.prompts":
+        import litgpt.prompts
+
+        cls = getattr(litgpt.prompts, class_name, None)
+        if isinstance(cls, type) and issubclass(cls, litgpt.prompts.PromptStyle):
+            try:
+                return cls(**init_args)
+            except TypeError as e:
+                raise UserError(f"{path}: cannot build {class_path} from init_args ({first_line(e)})") from e
+    raise UserError(f"{path}: unknown prompt style class {class_path!r}; littune reads litgpt.prompts styles and "
+                    f"{__name__}.ChatTemplate; re-run littune prepare")
+
+
+# ----------------------------------------------------------------------------------------- chat template style
+
+CHAT_TEMPLATE_ARGS = ("template", "bos_token", "eos_token", "system", "strip_bos")
+# the assistant's answer in the conversation rendered to find what the template writes after an answer
+ANSWER_MARKER = "LITTUNE_ANSWER_f3a9"
+# a special-token-looking text right after the answer: <|im_end|>, <|eot_id|>, <end_of_turn>, </s>,
+# <｜end▁of▁sentence｜>
+END_OF_TURN = re.compile(r"<[^<>\s]{1,64}>")
+
+
+def __getattr__(name: str):
+    # ChatTemplate subclasses litgpt's PromptStyle, and importing litgpt takes seconds: the class is built on first
+    # use, so importing this module (littune --help, commands that never prompt) stays fast
+    if name == "ChatTemplate":
+        return chat_template_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+@functools.cache
+def chat_template_class() -> type:
+    from litgpt.prompts import PromptStyle
+
+    class ChatTemplate(PromptStyle):
+        """A model's own chat template (Jinja, as on the Hub) as a litgpt prompt style.
+
+        The prompt is the conversation [system (when given), user: instruction + "\\n\\n" + input] rendered with
+        add_generation_prompt=True, exactly as transformers' `apply_chat_template(..., tokenize=False)` renders it;
+        with strip_bos (litgpt's Tokenizer adds BOS itself) a leading BOS text is dropped, or it would be doubled.
+        """
+
+        def __init__(self, template: str, bos_token: Optional[str] = None, eos_token: Optional[str] = None,
+                     system: Optional[str] = None, strip_bos: bool = False):
+            self.template, self.bos_token, self.eos_token = template, bos_token, eos_token
+            self.system, self.strip_bos = system, bool(strip_bos)
+            compile_chat_template(template)  # a broken template fails now, not at the first record
+
+        def init_args(self) -> dict:
+            return {name: getattr(self, name) for name in CHAT_TEMPLATE_ARGS}
+
+        def __eq__(self, other) -> bool:
+            return type(other) is type(self) and other.init_args() == self.init_args()
+
+        __hash__ = None  # mutable attributes; equal by value
+
+        def __repr__(self) -> str:
+            return f"ChatTemplate(system={self.system!r}, bos_token={self.bos_token!r}, strip_bos={self.strip_bos})"
+
+        def apply(self, prompt: str, *, sys_prompt: Optional[str] = None, input: str = "", **kwargs: str) -> str:
+            system = sys_prompt if sys_prompt is not None else self.system
+            messages = [{"role": "system", "content": system}] if system else []
+            messages.append({"role": "user", "content": prompt + (f"\n\n{input}" if input else "")})
+            text = self.render(messages, add_generation_prompt=True)
+            if self.strip_bos and self.bos_token and text.startswith(self.bos_token):
+                text = text[len(self.bos_token):]
+            return text
+
+        def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+            special_tokens = {name: value for name, value in (("bos_token", self.bos_token),
+                                                               ("eos_token", self.eos_token)) if value is not None}
+            return render_chat_template(self.template, messages, add_generation_prompt, special_tokens)
+
+        def end_of_turn(self) -> Optional[str]:
+            """The special token the template writes right after an assistant answer (<|im_end|> for ChatML), or
+            None when it writes none or cannot render an answer."""
+            messages = [{"role": "system", "content": self.system}] if self.system else []
+            messages += [{"role": "user", "content": "?"}, {"role": "assistant", "content": ANSWER_MARKER}]
+            try:
+                text = self.render(messages, add_generation_prompt=False)
+            except UserError:  # a template that refuses this conversation: no end-of-turn token known
+                return None
+            _, found, after = text.partition(ANSWER_MARKER)
+            match = END_OF_TURN.match(after.lstrip()) if found else None
+            return match.group() if match else None
+
+        def stop_tokens(self, tokenizer) -> tuple[list[int], ...]:
+            """EOS, and the end-of-turn token where the template has one in this vocabulary (chat models end their
+            answer with it, often never with EOS)."""
+            stops = [[tokenizer.eos_id]]
+            marker = self.end_of_turn()
+            marker_id = token_id(tokenizer, marker) if marker is not None else None
+            if marker_id is not None and [marker_id] not in stops:
+                stops.append([marker_id])
+            return tuple(stops)
+
+    ChatTemplate.__qualname__ = "ChatTemplate"  # littune.data.ChatTemplate, the name prompt_style.yaml stores
+    return ChatTemplate
+
+
+def token_id(tokenizer, token: str) -> Optional[int]:
+    """The id of `token` when it is one token of the vocabulary, else None."""
+    try:
+        found = tokenizer.token_to_id(token)
+    except ValueError:  # litgpt: not in the Hugging Face vocabulary
+        return None
+    if tokenizer.backend == "sentencepiece" and found == tokenizer.processor.unk_id():
+        return None  # SentencePiece answers an unknown piece with <unk>'s id
+    return found
+
+
+def chat_style(checkpoint_dir: Path, system: Optional[str], tokenizer=None):
+    """The checkpoint's chat template (chat_template.jinja, else tokenizer_config.json's chat_template) as a style."""
+    config = read_tokenizer_config(checkpoint_dir)
+    template, source = read_chat_template(checkpoint_dir, config)
+    if template is None:
+        raise UserError(
+            f"{checkpoint_dir}: --prompt_style {CHAT_STYLE} needs the model's chat template, and it has none (no "
+            f"chat_template in tokenizer_config.json, no chat_template.jinja); use an instruct model's checkpoint or "
+            f"a litgpt style, e.g. --prompt_style alpaca"
+        )
+    compile_chat_template(template, source)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(checkpoint_dir)
+    return chat_template_class()(
+        template, bos_token=special_token_text(config.get("bos_token")),
+        eos_token=special_token_text(config.get("eos_token")), system=system, strip_bos=tokenizer.use_bos,
+    )
+
+
+def read_tokenizer_config(checkpoint_dir: Path) -> dict:
+    path = checkpoint_dir / "tokenizer_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({first_line(e)})") from e
+    return config if isinstance(config, dict) else {}
+
+
+def read_chat_template(checkpoint_dir: Path, config: dict) -> tuple[Optional[str], str]:
+    """(template text or None, where it comes from). transformers gives chat_template.jinja priority; a list of
+    named templates in tokenizer_config.json contributes its "default" one."""
+    jinja_path = checkpoint_dir / "chat_template.jinja"
+    if jinja_path.is_file():
+        return jinja_path.read_text(encoding="utf-8"), str(jinja_path)
+    template = config.get("chat_template")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    source = f"{checkpoint_dir / 'tokenizer_config.json'} (chat_template)"
+    return (template if isinstance(template, str) and template.strip() else None), source
+
+
+def special_token_text(value: Any) -> Optional[str]:
+    """A special token of tokenizer_config.json: a string, or an AddedToken object with its text in "content"."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+class GenerationTag(jinja2.ext.Extension):
+    """`{% generation %}...{% endgeneration %}`, which transformers defines to mark assistant text: rendered as its
+    body (templates with it must compile here too; littune needs no masks from it)."""
+
+    tags = frozenset({"generation"})
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    def _body(self, caller) -> str:
+        return caller()
+
+
+@functools.lru_cache(maxsize=16)
+def compile_chat_template(template: str, source: str = "the chat template"):
+    """The template compiled as transformers compiles it: sandboxed (a template from the Hub must not reach Python
+    objects), trim_blocks and lstrip_blocks, with its tojson, raise_exception and strftime_now."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[GenerationTag, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    try:
+        return env.from_string(template)
+    except jinja2.TemplateSyntaxError as e:
+        raise UserError(f"{source}: not a valid Jinja template (line {e.lineno}: {e.message})") from e
+
+
+def render_chat_template(template: str, messages: list[dict], add_generation_prompt: bool, special_tokens: dict) -> str:
+    try:
+        return compile_chat_template(template).render(
+            messages=messages, tools=None, documents=None, add_generation_prompt=add_generation_prompt, **special_tokens
+        )
+    except Exception as e:  # the template is the model's code: whatever it raises is a fault of the template
+        raise UserError(f"the model's chat template failed ({type(e).__name__}: {first_line(e)})") from e
+
+
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+    # as transformers: Jinja's own tojson escapes HTML characters, which a prompt must not get
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _raise_exception(message: str):
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _strftime_now(format: str) -> str:
+    from datetime import datetime
+
+    return datetime.now().strftime(format)

@@ -10,12 +10,15 @@ import pytest
 import torch
 import yaml
 
-from conftest import ALPACA_335, SST2_TRAIN, assert_clean_error, copy_tokenizer, run_cli
+from conftest import ALPACA_335, SHARED_DATA, SST2_TRAIN, assert_clean_error, copy_tokenizer, run_cli
 from littune.cli import main
 from littune.common import UserError
-from littune.data import load_prepared, tokenizer_identity
+from littune.data import (label_set, load_prepared, load_split, load_style_file, save_style, split_sizes, style_by_name,
+                          tokenizer_identity, validation_split_name)
 
-OUTPUTS = ("train.pt", "test.pt", "prompt_style.yaml", "prepare.json")
+OUTPUTS = ("train.pt", "val.pt", "test.pt", "prompt_style.yaml", "prepare.json")
+SST2_DEV = SHARED_DATA / "classification" / "sst2" / "dev.tsv"
+SMOLLM2_GGUF = SHARED_DATA / "models" / "smollm2-135m-instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 SST2_COLUMNS = json.dumps({"instruction": "=Classify the sentiment of this movie review as positive or negative.",
                            "input": "text", "output": "label"})
 SST2_VALUES = json.dumps({"1": "positive", "0": "negative"})
@@ -31,6 +34,15 @@ def checkpoint(folder: Path, family: str, block_size_file: str = "config.json", 
         (folder / "config.json").write_text(json.dumps({"max_position_embeddings": block_size}))
     elif block_size_file == "model_config.yaml":
         (folder / "model_config.yaml").write_text(yaml.dump({"name": "tiny", "block_size": block_size}))
+    return folder
+
+
+def with_chat_template(folder: Path, template: str, family: str = "pythia", **config) -> Path:
+    """A checkpoint() folder whose tokenizer_config.json carries `template` (and `config`'s keys)."""
+    checkpoint(folder, family)
+    path = folder / "tokenizer_config.json"
+    existing = json.loads(path.read_text()) if path.is_file() else {}
+    path.write_text(json.dumps({**existing, "chat_template": template, **config}))
     return folder
 
 
@@ -70,6 +82,17 @@ def load(destination: Path) -> tuple[list, list, dict]:
     return train, test, json.loads((destination / "prepare.json").read_text())
 
 
+def load_val(destination: Path) -> list:
+    """val.pt's records; [] when prepare wrote none."""
+    path = destination / "val.pt"
+    return torch.load(path, weights_only=True) if path.is_file() else []
+
+
+def load_all(destination: Path) -> list:
+    train, test, _ = load(destination)
+    return train + load_val(destination) + test
+
+
 @functools.cache
 def litgpt_tokenizer(checkpoint_dir: Path):
     from litgpt import Tokenizer
@@ -103,11 +126,14 @@ def write_sst2_subset(path: Path, rows: int = 300) -> Path:
 
 def test_alpaca_counts_schema_and_metadata(alpaca_masked, pythia):
     train, test, meta = load(alpaca_masked)
+    val = load_val(alpaca_masked)
     counts = meta["counts"]
-    assert counts == {"read": 335, "train": len(train), "test": len(test), "truncated": 0, "dropped": 0}
+    assert counts == {"read": 335, "train": len(train), "val": len(val), "test": len(test), "truncated": 0,
+                      "dropped": 0}
     assert len(test) == round(335 * 0.03865) == 13
-    assert len(train) + len(test) == 335
-    for record in train + test:
+    assert len(val) == round((335 - 13) * 0.05) == 16  # the default validation split: 5% of the training records
+    assert len(train) + len(val) + len(test) == 335
+    for record in train + val + test:
         assert set(record) == {"instruction", "input", "output", "input_ids", "input_ids_no_response", "labels"}
         assert all(isinstance(record[k], str) for k in ("instruction", "input", "output"))
         assert all(record[k].dtype == torch.int64 and record[k].ndim == 1
@@ -115,9 +141,12 @@ def test_alpaca_counts_schema_and_metadata(alpaca_masked, pythia):
     # every source record is in exactly one split
     source = json.loads(ALPACA_335.read_text())
     key = lambda r: (r["instruction"], r["input"], r["output"])  # noqa: E731
-    assert sorted(map(key, train + test)) == sorted(map(key, source))
+    assert sorted(map(key, train + val + test)) == sorted(map(key, source))
 
     assert meta["data_sha256"] == hashlib.sha256(ALPACA_335.read_bytes()).hexdigest()
+    assert meta["test_file"] is None and meta["test_sha256"] is None and meta["val_size"] is None
+    assert meta["labels"] is None  # free-text answers are no label set
+    assert meta["system"] is None
     assert meta["seed"] == 42 and meta["max_seq_length"] == 2048 and meta["mask_inputs"] is True
     assert meta["ignore_index"] == -100 and meta["prompt_style"] == "alpaca"
     assert meta["tokenizer"] == tokenizer_identity(pythia)
@@ -130,9 +159,9 @@ def test_alpaca_counts_schema_and_metadata(alpaca_masked, pythia):
 
 @pytest.mark.parametrize("masked", [True, False])
 def test_labels_eos_and_prompt_prefix(masked, alpaca_masked, alpaca_unmasked):
-    train, test, meta = load(alpaca_masked if masked else alpaca_unmasked)
-    eos = meta["tokenizer"]["eos_id"]
-    for record in train + test:
+    folder = alpaca_masked if masked else alpaca_unmasked
+    eos = load(folder)[2]["tokenizer"]["eos_id"]
+    for record in load_all(folder):
         ids, prompt, labels = record["input_ids"], record["input_ids_no_response"], record["labels"]
         n = len(prompt)
         assert ids[-1] == eos
@@ -156,9 +185,9 @@ def test_batched_tokens_equal_litgpt_encode_per_record(family, block_size_file, 
     data_file = tmp_path / "alpaca.json"
     data_file.write_text(json.dumps(records))
     assert prepare(data_file, folder, tmp_path / "out", "--test_size", "35")[0] == 0
-    train, test, meta = load(tmp_path / "out")
+    meta = load(tmp_path / "out")[2]
     assert meta["tokenizer"]["backend"] == ("sentencepiece" if family == "llama" else "huggingface")
-    for record in train + test:
+    for record in load_all(tmp_path / "out"):
         prompt, full = reference_tokens(folder, record)
         assert torch.equal(record["input_ids_no_response"], prompt), record["instruction"]
         assert torch.equal(record["input_ids"], full), record["instruction"]
@@ -167,7 +196,7 @@ def test_batched_tokens_equal_litgpt_encode_per_record(family, block_size_file, 
 def test_same_seed_same_bytes_other_seed_other_split(pythia, tmp_path):
     for name, seed in [("a", "7"), ("b", "7"), ("c", "8")]:
         assert prepare(ALPACA_335, pythia, tmp_path / name, "--seed", seed)[0] == 0
-    for file in ("train.pt", "test.pt"):
+    for file in ("train.pt", "val.pt", "test.pt"):
         assert sha256(tmp_path / "a" / file) == sha256(tmp_path / "b" / file)
         assert sha256(tmp_path / "a" / file) != sha256(tmp_path / "c" / file)
     tests = [{r["instruction"] for r in load(tmp_path / name)[1]} for name in "ac"]
@@ -177,9 +206,9 @@ def test_same_seed_same_bytes_other_seed_other_split(pythia, tmp_path):
 def test_truncation_is_counted_and_keeps_the_window(pythia, tmp_path):
     max_len = 64
     assert prepare(ALPACA_335, pythia, tmp_path / "out", "--max_seq_length", str(max_len))[0] == 0
-    train, test, meta = load(tmp_path / "out")
+    meta = load(tmp_path / "out")[2]
     long = 0
-    for record in train + test:
+    for record in load_all(tmp_path / "out"):
         prompt, full = reference_tokens(pythia, record)
         long += len(full) > max_len
         assert torch.equal(record["input_ids"], full[:max_len])
@@ -197,11 +226,12 @@ def test_record_whose_prompt_fills_the_window_is_dropped(pythia, tmp_path, capsy
     code, out, _ = prepare(data_file, pythia, tmp_path / "masked", "--max_seq_length", "150", "--mask_inputs", "true",
                            "--test_size", "4", capsys=capsys)
     assert code == 0 and "1 dropped" in out
-    train, test, meta = load(tmp_path / "masked")
-    assert meta["counts"] == {"read": 40, "train": 35, "test": 4, "truncated": meta["counts"]["truncated"],
+    meta = load(tmp_path / "masked")[2]
+    records = load_all(tmp_path / "masked")
+    assert meta["counts"] == {"read": 40, "train": 33, "val": 2, "test": 4, "truncated": meta["counts"]["truncated"],
                               "dropped": 1}
-    assert "word word" not in {r["instruction"][:9] for r in train + test}
-    assert all((r["labels"] != -100).any() for r in train + test)
+    assert "word word" not in {r["instruction"][:9] for r in records}
+    assert all((r["labels"] != -100).any() for r in records)
 
     # unmasked, the same record still teaches something: truncated, not dropped
     assert prepare(data_file, pythia, tmp_path / "unmasked", "--max_seq_length", "150", "--test_size", "4")[0] == 0
@@ -214,10 +244,11 @@ def test_sst2_tsv_with_columns_and_output_values(pythia, tmp_path, capsys):
                            "--output_values", SST2_VALUES, "--test_split_fraction", "0.1", capsys=capsys)
     assert code == 0 and "300 records" in out and str(tmp_path / "out") in out
     train, test, meta = load(tmp_path / "out")
-    assert len(test) == 30 and len(train) == 270
+    assert len(test) == 30 and len(load_val(tmp_path / "out")) == 14 and len(train) == 256  # 14: 5% of 270
+    assert meta["labels"] == ["negative", "positive"]
     with open(data_file, encoding="utf-8", newline="") as f:
         rows = {row["text"]: row["label"] for row in csv.DictReader(f, delimiter="\t")}
-    for record in train + test:
+    for record in load_all(tmp_path / "out"):
         assert record["instruction"] == json.loads(SST2_COLUMNS)["instruction"][1:]
         assert record["output"] == {"1": "positive", "0": "negative"}[rows[record["input"]]]
     assert meta["columns"] == json.loads(SST2_COLUMNS)
@@ -235,18 +266,17 @@ def test_jsonl_and_csv_inputs(pythia, tmp_path):
         writer.writerows(records)  # outputs with commas, quotes and newlines: quoted by the csv module
     for data_file in (jsonl, table):
         assert prepare(data_file, pythia, tmp_path / data_file.suffix[1:], "--test_size", "3")[0] == 0
-        train, test, _ = load(tmp_path / data_file.suffix[1:])
         key = lambda r: (r["instruction"], r["input"], r["output"])  # noqa: E731
-        assert sorted(map(key, train + test)) == sorted(map(key, records))
+        assert sorted(map(key, load_all(tmp_path / data_file.suffix[1:]))) == sorted(map(key, records))
 
 
 def test_default_destination_and_block_size_from_model_config(tmp_path, monkeypatch):
     folder = checkpoint(tmp_path / "falcon", "falcon", "model_config.yaml", block_size=96)
     monkeypatch.chdir(tmp_path)
     assert main(["prepare", "--data_file", str(ALPACA_335), "--checkpoint_dir", str(folder)]) == 0
-    train, test, meta = load(tmp_path / "data" / ALPACA_335.stem)
+    meta = load(tmp_path / "data" / ALPACA_335.stem)[2]
     assert meta["max_seq_length"] == 96
-    assert max(len(r["input_ids"]) for r in train + test) == 96
+    assert max(len(r["input_ids"]) for r in load_all(tmp_path / "data" / ALPACA_335.stem)) == 96
 
 
 def test_load_prepared_and_tokenizer_identity(alpaca_masked, pythia, tmp_path):
@@ -294,6 +324,14 @@ def bad_files(tmp: Path, pythia: Path) -> dict:
     del no_instruction[12]["instruction"]
     jsonl = "\n".join(json.dumps(r) for r in GOOD[:5]) + '\n{"instruction": "x", "output": \n'
     csv_text = "instruction,input,output\nA,,B\nC,D\nE,,F\n"
+    sst2 = write_sst2_subset(tmp / "sst2_train.tsv", 20)
+    other_header = write(tmp / "dev_other.tsv", "sentence\tlabel\na fine film\t1\na dull film\t0\n")
+    unmapped_label = write(tmp / "dev_unmapped.tsv", "text\tlabel\na fine film\t1\nso so\t2\n")
+    sst2_flags = ["--columns", SST2_COLUMNS, "--output_values", SST2_VALUES]
+    broken_template = with_chat_template(tmp / "broken_template", "{% for m in messages %}{{ m['content'] }")
+    refusing_template = with_chat_template(
+        tmp / "refusing_template", "{% if messages[0]['role'] != 'system' %}{{ raise_exception('a system message "
+        "is required') }}{% endif %}{{ messages[0]['content'] }}")
     return {
         "missing file": (tmp / "nope.json", pythia, [], ["nope.json", "no such file"]),
         "empty file": (write(tmp / "empty.json", "  \n"), pythia, [], ["empty.json", "empty"]),
@@ -313,7 +351,8 @@ def bad_files(tmp: Path, pythia: Path) -> dict:
                                ["broken.jsonl: line 6 (record 5) is not valid JSON"]),
         "csv row with missing field": (write(tmp / "short.csv", csv_text), pythia, [],
                                        ["short.csv: record 1 (line 3) has 2 fields, the header has 3"]),
-        "test split empty": (good, pythia, ["--test_split_fraction", "0.01"], ["good.json", "test split empty"]),
+        "one usable record": (write(tmp / "one.json", json.dumps(GOOD[:1])), pythia, [],
+                              ["one.json: 1 usable record", "at least 2", "--test_file"]),
         "test split as large as data": (good, pythia, ["--test_size", "20"], ["good.json", "--test_size 20",
                                                                              "none to train on"]),
         "checkpoint without tokenizer": (good, no_tokenizer, [], ["no_tokenizer: no tokenizer.json or tokenizer.model"]),
@@ -328,15 +367,40 @@ def bad_files(tmp: Path, pythia: Path) -> dict:
         "unknown prompt style": (good, pythia, ["--prompt_style", "nope"], ["--prompt_style 'nope'", "alpaca"]),
         "everything dropped": (good, pythia, ["--mask_inputs", "true", "--max_seq_length", "20"],
                                ["good.json: all 20 records dropped", "raise --max_seq_length"]),
+        "test file with other columns": (sst2, pythia, ["--test_file", str(other_header), *sst2_flags],
+                                         ["dev_other.tsv: no column 'text'", "header has sentence, label"]),
+        "test file output not in output_values": (sst2, pythia, ["--test_file", str(unmapped_label), *sst2_flags],
+                                                  ["dev_unmapped.tsv: record 1 (line 3): output '2' is not in "
+                                                   "--output_values"]),
+        "missing test file": (good, pythia, ["--test_file", str(tmp / "nope.tsv")], ["nope.tsv: no such file"]),
+        "test_size with test_file": (good, pythia, ["--test_file", str(good), "--test_size", "3"],
+                                     ["--test_size and --test_file exclude each other"]),
+        "negative val_size": (good, pythia, ["--val_size", "-1"], ["--val_size must be >= 0"]),
+        "val split as large as training data": (good, pythia, ["--val_size", "19"],
+                                                ["good.json: --val_size 19", "of the 19 usable training records",
+                                                 "none to train on"]),
+        "system without chat": (good, pythia, ["--system", "Be brief."],
+                                ["--system goes with --prompt_style chat", "'alpaca'"]),
+        "chat without template": (good, pythia, ["--prompt_style", "chat"],
+                                  ["pythia: --prompt_style chat needs the model's chat template", "has none",
+                                   "--prompt_style alpaca"]),
+        "invalid chat template": (good, broken_template, ["--prompt_style", "chat"],
+                                  ["broken_template/tokenizer_config.json (chat_template): not a valid Jinja "
+                                   "template (line 1"]),
+        "chat template raises": (good, refusing_template, ["--prompt_style", "chat"],
+                                 ["the model's chat template failed", "a system message is required"]),
     }
 
 
 BAD_CASES = [
     "missing file", "empty file", "invalid json", "top level not a list", "record not an object", "no output",
-    "no instruction", "non-string field", "invalid jsonl line", "csv row with missing field", "test split empty",
+    "no instruction", "non-string field", "invalid jsonl line", "csv row with missing field",
     "test split as large as data", "checkpoint without tokenizer", "tokenizer without eos", "no block size",
     "bad columns key", "column not in header", "output not in output_values", "unknown prompt style",
-    "everything dropped",
+    "everything dropped", "one usable record", "test file with other columns",
+    "test file output not in output_values", "missing test file", "test_size with test_file", "negative val_size",
+    "val split as large as training data", "system without chat", "chat without template", "invalid chat template",
+    "chat template raises",
 ]
 
 
@@ -377,3 +441,350 @@ def test_cli_subprocess_error_is_one_line(tmp_path):
     assert [line for line in result.stderr.splitlines() if "error" in line] == [
         f"littune: error: {tmp_path / 'missing.jsonl'}: no such file"]
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------ official test file, validation split
+
+
+def write_tsv_slice(source: Path, path: Path, start: int, rows: int) -> Path:
+    """Rows start..start+rows of a TSV file (after its header), with the header."""
+    with open(source, encoding="utf-8") as f:
+        lines = f.readlines()
+    path.write_text("".join([lines[0], *lines[1 + start : 1 + start + rows]]), encoding="utf-8")
+    return path
+
+
+def tsv_rows(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8", newline="") as f:
+        return list(csv.DictReader(f, delimiter="\t"))
+
+
+def test_sst2_official_test_file(pythia, tmp_path, capsys):
+    """--test_file: GLUE dev as the test split, in its own order; --columns/--output_values apply to both files; the
+    validation split comes out of the training file only."""
+    train_file = write_tsv_slice(SST2_TRAIN, tmp_path / "train.tsv", 0, 200)
+    dev_file = write_tsv_slice(SST2_DEV, tmp_path / "dev.tsv", 0, 60)
+    code, out, err = prepare(train_file, pythia, tmp_path / "out", "--test_file", str(dev_file), "--columns",
+                             SST2_COLUMNS, "--output_values", SST2_VALUES, capsys=capsys)
+    assert code == 0, err
+    assert "200 records from" in out and "60 test records from" in out
+    assert "190 train, 10 val, 60 test, 0 truncated" in out and "Labels: negative, positive" in out
+    train, test, meta = load(tmp_path / "out")
+    val = load_val(tmp_path / "out")
+    assert (len(train), len(val), len(test)) == (190, 10, 60)  # val: 5% of the 200 training records
+    assert meta["counts"] == {"read": 260, "train": 190, "val": 10, "test": 60, "truncated": 0, "dropped": 0}
+
+    names = {"1": "positive", "0": "negative"}
+    assert [(r["input"], r["output"]) for r in test] == [(row["text"], names[row["label"]]) for row in tsv_rows(dev_file)]
+    key = lambda r: (r["input"], r["output"])  # noqa: E731
+    assert sorted(map(key, train + val)) == sorted((row["text"], names[row["label"]]) for row in tsv_rows(train_file))
+    assert all(r["instruction"] == json.loads(SST2_COLUMNS)["instruction"][1:] for r in train + val + test)
+
+    assert meta["data_file"] == str(train_file.resolve()) and meta["data_sha256"] == sha256(train_file)
+    assert meta["test_file"] == str(dev_file.resolve()) and meta["test_sha256"] == sha256(dev_file)
+    assert meta["labels"] == ["negative", "positive"]
+    assert meta["test_split_fraction"] is None and meta["test_size"] is None
+
+    # the same seed gives the same bytes; another seed another validation split, the same test split
+    assert prepare(train_file, pythia, tmp_path / "again", "--test_file", str(dev_file), "--columns", SST2_COLUMNS,
+                   "--output_values", SST2_VALUES)[0] == 0
+    assert prepare(train_file, pythia, tmp_path / "other", "--test_file", str(dev_file), "--columns", SST2_COLUMNS,
+                   "--output_values", SST2_VALUES, "--seed", "1")[0] == 0
+    for name in ("train.pt", "val.pt", "test.pt"):
+        assert sha256(tmp_path / "out" / name) == sha256(tmp_path / "again" / name)
+    assert sha256(tmp_path / "out" / "val.pt") != sha256(tmp_path / "other" / "val.pt")
+    assert sha256(tmp_path / "out" / "test.pt") == sha256(tmp_path / "other" / "test.pt")
+
+
+def test_label_set_rule():
+    assert label_set(["positive", "negative", "Positive ", "negative"]) == ["negative", "positive"]
+    assert label_set(["a", "a", "b"]) is None  # a label seen once: free text, or too few records to tell
+    assert label_set(["a", "a"]) is None  # one value is no classification
+    assert label_set([str(i) for i in range(21)] * 2) is None  # more than 20 values
+    assert label_set([str(i) for i in range(20)] * 2) == sorted(str(i) for i in range(20))
+
+
+def test_label_set_counts_the_test_file_too(pythia, tmp_path):
+    """A label seen once in the training file and once in the test file still makes a label set."""
+    records = [{"instruction": "Sort.", "input": str(i), "output": ["a", "b"][i % 2]} for i in range(10)]
+    records.append({"instruction": "Sort.", "input": "10", "output": "c"})
+    (tmp_path / "train.json").write_text(json.dumps(records))
+    (tmp_path / "test.json").write_text(json.dumps([{"instruction": "Sort.", "input": "x", "output": "c"}]))
+    assert prepare(tmp_path / "train.json", pythia, tmp_path / "alone")[0] == 0
+    assert load(tmp_path / "alone")[2]["labels"] is None
+    assert prepare(tmp_path / "train.json", pythia, tmp_path / "both", "--test_file", str(tmp_path / "test.json"))[0] == 0
+    assert load(tmp_path / "both")[2]["labels"] == ["a", "b", "c"]
+
+
+@pytest.mark.parametrize("records, flags, sizes", [
+    (2, [], (1, 0, 1)),  # (train, val, test): the smallest file still has a test record
+    (3, [], (1, 1, 1)),
+    (20, [], (18, 1, 1)),
+    (20, ["--val_size", "0"], (19, 0, 1)),
+    (20, ["--val_size", "5", "--test_size", "4"], (11, 5, 4)),
+    (20, ["--test_split_fraction", "0.99"], (1, 0, 19)),  # a fraction never takes the last training record
+])
+def test_split_sizes(records, flags, sizes, pythia, tmp_path):
+    data_file = write(tmp_path / "data.json", json.dumps(GOOD[:records]))
+    assert prepare(data_file, pythia, tmp_path / "out", *flags)[0] == 0
+    train, test, meta = load(tmp_path / "out")
+    val = load_val(tmp_path / "out")
+    assert (len(train), len(val), len(test)) == sizes
+    assert (meta["counts"]["train"], meta["counts"]["val"], meta["counts"]["test"]) == sizes
+    assert (tmp_path / "out" / "val.pt").is_file() == (sizes[1] > 0)
+    assert validation_split_name(tmp_path / "out") == ("val" if sizes[1] else "test")
+    key = lambda r: r["output"]  # noqa: E731
+    assert sorted(map(key, train + val + test)) == sorted(r["output"] for r in GOOD[:records])
+
+
+def test_split_sizes_helper_caps_the_validation_split():
+    data_file = Path("data.json")
+    assert split_sizes(20_000, 0.03865, None, None, None, data_file) == (773, 500)  # 5% would be 961
+    assert split_sizes(1_000, 0.03865, None, None, None, data_file) == (39, 48)
+    assert split_sizes(1, 0.03865, None, None, Path("test.json"), data_file) == (0, 0)  # the one record trains
+    assert split_sizes(4, 0.03865, None, None, Path("test.json"), data_file) == (0, 1)
+
+
+def test_val_size_zero_removes_a_stale_val_file(pythia, tmp_path):
+    data_file = write(tmp_path / "data.json", json.dumps(GOOD))
+    assert prepare(data_file, pythia, tmp_path / "out")[0] == 0
+    assert validation_split_name(tmp_path / "out") == "val"
+    assert prepare(data_file, pythia, tmp_path / "out", "--val_size", "0")[0] == 0
+    assert not (tmp_path / "out" / "val.pt").exists() and validation_split_name(tmp_path / "out") == "test"
+    with pytest.raises(UserError, match="no val.pt: prepared without a validation split"):
+        load_split(tmp_path / "out", "val")
+
+
+def test_load_split(alpaca_masked, tmp_path):
+    train, test, _ = load_prepared(alpaca_masked)
+    assert [r["instruction"] for r in load_split(alpaca_masked, "train")] == [r["instruction"] for r in train]
+    assert [r["instruction"] for r in load_split(alpaca_masked, "test")] == [r["instruction"] for r in test]
+    val = load_split(alpaca_masked, "val")
+    assert len(val) == 16 and torch.equal(val[0]["input_ids"], load_val(alpaca_masked)[0]["input_ids"])
+    assert validation_split_name(alpaca_masked) == "val"
+
+    with pytest.raises(UserError, match="split 'dev': unknown; choose one of train, val, test"):
+        load_split(alpaca_masked, "dev")
+    with pytest.raises(UserError, match="no train.pt; prepare the data first: littune prepare"):
+        load_split(tmp_path, "train")
+    (tmp_path / "val.pt").write_bytes(b"not a torch file")
+    with pytest.raises(UserError, match=r"val.pt: cannot read .*; re-run littune prepare"):
+        load_split(tmp_path, "val")
+    torch.save({"not": "records"}, tmp_path / "test.pt")
+    with pytest.raises(UserError, match="test.pt: not a list of prepared records; re-run littune prepare"):
+        load_split(tmp_path, "test")
+    # a folder from before val.pt: model selection falls back on the test split
+    (tmp_path / "val.pt").unlink()
+    assert validation_split_name(tmp_path) == "test"
+
+
+def test_truncation_is_printed_and_warned_when_most_records_are_cut(pythia, tmp_path, capsys):
+    code, out, err = prepare(ALPACA_335, pythia, tmp_path / "short", "--max_seq_length", "24", capsys=capsys)
+    truncated = load(tmp_path / "short")[2]["counts"]["truncated"]
+    assert code == 0 and truncated > 335 / 2
+    assert f"{truncated} truncated to 24 tokens" in out
+    warnings = [line for line in err.splitlines() if line.startswith("littune: warning:")]
+    assert warnings == [f"littune: warning: {truncated} of 335 records were truncated to --max_seq_length 24 tokens, "
+                        f"cutting off their responses; raise --max_seq_length"]
+
+    code, out, err = prepare(ALPACA_335, pythia, tmp_path / "long", capsys=capsys)
+    assert code == 0 and "0 truncated to 2048 tokens" in out and "warning" not in err
+
+
+# ----------------------------------------------------------------------------------------- chat template style
+
+
+@pytest.fixture(scope="module")
+def smollm2_files(tmp_path_factory) -> tuple[Path, str]:
+    """SmolLM2-135M-Instruct's real tokenizer (vocabulary, merges, special tokens) and chat template, rebuilt from the
+    GGUF file's metadata as tokenizer.json; returns (folder holding tokenizer.json, the template)."""
+    import gguf
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    fields = gguf.GGUFReader(SMOLLM2_GGUF).fields
+    tokens = fields["tokenizer.ggml.tokens"].contents()
+    merges = [tuple(merge.split(" ", 1)) for merge in fields["tokenizer.ggml.merges"].contents()]
+    special = [token for token, kind in zip(tokens, fields["tokenizer.ggml.token_type"].contents()) if kind == 3]
+    tokenizer = Tokenizer(models.BPE(vocab={token: i for i, token in enumerate(tokens)}, merges=merges))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens([AddedToken(token, special=True) for token in special])
+    folder = tmp_path_factory.mktemp("smollm2")
+    tokenizer.save(str(folder / "tokenizer.json"))
+    return folder, fields["tokenizer.chat_template"].contents()
+
+
+def smollm2_checkpoint(smollm2_files, folder: Path, eos_token: str = "<|im_end|>") -> Path:
+    """A SmolLM2 tokenizer folder with tokenizer_config.json as the Hub repo has it (eos_token may be changed)."""
+    tokenizer_dir, template = smollm2_files
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer.json").write_bytes((tokenizer_dir / "tokenizer.json").read_bytes())
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<|im_start|>", "eos_token": eos_token, "pad_token": "<|im_end|>", "unk_token": "<|endoftext|>",
+        "tokenizer_class": "GPT2Tokenizer", "model_max_length": 8192, "chat_template": template}))
+    (folder / "config.json").write_text(json.dumps({"max_position_embeddings": 8192}))
+    return folder
+
+
+@functools.cache
+def hf_tokenizer(checkpoint_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(checkpoint_dir)
+
+
+def transformers_prompt(checkpoint_dir: Path, instruction: str, input: str = "", system=None) -> str:
+    """What transformers renders for the same conversation: the reference the chat style must equal."""
+    messages = [{"role": "system", "content": system}] if system else []
+    messages.append({"role": "user", "content": instruction + (f"\n\n{input}" if input else "")})
+    return hf_tokenizer(checkpoint_dir).apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+CHAT_CASES = [("Name three primary colors.", "", None),
+              ("Classify the sentiment.", "a charming and often affecting journey", None),
+              ("Translate to German.", "Ünïcödé — 東京 😀", "You answer in one line.")]
+
+
+def test_chat_style_renders_like_transformers(smollm2_files, tmp_path):
+    folder = smollm2_checkpoint(smollm2_files, tmp_path / "smollm2")
+    for instruction, input, system in CHAT_CASES:
+        style = style_by_name("chat", folder, system)
+        assert style.apply(instruction, input=input) == transformers_prompt(folder, instruction, input, system)
+    style = style_by_name("chat", folder)
+    assert style.apply("Hi.").startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+    assert style.apply("Hi.", sys_prompt="Be brief.").startswith("<|im_start|>system\nBe brief.<|im_end|>")
+
+
+def test_chat_style_template_features_match_transformers(tmp_path):
+    """bos_token, tojson (no HTML escaping), loop controls, raise_exception and {% generation %} as transformers has
+    them."""
+    template = (
+        "{{ bos_token }}{% for m in messages %}{% if m['role'] not in ['system', 'user'] %}"
+        "{{ raise_exception('unexpected role') }}{% endif %}[{{ m['role'] | upper }}] {{ m['content'] | tojson }}\n"
+        "{% if loop.index > 5 %}{% break %}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{% generation %}[ASSISTANT]{% endgeneration %}{% endif %}"
+    )
+    folder = with_chat_template(tmp_path / "falcon", template, family="falcon", bos_token="<|endoftext|>")
+    for instruction, input, system in CHAT_CASES + [("a <b> & 'c'", "", None)]:
+        style = style_by_name("chat", folder, system)
+        assert style.apply(instruction, input=input) == transformers_prompt(folder, instruction, input, system)
+
+
+def test_stop_tokens_include_the_end_of_turn_token(smollm2_files, tmp_path):
+    from litgpt import Tokenizer
+
+    # SmolLM2 base and Qwen end text with <|endoftext|> but a chat turn with <|im_end|>
+    folder = smollm2_checkpoint(smollm2_files, tmp_path / "smollm2", eos_token="<|endoftext|>")
+    tokenizer = Tokenizer(folder)
+    style = style_by_name("chat", folder)
+    im_end = tokenizer.token_to_id("<|im_end|>")
+    assert (tokenizer.eos_id, im_end) == (0, 2)
+    assert style.end_of_turn() == "<|im_end|>"
+    assert style.stop_tokens(tokenizer) == ([0], [2])
+    # the Hub's tokenizer_config: EOS is <|im_end|> already, listed once
+    instruct = smollm2_checkpoint(smollm2_files, tmp_path / "instruct")
+    assert style_by_name("chat", instruct).stop_tokens(Tokenizer(instruct)) == ([2],)
+    # a template whose end-of-turn text is not one token of the vocabulary adds nothing
+    pythia_chatml = with_chat_template(tmp_path / "pythia", smollm2_files[1])
+    assert style_by_name("chat", pythia_chatml).stop_tokens(Tokenizer(pythia_chatml)) == ([0],)
+
+
+def test_prepare_chat_writes_a_style_that_round_trips(smollm2_files, tmp_path, capsys):
+    """prepare --prompt_style chat on SmolLM2-Instruct: prompt_style.yaml restores the same style, and every prompt
+    is token for token what transformers' rendering tokenises to."""
+    from litgpt import Tokenizer
+
+    # named as the Hub repo: litgpt adds SmolLM2-Instruct's BOS (<|im_start|>) itself, so the style strips its text
+    folder = smollm2_checkpoint(smollm2_files, tmp_path / "SmolLM2-135M-Instruct")
+    records = json.loads(ALPACA_335.read_text())[:30]
+    data_file = write(tmp_path / "alpaca30.json", json.dumps(records))
+    code, _, err = prepare(data_file, folder, tmp_path / "out", "--prompt_style", "chat", "--system",
+                           "You are terse.", capsys=capsys)
+    assert code == 0, err
+    meta = load(tmp_path / "out")[2]
+    assert meta["prompt_style"] == "chat" and meta["system"] == "You are terse."
+    config = yaml.safe_load((tmp_path / "out" / "prompt_style.yaml").read_text())
+    assert config["class_path"] == "littune.data.ChatTemplate"
+    assert config["init_args"] == {"template": smollm2_files[1], "bos_token": "<|im_start|>",
+                                   "eos_token": "<|im_end|>", "system": "You are terse.", "strip_bos": True}
+
+    restored = load_style_file(tmp_path / "out")
+    assert restored == style_by_name("chat", folder, "You are terse.")
+    tokenizer = Tokenizer(folder)
+    for record in load_all(tmp_path / "out"):
+        expected = transformers_prompt(folder, record["instruction"], record["input"], "You are terse.")
+        assert restored.apply(record["instruction"], input=record["input"]) == expected.removeprefix("<|im_start|>")
+        assert record["input_ids_no_response"].tolist() == tokenizer.processor.encode(expected).ids
+        assert record["input_ids"][-1] == tokenizer.eos_id == 2
+
+    # save_style writes the same file again, atomically, and litgpt's own files still load
+    save_style(restored, tmp_path / "copy")
+    assert (tmp_path / "copy" / "prompt_style.yaml").read_text() == (tmp_path / "out" / "prompt_style.yaml").read_text()
+    from litgpt.prompts import Alpaca, save_prompt_style
+
+    save_prompt_style("alpaca", tmp_path)
+    assert isinstance(load_style_file(tmp_path), Alpaca)
+
+
+def test_chat_prompt_has_one_bos(smollm2_files, tmp_path):
+    """Where litgpt's Tokenizer adds BOS itself, a template's leading BOS text is dropped: one BOS, not two."""
+    from litgpt import Tokenizer
+
+    # litgpt adds BOS for a folder named SmolLM2-*-Instruct; SmolLM2's BOS is <|im_start|>, the template's first text
+    folder = smollm2_checkpoint(smollm2_files, tmp_path / "SmolLM2-135M-Instruct")
+    tokenizer = Tokenizer(folder)
+    assert tokenizer.use_bos and tokenizer.bos_id == 1
+    style = style_by_name("chat", folder)
+    expected = transformers_prompt(folder, "Hi.")
+    assert style.apply("Hi.") == expected.removeprefix("<|im_start|>")
+    ids = tokenizer.encode(style.apply("Hi.")).tolist()
+    assert ids == tokenizer.processor.encode(expected).ids and ids[0] == 1 and ids[1] != 1
+
+    # SentencePiece (Llama 2's template starts with {{ bos_token }}): "<s>" as text would be the pieces <, s, >
+    template = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+                "{% else %}{{ m['content'] }} {{ eos_token }}{% endif %}{% endfor %}")
+    llama = with_chat_template(tmp_path / "llama", template, family="llama", bos_token="<s>", eos_token="</s>",
+                               tokenizer_class="LlamaTokenizer", add_bos_token=True)
+    data_file = write(tmp_path / "data.json", json.dumps(GOOD))
+    assert prepare(data_file, llama, tmp_path / "out", "--prompt_style", "chat")[0] == 0
+    sp = Tokenizer(llama)
+    for record in load_all(tmp_path / "out"):
+        prompt = record["input_ids_no_response"].tolist()
+        assert prompt[0] == sp.bos_id and sp.bos_id not in prompt[1:]
+        assert sp.decode(record["input_ids_no_response"]).startswith(f"[INST] {record['instruction']}")
+    assert style_by_name("chat", llama).stop_tokens(sp) == ([sp.eos_id],)  # </s> is the EOS
+
+
+def test_chat_template_sources(tmp_path):
+    """chat_template.jinja wins over tokenizer_config.json (as in transformers); a list of named templates gives its
+    default one; a checkpoint without any asked for chat is one line."""
+    folder = with_chat_template(tmp_path / "named", [{"name": "tool_use", "template": "TOOLS"},
+                                                     {"name": "default", "template": "DEFAULT {{ messages[0]['content'] }}"}])
+    assert style_by_name("chat", folder).apply("x") == "DEFAULT x"
+    (folder / "chat_template.jinja").write_text("JINJA {{ messages[-1]['content'] }}")
+    assert style_by_name("chat", folder).apply("x", input="y") == "JINJA x\n\ny"
+    with pytest.raises(UserError, match="has none"):
+        style_by_name("chat", checkpoint(tmp_path / "plain", "pythia"))
+
+
+def test_load_style_file_errors(tmp_path):
+    with pytest.raises(UserError, match="no prompt_style.yaml; prepare the data with littune prepare"):
+        load_style_file(tmp_path)
+    cases = {
+        "class_path: [unclosed\n": "invalid YAML",
+        "- a list\n": "expected 'class_path: MODULE.CLASS'",
+        "class_path: os.system\n": "unknown prompt style class 'os.system'",
+        "class_path: litgpt.prompts.Nope\n": "unknown prompt style class 'litgpt.prompts.Nope'",
+        "class_path: littune.data.ChatTemplate\n": "needs init_args with a template string",
+        "class_path: littune.data.ChatTemplate\ninit_args: {template: x, colour: red}\n": "needs init_args",
+        "class_path: littune.data.ChatTemplate\ninit_args: 3\n": "init_args must be a mapping",
+        "class_path: littune.data.ChatTemplate\ninit_args: {template: '{% if %}'}\n": "not a valid Jinja template",
+        "class_path: litgpt.prompts.Alpaca\ninit_args: {colour: red}\n": "cannot build litgpt.prompts.Alpaca",
+    }
+    for text, message in cases.items():
+        (tmp_path / "prompt_style.yaml").write_text(text)
+        with pytest.raises(UserError, match=message) as error:
+            load_style_file(tmp_path)
+        assert "\n" not in str(error.value)
+    (tmp_path / "prompt_style.yaml").write_text("class_path: litgpt.prompts.ChatML\ninit_args: {system_message: Hi}\n")
+    assert load_style_file(tmp_path).system_message == "Hi"
