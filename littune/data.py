@@ -737,8 +737,18 @@ def style_yaml(style) -> str:
     config: dict[str, Any] = {"class_path": f"{cls.__module__}.{cls.__name__}"}
     if isinstance(style, chat_template_class()):
         config["init_args"] = style.init_args()
-    # width: no folding of long template lines, so the file reads as the template does
-    return yaml.safe_dump(config, sort_keys=False, allow_unicode=True, width=1 << 30)
+    # multi-line text as a block and no folding of long lines, so the file reads as the template does
+    return yaml.dump(config, Dumper=BlockTextDumper, sort_keys=False, allow_unicode=True, width=1 << 30)
+
+
+class BlockTextDumper(yaml.SafeDumper):
+    """safe_dump that writes multi-line strings as `|` blocks (PyYAML falls back to quotes where a block would not
+    read back exactly, e.g. trailing spaces)."""
+
+
+BlockTextDumper.add_representer(
+    str, lambda dumper, text: dumper.represent_scalar("tag:yaml.org,2002:str", text, style="|" if "\n" in text else None)
+)
 
 
 def style_from_class_path(class_path: str, init_args: dict, path: Path):
