@@ -4,7 +4,9 @@
     littune convert --checkpoint_dir DIR              # an HF folder already on disk
 
 - `hub.py`: the download (huggingface_hub), its errors as one line;
-- `hf.py`: Lit-GPT configs built from `config.json`, streamed HF -> Lit conversion with litgpt's copiers.
+- `hf.py`: Lit-GPT configs built from `config.json`, streamed HF -> Lit conversion with litgpt's copiers;
+- `gguf.py`: GGUF files (llama.cpp's format, `--gguf_file`): dequantized weights, config and tokenizer files from the
+  file's metadata, through the same streamed conversion.
 
 torch is imported inside the functions that use it, so that commands that fail early (or only download) start fast.
 """

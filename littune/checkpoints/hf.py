@@ -40,20 +40,32 @@ def convert(
     checkpoint_dir: Path,
     model_name: Optional[str] = None,
     dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None,
+    gguf_file: Optional[str] = None,
 ) -> None:
     """Convert a Hugging Face checkpoint folder on disk to Lit-GPT format (`lit_model.pth`, `model_config.yaml`).
 
+    A folder holding a GGUF file (llama.cpp's format) instead of HF weights is converted from it: weights
+    (dequantized), config and tokenizer files all come from the GGUF file.
+
     Arguments:
-        checkpoint_dir: A folder holding an HF model: config.json and *.safetensors or *.bin weights.
+        checkpoint_dir: A folder holding an HF model (config.json and *.safetensors or *.bin weights) or a .gguf file.
         model_name: The litgpt config name to use (default: the folder name if litgpt knows it, else config.json).
-        dtype: Convert the weights to this dtype (default: keep the dtype of the files).
+        dtype: Convert the weights to this dtype (default: keep the dtype of the files; float32 for GGUF).
+        gguf_file: The .gguf file in the folder to convert (default: the folder's only .gguf file, when the folder
+            has no HF weights).
     """
     import torch
     from litgpt.utils import incremental_save
 
+    from littune.checkpoints.gguf import convert_gguf, find_gguf_file
+
     checkpoint_dir = Path(checkpoint_dir)
     if not checkpoint_dir.is_dir():
         raise UserError(f"{checkpoint_dir}: no such folder (download it first: littune download --repo_id ORG/NAME)")
+    gguf_path = find_gguf_file(checkpoint_dir, gguf_file)
+    if gguf_path is not None:
+        convert_gguf(checkpoint_dir, gguf_path, model_name=model_name, dtype=dtype)
+        return
     weight_files = find_weight_files(checkpoint_dir)
     config, family = resolve_config(checkpoint_dir, model_name)
     torch_dtype = getattr(torch, dtype) if dtype else None

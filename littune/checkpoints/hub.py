@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Literal, Optional
 
+from littune.checkpoints.gguf import convert_gguf
 from littune.checkpoints.hf import (CONFIG_FILES, NOT_WEIGHTS, TOKENIZER_FILES, _check_convertible,
                                          find_weight_files, models)
 from littune.checkpoints.hf import convert as convert_folder
@@ -23,6 +24,7 @@ def download(
     dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None,
     tokenizer_only: bool = False,
     convert: bool = True,
+    gguf_file: Optional[str] = None,
 ) -> None:
     """Download a model from the Hugging Face Hub into CHECKPOINT_DIR/ORG/NAME and convert it to Lit-GPT format.
 
@@ -38,6 +40,9 @@ def download(
         dtype: Convert the weights to this dtype (default: keep the dtype of the downloaded files).
         tokenizer_only: Download only the config and tokenizer files (enough for `littune prepare`).
         convert: Convert to Lit-GPT format after downloading.
+        gguf_file: For a repo of GGUF files (llama.cpp's format): the one to download and convert, e.g.
+            `model.Q4_K_M.gguf`. Only that file is fetched: it holds the weights, config and tokenizer
+            (with --tokenizer_only the whole file is fetched too, and only the tokenizer files are written).
     """
     if repo_id == "list":
         models()
@@ -51,14 +56,22 @@ def download(
     local_dir = Path(checkpoint_dir) / repo_id
     convert_after = convert and not tokenizer_only
     if constants.HF_HUB_OFFLINE:
-        _check_offline_folder(repo_id, local_dir, tokenizer_only)
+        if gguf_file and not (local_dir / gguf_file).is_file():
+            raise UserError(f"HF_HUB_OFFLINE is set and {local_dir / gguf_file} does not exist; unset HF_HUB_OFFLINE "
+                            f"to download {repo_id}")
+        if not gguf_file:
+            _check_offline_folder(repo_id, local_dir, tokenizer_only)
         print(f"HF_HUB_OFFLINE is set: using the files in {local_dir}", file=sys.stderr)
     else:
         token = access_token or os.environ.get("HF_TOKEN") or None
         files = _hub_call(repo_id, lambda: _repo_files(repo_id, revision, token))
         read_index = lambda name: _hub_call(repo_id, lambda: _remote_index(repo_id, revision, token, name))  # noqa: E731
-        wanted = _wanted_files(repo_id, files, tokenizer_only, read_index)
-        if convert_after and not _converted(local_dir, dtype):  # refuse an unconvertible model before its weights
+        if gguf_file:
+            wanted = _wanted_gguf(repo_id, files, gguf_file)
+        else:
+            wanted = _wanted_files(repo_id, files, tokenizer_only, read_index)
+        # refuse an unconvertible model before its weights (a GGUF file's metadata is inside it: checked after)
+        if convert_after and not gguf_file and not _converted(local_dir, dtype):
             hf = _hub_call(repo_id, lambda: _remote_config(repo_id, revision, token))
             _check_convertible(hf, local_dir.name, model_name, where=repo_id)
         print(f"Downloading {repo_id}{'@' + revision if revision else ''} to {local_dir}", file=sys.stderr)
@@ -68,16 +81,19 @@ def download(
             raise UserError(
                 f"{repo_id}: download incomplete, missing {', '.join(missing[:5])} in {local_dir}; re-run to resume"
             )
+    if gguf_file and convert and tokenizer_only:  # the tokenizer is inside the GGUF file
+        convert_gguf(local_dir, local_dir / gguf_file, tokenizer_only=True)
     if not convert_after:
         return
-    if _converted(local_dir, dtype):
+    sources = [local_dir / gguf_file] if gguf_file else None
+    if _converted(local_dir, dtype, sources):
         print(
             f"{local_dir / 'lit_model.pth'} is up to date; skipping conversion "
             f"(littune convert --checkpoint_dir {local_dir} redoes it)",
             file=sys.stderr,
         )
         return
-    convert_folder(local_dir, model_name=model_name, dtype=dtype)
+    convert_folder(local_dir, model_name=model_name, dtype=dtype, gguf_file=gguf_file)
 
 
 # ------------------------------------------------------------------------------------------------------ the Hub
@@ -125,6 +141,12 @@ def _wanted_files(repo_id: str, files: list[str], tokenizer_only: bool, read_ind
     training_args.bin, optimizer states or other formats (flax, tf, onnx, gguf): only what conversion reads.
     """
     top_level = {f for f in files if "/" not in f}
+    ggufs = sorted(f for f in files if f.endswith(".gguf"))
+    if ggufs and not any(f.endswith((".safetensors", ".bin")) for f in top_level):
+        raise UserError(
+            f"{repo_id}: the repo holds GGUF files, not Hugging Face weights; pick one with --gguf_file: "
+            f"{', '.join(ggufs[:8])}{' ...' if len(ggufs) > 8 else ''}"
+        )
     wanted = [f for f in CONFIG_FILES + TOKENIZER_FILES if f in top_level]
     if not any(f in top_level for f in ("tokenizer.json", "tokenizer.model")):
         raise UserError(f"{repo_id}: the repo has no tokenizer.json or tokenizer.model; littune needs one of them")
@@ -141,6 +163,15 @@ def _wanted_files(repo_id: str, files: list[str], tokenizer_only: bool, read_ind
         if weights:
             return wanted + weights + [index] * (index in top_level)
     raise UserError(f"{repo_id}: the repo has no weight files (*.safetensors or *.bin); nothing to convert")
+
+
+def _wanted_gguf(repo_id: str, files: list[str], gguf_file: str) -> list[str]:
+    """Just the GGUF file: its metadata holds the config and the tokenizer."""
+    if gguf_file not in files:
+        ggufs = sorted(f for f in files if f.endswith(".gguf"))
+        have = f"its GGUF files: {', '.join(ggufs[:8])}{' ...' if len(ggufs) > 8 else ''}" if ggufs else "none are GGUF"
+        raise UserError(f"{repo_id}: no file {gguf_file!r} in the repo ({have})")
+    return [gguf_file]
 
 
 def _remote_index(repo_id: str, revision: Optional[str], token: Optional[str], name: str) -> list[str]:
@@ -168,16 +199,22 @@ def _check_offline_folder(repo_id: str, local_dir: Path, tokenizer_only: bool) -
             raise UserError(f"HF_HUB_OFFLINE is set and {e}; {hint}") from e
 
 
-def _converted(local_dir: Path, dtype: Optional[str]) -> bool:
-    """lit_model.pth and model_config.yaml exist, are newer than the HF weights and config, and of the asked dtype."""
+def _converted(local_dir: Path, dtype: Optional[str], sources: Optional[list[Path]] = None) -> bool:
+    """lit_model.pth and model_config.yaml exist, are newer than the HF weights and config (or `sources`: the GGUF
+    file), and of the asked dtype."""
     pth, cfg = local_dir / "lit_model.pth", local_dir / "model_config.yaml"
     if not (pth.is_file() and cfg.is_file()):
         return False
-    try:
-        sources = find_weight_files(local_dir)
-    except UserError:
+    if sources is not None and len([p for p in local_dir.rglob("*.gguf") if ".cache" not in p.parts]) > 1:
+        return False  # lit_model.pth may come from another of the folder's GGUF files
+    if sources is None:
+        try:
+            sources = find_weight_files(local_dir)
+        except UserError:
+            return False
+        sources += [f for f in (local_dir / "config.json",) if f.is_file()]
+    if not all(f.is_file() for f in sources):
         return False
-    sources += [f for f in (local_dir / "config.json",) if f.is_file()]
     if pth.stat().st_mtime < max(f.stat().st_mtime for f in sources):
         return False
     if dtype:

@@ -1,0 +1,557 @@
+"""GGUF import: `littune convert` on a folder holding a .gguf file, and `littune download --gguf_file`.
+
+Tiny GGUF files are written here with `gguf.GGUFWriter` in the layout llama.cpp's converter gives them: its tensor
+names, Q and K rows permuted for its RoPE, norms in F32, the 2-D weights in the type under test (quantized with
+`gguf.quants.quantize`; K-quants, which that package only dequantizes, as random blocks with sane scales), the
+tokenizer in the metadata (a small byte-level BPE trained here, special tokens as CONTROL) and a chat template.
+The reference is transformers' own GGUF loading of the same file (and, for F32, the HF model the file was written
+from): logits of littune's conversion run by litgpt's GPT must match within 1e-4. `download --gguf_file` runs in
+subprocesses against the local Hub of tests/hub_server.py, started before the in-process tests.
+"""
+
+import json
+import shutil
+import sys
+import types
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ALPACA_335, TOKENIZERS, assert_clean_error, run_cli
+from hub_server import HubServer
+from littune.cli import main
+
+gguf = pytest.importorskip("gguf")
+Q = gguf.GGMLQuantizationType
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + "
+    "'\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2 as in SmolLM2; bos = 1, eos = 2
+TEXTS = [
+    "Hello world, this is a test of the tokenizer: 1234 ünïcödé and\nnew lines.",
+    "  leading spaces,\ttabs\tand   runs   of spaces  \n\n  x",
+    "Numbers 3.14159 and 2024-01-02, it's we'll they've; émojis 🙂 and 中文.",
+    "Say it<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\nFour<|im_end|>\nok",
+]
+LLAMA_CPP_NAMES = {  # HF name (in a layer) -> llama.cpp's GGUF name
+    "input_layernorm.weight": "attn_norm.weight", "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight", "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight", "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.bias": "attn_k.bias", "self_attn.v_proj.bias": "attn_v.bias",
+}
+# where the float16 scales sit in a block of each K-quant (the rest of a random block is fine as it is)
+K_QUANT_SCALES = {Q.Q2_K: (80, 82), Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,)}
+TYPES = [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q5_0, Q.Q5_1, Q.Q4_0, Q.Q4_1, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K]
+
+
+# ------------------------------------------------------------------------------------------ writing GGUF files
+
+
+def train_bpe(pre: str = "smollm", vocab_size: int = 700):
+    """A byte-level BPE trained on the Alpaca records, with the pre-tokenizer of a llama.cpp `pre` type."""
+    from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers, trainers
+    from tokenizers.models import BPE
+
+    from littune.checkpoints.gguf import PRE_TOKENIZERS
+
+    regex, digits = PRE_TOKENIZERS[pre]
+    steps = [pre_tokenizers.Digits(individual_digits=True)] if digits else []
+    steps += [pre_tokenizers.Split(Regex(regex), behavior="isolated")] if regex else []
+    steps += [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=regex is None)]
+    tokenizer = Tokenizer(BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(steps)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    texts = [" ".join(str(v) for v in r.values()) for r in json.loads(ALPACA_335.read_text())] + TEXTS
+    tokenizer.train_from_iterator(texts, trainer)
+    if pre == "llama-bpe":  # Llama 3's tokenizer.json ignores merges for words that are tokens
+        state = json.loads(tokenizer.to_str())
+        state["model"]["ignore_merges"] = True
+        tokenizer = Tokenizer.from_str(json.dumps(state))
+    return tokenizer
+
+
+def bpe_metadata(tokenizer) -> tuple[list, list, list]:
+    """tokens (by id), token types and merges ("a b") as llama.cpp's converter writes them."""
+    state = json.loads(tokenizer.to_str())
+    vocab = tokenizer.get_vocab()
+    tokens = [None] * len(vocab)
+    for token, i in vocab.items():
+        tokens[i] = token
+    kinds = [gguf.TokenType.CONTROL if t in SPECIAL else gguf.TokenType.NORMAL for t in tokens]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in state["model"]["merges"]]
+    return tokens, kinds, merges
+
+
+def llamacpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's `LlamaModel.permute`: HF's rotate-half rows -> interleaved pairs."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def encode_tensor(w: np.ndarray, qtype, rng) -> tuple[np.ndarray, object]:
+    """(data, raw_dtype) for GGUFWriter.add_tensor: the tensor in `qtype` (random blocks for the K-quants)."""
+    if qtype == Q.F32:
+        return w.astype(np.float32), None
+    if qtype == Q.F16:
+        return gguf.quants.quantize(w, Q.F16), None
+    if qtype in K_QUANT_SCALES:
+        block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
+        blocks = rng.integers(0, 256, size=(w.shape[0], w.shape[1] // block_size, type_size), dtype=np.uint8)
+        for offset in K_QUANT_SCALES[qtype]:
+            scale = rng.uniform(1e-5, 5e-5, size=blocks.shape[:2]).astype(np.float16)
+            blocks[..., offset:offset + 2] = scale.view(np.uint8).reshape(*blocks.shape[:2], 2)
+        return blocks.reshape(w.shape[0], -1), qtype
+    return gguf.quants.quantize(w, qtype), qtype
+
+
+def write_gguf(path: Path, model, tokenizer, qtype=Q.F32, arch: str = "llama", pre: str = "smollm",
+               extra_tensors: dict = (), seed: int = 0) -> Path:
+    """`model` (a transformers Llama/Qwen2) as llama.cpp writes it, with `tokenizer` in the metadata."""
+    c = model.config
+    rng = np.random.default_rng(seed)
+    writer = gguf.GGUFWriter(path, arch)
+    writer.add_name(path.stem)
+    writer.add_context_length(c.max_position_embeddings)
+    writer.add_embedding_length(c.hidden_size)
+    writer.add_block_count(c.num_hidden_layers)
+    writer.add_feed_forward_length(c.intermediate_size)
+    writer.add_head_count(c.num_attention_heads)
+    writer.add_head_count_kv(c.num_key_value_heads)
+    writer.add_rope_freq_base(float(getattr(c, "rope_theta", None) or c.rope_parameters["rope_theta"]))
+    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+    if arch == "llama":
+        writer.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
+        writer.add_vocab_size(c.vocab_size)
+    tokens, kinds, merges = bpe_metadata(tokenizer)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(kinds)
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    writer.add_add_bos_token(False)
+    writer.add_chat_template(CHAT_TEMPLATE)
+
+    state = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    tensors = {"token_embd.weight": state["model.embed_tokens.weight"]}
+    for i in range(c.num_hidden_layers):
+        for hf_suffix, gguf_suffix in LLAMA_CPP_NAMES.items():
+            w = state.get(f"model.layers.{i}.{hf_suffix}")
+            if w is None:
+                continue
+            if arch == "llama" and hf_suffix == "self_attn.q_proj.weight":
+                w = llamacpp_permute(w, c.num_attention_heads)
+            if arch == "llama" and hf_suffix == "self_attn.k_proj.weight":
+                w = llamacpp_permute(w, c.num_key_value_heads)
+            tensors[f"blk.{i}.{gguf_suffix}"] = w
+    tensors["output_norm.weight"] = state["model.norm.weight"]
+    if not c.tie_word_embeddings:
+        tensors["output.weight"] = state["lm_head.weight"]
+    tensors.update(dict(extra_tensors))
+    for name, w in tensors.items():
+        if isinstance(w, tuple):  # (raw bytes, type) given as they are
+            writer.add_tensor(name, w[0], raw_dtype=w[1])
+            continue
+        data, raw_dtype = encode_tensor(w, qtype if w.ndim == 2 else Q.F32, rng)
+        writer.add_tensor(name, data, raw_dtype=raw_dtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def tiny_model(arch: str = "llama", tied: bool = True, seed: int = 0, vocab_size: int = 700):
+    """Sizes that every block size divides (256 for the K-quants); norms away from 1 so that a swap would show."""
+    import transformers
+
+    torch.manual_seed(seed)
+    sizes = dict(vocab_size=vocab_size, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
+                 tie_word_embeddings=tied)
+    if arch == "qwen2":
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**sizes, use_sliding_window=False))
+    else:
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**sizes))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+# ------------------------------------------------------------------------------------------------ comparisons
+
+
+def lit_logits(folder: Path, ids: torch.Tensor) -> torch.Tensor:
+    from litgpt import GPT, Config
+
+    model = GPT(Config.from_file(folder / "model_config.yaml"))
+    model.load_state_dict(torch.load(folder / "lit_model.pth", weights_only=True))
+    with torch.inference_mode():
+        return model.eval()(ids)
+
+
+def transformers_gguf_logits(folder: Path, gguf_name: str, ids: torch.Tensor) -> torch.Tensor:
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=gguf_name, dtype=torch.float32)
+    with torch.inference_mode():
+        return model.eval()(ids).logits
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return (a.float() - b.float()).abs().max().item()
+
+
+def random_ids(vocab_size: int) -> torch.Tensor:
+    return torch.randint(0, vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
+
+
+def run_main(capsys, *args: str):
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return types.SimpleNamespace(returncode=code, stdout=out, stderr=err)
+
+
+def one_error_line(result, *fragments: str) -> str:
+    assert_clean_error(result, *fragments)
+    lines = [line for line in result.stderr.splitlines() if line.startswith("littune: error:")]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def listing(folder: Path) -> set:
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*")}
+
+
+# -------------------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    return train_bpe("smollm")
+
+
+@pytest.fixture(scope="module")
+def llama(bpe):
+    """The tied Llama (like SmolLM2) the quantized files are written from, and an untied one."""
+    return {"tied": tiny_model(tied=True, vocab_size=bpe.get_vocab_size()),
+            "untied": tiny_model(tied=False, seed=1, vocab_size=bpe.get_vocab_size())}
+
+
+@pytest.fixture(scope="module")
+def hub_runs(tmp_path_factory, llama, bpe):
+    """`littune download --gguf_file` against a local Hub, started at once; `hub_runs[name].result()` waits."""
+    src = tmp_path_factory.mktemp("gguf-repo")
+    write_gguf(src / "tiny.Q8_0.gguf", llama["tied"], bpe, Q.Q8_0)
+    write_gguf(src / "tiny.Q4_K.gguf", llama["tied"], bpe, Q.Q4_K)
+    (src / "README.md").write_text("tiny GGUF files\n")
+    base = tmp_path_factory.mktemp("gguf-runs")
+    server = HubServer().start()
+    for repo in ("org/tiny-GGUF", "org/tiny-GGUF-2", "org/tiny-GGUF-3"):
+        server.add_folder(repo, src)
+
+    def run(name, repo, *args):
+        checkpoints, hf_home = base / name / "checkpoints", base / name / "hf_home"
+        env = {"HF_ENDPOINT": server.url, "HF_HOME": str(hf_home), "OMP_NUM_THREADS": "1",
+               "HF_HUB_ETAG_TIMEOUT": "60", "HF_HUB_DOWNLOAD_TIMEOUT": "60", "HF_HUB_OFFLINE": "0"}
+        before = len(server.requests_for(repo))
+        result = run_cli("download", "--repo_id", repo, "--checkpoint_dir", str(checkpoints), *args, env=env,
+                         timeout=300)
+        requests = server.requests_for(repo)[before:]
+        result.gets = [r.path.rsplit("/", 1)[-1] for r in requests if r.method == "GET" and "/resolve/" in r.path]
+        result.folder = checkpoints / repo
+        return result
+
+    def download_twice():
+        first = run("ok", "org/tiny-GGUF", "--gguf_file", "tiny.Q8_0.gguf")
+        return types.SimpleNamespace(first=first, again=run("ok", "org/tiny-GGUF", "--gguf_file", "tiny.Q8_0.gguf"))
+
+    jobs = {
+        "ok": download_twice,
+        "no_gguf_file": lambda: run("no_gguf_file", "org/tiny-GGUF-2"),
+        "missing": lambda: run("missing", "org/tiny-GGUF-3", "--gguf_file", "tiny.Q5_K_M.gguf"),
+    }
+    pool = ThreadPoolExecutor(max_workers=2)
+    futures = {name: pool.submit(job) for name, job in jobs.items()}
+    yield types.SimpleNamespace(futures=futures, src=src)
+    pool.shutdown(wait=True, cancel_futures=True)
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory, llama, bpe, hub_runs):  # hub_runs: the downloads start first and run meanwhile
+    """Per type: a folder holding `tiny.TYPE.gguf`, converted by the CLI."""
+    root = tmp_path_factory.mktemp("gguf")
+    folders = {}
+    for qtype in TYPES:
+        folder = root / f"tiny-{qtype.name}"
+        folder.mkdir()
+        write_gguf(folder / f"tiny.{qtype.name}.gguf", llama["tied"], bpe, qtype)
+        assert main(["convert", "--checkpoint_dir", str(folder)]) == 0
+        folders[qtype] = folder
+    return folders
+
+
+# ----------------------------------------------------------------------------------------------------- tests
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=[t.name for t in TYPES])
+def test_logits_match_transformers_gguf_loading(converted, llama, qtype):
+    folder = converted[qtype]
+    assert {"lit_model.pth", "model_config.yaml", "tokenizer.json", "tokenizer_config.json",
+            "generation_config.json"} <= {p.name for p in folder.iterdir()}
+    assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]
+    ids = random_ids(llama["tied"].config.vocab_size)
+    got = lit_logits(folder, ids)
+    assert got.dtype == torch.float32
+    diff = max_diff(got, transformers_gguf_logits(folder, f"tiny.{qtype.name}.gguf", ids))
+    assert diff <= 1e-4, f"{qtype.name}: max |logits diff| {diff:.2e}"
+    if qtype == Q.F32:  # and the model the file was written from: the Q/K un-permutation is right
+        with torch.inference_mode():
+            assert max_diff(got, llama["tied"](ids).logits) <= 1e-4
+
+
+def test_tied_embeddings(converted):
+    folder = converted[Q.Q8_0]
+    names = {t.name for t in gguf.GGUFReader(folder / "tiny.Q8_0.gguf").tensors}
+    assert "output.weight" not in names and "token_embd.weight" in names
+    state = torch.load(folder / "lit_model.pth", weights_only=True)
+    assert torch.equal(state["lm_head.weight"], state["transformer.wte.weight"])
+
+
+def test_untied_f16_with_model_name_and_dtype(tmp_path, llama, bpe):
+    """output.weight present: its own lm_head. --dtype bfloat16 and the F16 weights reach litgpt as they were."""
+    folder = tmp_path / "untied"
+    folder.mkdir()
+    write_gguf(folder / "untied.F16.gguf", llama["untied"], bpe, Q.F16)
+    assert main(["convert", "--checkpoint_dir", str(folder), "--dtype", "bfloat16"]) == 0
+    state = torch.load(folder / "lit_model.pth", weights_only=True)
+    assert {v.dtype for v in state.values()} == {torch.bfloat16}
+    assert not torch.equal(state["lm_head.weight"], state["transformer.wte.weight"])
+    expected = llama["untied"].lm_head.weight.detach().half().to(torch.bfloat16)
+    assert torch.equal(state["lm_head.weight"], expected)
+
+
+def test_qwen2(tmp_path, bpe):
+    """Qwen2: not permuted by llama.cpp, q/k/v biases."""
+    model = tiny_model("qwen2", vocab_size=bpe.get_vocab_size())
+    folder = tmp_path / "tiny-qwen2"
+    folder.mkdir()
+    write_gguf(folder / "qwen.F32.gguf", model, bpe, Q.F32, arch="qwen2", pre="qwen2")
+    assert main(["convert", "--checkpoint_dir", str(folder)]) == 0
+    ids = random_ids(model.config.vocab_size)
+    got = lit_logits(folder, ids)
+    with torch.inference_mode():
+        assert max_diff(got, model(ids).logits) <= 1e-4
+    assert max_diff(got, transformers_gguf_logits(folder, "qwen.F32.gguf", ids)) <= 1e-4
+
+
+def test_tokenizer_matches_source_and_transformers(converted, bpe):
+    """litgpt's Tokenizer on the converted folder gives the source tokenizer's ids and transformers' GGUF
+    tokenizer's, special tokens included (each one id)."""
+    import transformers
+    from litgpt import Tokenizer
+
+    folder = converted[Q.Q8_0]
+    ours = Tokenizer(folder)
+    theirs = transformers.AutoTokenizer.from_pretrained(str(folder), gguf_file="tiny.Q8_0.gguf")
+    assert not ours.use_bos and (ours.bos_id, ours.eos_id) == (1, 2)
+    for text in TEXTS:
+        ids = ours.encode(text).tolist()
+        assert ids == bpe.encode(text).ids, text
+        assert ids == theirs(text, add_special_tokens=False)["input_ids"], text
+        if "<|" not in text:  # decoding leaves special tokens out
+            assert ours.decode(torch.tensor(ids)) == text
+    assert ours.processor.encode("<|im_start|><|endoftext|><|im_end|>").ids == [1, 0, 2]
+    # transformers reading the converted folder itself (tokenizer.json + tokenizer_config.json) renders the chat
+    # template taken from the GGUF metadata
+    files = transformers.AutoTokenizer.from_pretrained(str(folder))
+    chat = files.apply_chat_template([{"role": "user", "content": "Hi 42!"}], tokenize=False,
+                                     add_generation_prompt=True)
+    assert chat == "<|im_start|>user\nHi 42!<|im_end|>\n<|im_start|>assistant\n"
+    ids = ours.encode(chat, bos=True).tolist()  # it starts with <|im_start|>, the BOS token
+    assert ids == bpe.encode(chat).ids == theirs(chat, add_special_tokens=False)["input_ids"]
+    assert ids == files(chat, add_special_tokens=False)["input_ids"]
+    assert ids.count(1) == 2 and ids.count(2) == 1
+
+
+def test_tokenizer_config_from_metadata(converted):
+    folder = converted[Q.Q4_0]
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    assert config["chat_template"] == CHAT_TEMPLATE
+    assert (config["bos_token"], config["eos_token"], config["add_bos_token"]) == ("<|im_start|>", "<|im_end|>", False)
+    assert json.loads((folder / "generation_config.json").read_text()) == {"bos_token_id": 1, "eos_token_id": 2}
+
+
+def test_llama3_pre_tokenizer_matches_source():
+    """tokenizer.ggml.pre "llama-bpe": Llama 3's split regex (digits in threes) and ignore_merges."""
+    from littune.checkpoints.gguf import build_tokenizer
+
+    source = train_bpe("llama-bpe", vocab_size=900)
+    tokens, kinds, merges = bpe_metadata(source)
+    meta = {"general.architecture": "llama", "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "llama-bpe",
+            "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": [int(k) for k in kinds],
+            "tokenizer.ggml.merges": merges, "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2}
+    ours, config, _ = build_tokenizer(meta, "test")
+    assert config["add_bos_token"] is True  # llama.cpp's default for Llama 3 when the metadata does not say
+    for text in TEXTS + ["12345678 and 1,000,000", "don't STOP'LL \r\n\r\n tabs\t\t"]:
+        assert ours.encode(text).ids == source.encode(text).ids, text
+
+
+def test_sentencepiece_vocabulary_matches_sentencepiece(tmp_path):
+    """tokenizer.ggml.model "llama" (Llama 2's tokenizer.model as llama.cpp stores it): the ids of SentencePiece
+    itself, through litgpt's Tokenizer (BOS added, as add_bos_token says)."""
+    import sentencepiece
+    from litgpt import Tokenizer
+
+    from littune.checkpoints.gguf import build_tokenizer
+    from littune.common import save_json
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(TOKENIZERS / "llama" / "tokenizer.model"))
+
+    def kind(i):
+        if sp.is_unknown(i):
+            return gguf.TokenType.UNKNOWN
+        if sp.is_control(i):
+            return gguf.TokenType.CONTROL
+        if sp.is_byte(i):
+            return gguf.TokenType.BYTE
+        return gguf.TokenType.UNUSED if sp.is_unused(i) else gguf.TokenType.NORMAL
+
+    n = sp.get_piece_size()
+    meta = {"general.architecture": "llama", "tokenizer.ggml.model": "llama",
+            "tokenizer.ggml.tokens": [sp.id_to_piece(i) for i in range(n)],
+            "tokenizer.ggml.scores": [sp.get_score(i) for i in range(n)],
+            "tokenizer.ggml.token_type": [int(kind(i)) for i in range(n)],
+            "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.unknown_token_id": 0,
+            "tokenizer.ggml.add_bos_token": True}
+    tokenizer, config, generation = build_tokenizer(meta, "test")
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    save_json(config, tmp_path / "tokenizer_config.json")
+    save_json(generation, tmp_path / "generation_config.json")
+    ours = Tokenizer(tmp_path)
+    # plain text: no leading space or runs of spaces, where SentencePiece and every tokenizers port differ
+    for text in [TEXTS[0], "Numbers 3.14159 and 2024-01-02, it's we'll; émojis 🙂 and 中文 \u2028x.", "The end"]:
+        ids = ours.encode(text).tolist()
+        assert ids == [1] + sp.encode(text), text
+        assert ours.decode(torch.tensor(ids[1:])) == text
+
+
+# --------------------------------------------------------------------------------------------- bad input
+
+
+def small_gguf(path: Path, bpe, arch: str = "llama", **kwargs) -> Path:
+    return write_gguf(path, tiny_model(vocab_size=bpe.get_vocab_size()), bpe, arch=arch, **kwargs)
+
+
+def test_unsupported_architecture(tmp_path, bpe, capsys):
+    folder = tmp_path / "gpt2"
+    folder.mkdir()
+    small_gguf(folder / "m.gguf", bpe, arch="gpt2")
+    before = listing(folder)
+    one_error_line(run_main(capsys, "convert", "--checkpoint_dir", str(folder)), "'gpt2'", "llama", "m.gguf")
+    assert listing(folder) == before
+
+
+def test_unsupported_quantization_type(tmp_path, bpe, capsys):
+    """Q8_1 (llama.cpp's intermediate type for dot products) has no dequantizer in the gguf package."""
+    folder = tmp_path / "q8_1"
+    folder.mkdir()
+    model = tiny_model(vocab_size=bpe.get_vocab_size())
+    rows = model.config.hidden_size
+    block_size, type_size = gguf.GGML_QUANT_SIZES[Q.Q8_1]
+    raw = np.zeros((rows, rows // block_size * type_size), dtype=np.uint8)
+    write_gguf(folder / "m.gguf", model, bpe, extra_tensors={"blk.0.attn_q.weight": (raw, Q.Q8_1)})
+    before = listing(folder)
+    one_error_line(run_main(capsys, "convert", "--checkpoint_dir", str(folder)), "blk.0.attn_q.weight", "Q8_1")
+    assert listing(folder) == before
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.999, 0.01])
+def test_truncated_gguf(tmp_path, bpe, capsys, keep):
+    """Cut in the tensor data, in its last bytes, and in the metadata."""
+    folder = tmp_path / "cut"
+    folder.mkdir()
+    path = small_gguf(folder / "m.gguf", bpe)
+    path.write_bytes(path.read_bytes()[: int(path.stat().st_size * keep)])
+    before = listing(folder)
+    one_error_line(run_main(capsys, "convert", "--checkpoint_dir", str(folder)), "truncated", "m.gguf")
+    assert listing(folder) == before
+
+
+def test_several_gguf_files_need_gguf_file(tmp_path, bpe, capsys):
+    folder = tmp_path / "two"
+    folder.mkdir()
+    small_gguf(folder / "a.gguf", bpe)
+    shutil.copyfile(folder / "a.gguf", folder / "b.gguf")
+    before = listing(folder)
+    one_error_line(run_main(capsys, "convert", "--checkpoint_dir", str(folder)), "a.gguf, b.gguf", "--gguf_file")
+    one_error_line(run_main(capsys, "convert", "--checkpoint_dir", str(folder), "--gguf_file", "c.gguf"),
+                   "c.gguf", "a.gguf, b.gguf")
+    assert listing(folder) == before
+    assert main(["convert", "--checkpoint_dir", str(folder), "--gguf_file", "b.gguf"]) == 0
+    assert (folder / "lit_model.pth").is_file()
+
+
+def test_gguf_package_missing(tmp_path, bpe, capsys, monkeypatch):
+    from littune.checkpoints.gguf import GGUF_MISSING
+
+    folder = tmp_path / "nogguf"
+    folder.mkdir()
+    small_gguf(folder / "m.gguf", bpe)
+    monkeypatch.setitem(sys.modules, "gguf", None)  # `import gguf` raises ImportError
+    before = listing(folder)
+    line = one_error_line(run_main(capsys, "convert", "--checkpoint_dir", str(folder)), GGUF_MISSING)
+    assert line == f"littune: error: {GGUF_MISSING}"
+    assert listing(folder) == before
+
+
+# ----------------------------------------------------------------------------------------- download --gguf_file
+
+
+def test_download_gguf_file_fetches_only_it_and_converts(hub_runs, llama):
+    job = hub_runs.futures["ok"].result()
+    first = job.first
+    assert first.returncode == 0 and "Traceback" not in first.stderr, first.stderr
+    assert first.gets == ["tiny.Q8_0.gguf"]  # not the other GGUF, not the README
+    folder = first.folder
+    assert {"tiny.Q8_0.gguf", "lit_model.pth", "model_config.yaml", "tokenizer.json", "tokenizer_config.json",
+            "generation_config.json"} <= {p.name for p in folder.iterdir()}
+    ids = random_ids(llama["tied"].config.vocab_size)
+    assert max_diff(lit_logits(folder, ids), transformers_gguf_logits(folder, "tiny.Q8_0.gguf", ids)) <= 1e-4
+    again = job.again
+    assert again.returncode == 0 and again.gets == [] and "skipping conversion" in again.stderr, again.stderr
+
+
+@pytest.mark.parametrize("name, fragments", [
+    ("no_gguf_file", ["GGUF files", "--gguf_file", "tiny.Q4_K.gguf, tiny.Q8_0.gguf"]),
+    ("missing", ["tiny.Q5_K_M.gguf", "tiny.Q4_K.gguf, tiny.Q8_0.gguf"]),
+])
+def test_download_gguf_errors(hub_runs, name, fragments):
+    result = hub_runs.futures[name].result()
+    line = one_error_line(result, *fragments)
+    assert "org/tiny-GGUF-" in line
+    assert result.gets == [] and not result.folder.exists()
