@@ -355,6 +355,21 @@ def test_untied_f16_with_model_name_and_dtype(tmp_path, llama, bpe):
     assert torch.equal(state["lm_head.weight"], expected)
 
 
+def test_folder_with_hf_weights_and_gguf(tmp_path, llama, bpe):
+    """HF weights + a .gguf: the HF weights are converted, unless --gguf_file picks the GGUF file."""
+    folder = tmp_path / "both"
+    llama["untied"].save_pretrained(folder)
+    bpe.save(str(folder / "tokenizer.json"))
+    write_gguf(folder / "other.F32.gguf", tiny_model(tied=False, seed=2, vocab_size=bpe.get_vocab_size()), bpe)
+    ids = random_ids(bpe.get_vocab_size())
+    assert main(["convert", "--checkpoint_dir", str(folder)]) == 0
+    with torch.inference_mode():
+        assert max_diff(lit_logits(folder, ids), llama["untied"](ids).logits) <= 1e-4
+    assert not (folder / "tokenizer_config.json").exists()  # the HF folder's tokenizer files are left alone
+    assert main(["convert", "--checkpoint_dir", str(folder), "--gguf_file", "other.F32.gguf"]) == 0
+    assert max_diff(lit_logits(folder, ids), transformers_gguf_logits(folder, "other.F32.gguf", ids)) <= 1e-4
+
+
 def test_qwen2(tmp_path, bpe):
     """Qwen2: not permuted by llama.cpp, q/k/v biases."""
     model = tiny_model("qwen2", vocab_size=bpe.get_vocab_size())
@@ -487,6 +502,16 @@ def test_unsupported_quantization_type(tmp_path, bpe, capsys):
     write_gguf(folder / "m.gguf", model, bpe, extra_tensors={"blk.0.attn_q.weight": (raw, Q.Q8_1)})
     before = listing(folder)
     one_error_line(run_main(capsys, "convert", "--checkpoint_dir", str(folder)), "blk.0.attn_q.weight", "Q8_1")
+    assert listing(folder) == before
+
+
+def test_llama31_rope_frequencies_refused(tmp_path, bpe, capsys):
+    """Llama 3.1-style rope scaling (llama.cpp stores only the resulting factors, rope_freqs.weight)."""
+    folder = tmp_path / "rope"
+    folder.mkdir()
+    small_gguf(folder / "m.gguf", bpe, extra_tensors={"rope_freqs.weight": np.ones(32, dtype=np.float32)})
+    before = listing(folder)
+    one_error_line(run_main(capsys, "convert", "--checkpoint_dir", str(folder)), "rope_freqs.weight", "m.gguf")
     assert listing(folder) == before
 
 

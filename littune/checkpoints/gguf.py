@@ -20,7 +20,7 @@ import re
 import sys
 from functools import partial
 from pathlib import Path
-from typing import Optional
+from typing import Any, NamedTuple, Optional
 
 from tqdm import tqdm
 
@@ -129,8 +129,7 @@ def convert_gguf(
 
     checkpoint_dir, gguf_path = Path(checkpoint_dir), Path(gguf_path)
     gguf = _import_gguf()
-    reader = _open(gguf, gguf_path)
-    meta = read_metadata(reader)
+    meta, tensors = _read(gguf, gguf_path)
     arch = meta.get("general.architecture")
     if arch not in ARCHITECTURES:
         raise UserError(f"{gguf_path}: cannot convert GGUF architecture {arch!r}; littune converts {ARCHITECTURE_HELP}")
@@ -139,7 +138,6 @@ def convert_gguf(
             f"{gguf_path}: part of a split GGUF ({meta['split.count']} files); merge them first "
             f"(llama-gguf-split --merge FIRST.gguf OUT.gguf)"
         )
-    tensors = {t.name: t for t in reader.tensors}
     hf = hf_config(meta, tensors, gguf_path)
     tokenizer, tokenizer_config, generation_config = build_tokenizer(meta, str(gguf_path))
 
@@ -197,15 +195,30 @@ def _import_gguf():
     return gguf
 
 
-def _open(gguf, path: Path):
+class TensorInfo(NamedTuple):
+    name: str
+    tensor_type: Any  # gguf.GGMLQuantizationType
+    shape: tuple  # ggml order: innermost (row length) first
+    n_bytes: int
+    data_offset: int  # from the start of the file
+
+
+def _read(gguf, path: Path) -> tuple[dict, dict]:
+    """(metadata, name -> TensorInfo). The reader itself is dropped: its per-value objects take far more memory
+    than the values (~150 MB for a 49K-token vocabulary)."""
     if not path.is_file():
         raise UserError(f"{path}: no such file")
     try:
-        return gguf.GGUFReader(path)
+        reader = gguf.GGUFReader(path)
     except Exception as e:  # bad magic, a header or tensor table cut short, an empty file, ...
         raise UserError(
             f"{path}: not a GGUF file, or truncated ({first_line(e)}); delete it and download it again"
         ) from e
+    tensors = {
+        t.name: TensorInfo(t.name, t.tensor_type, tuple(int(n) for n in t.shape), int(t.n_bytes), int(t.data_offset))
+        for t in reader.tensors
+    }
+    return read_metadata(reader), tensors
 
 
 def read_metadata(reader) -> dict:
@@ -252,7 +265,7 @@ def _check_tensor_data(gguf, tensors: dict, path: Path) -> None:
                 f"(littune reads F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, the K-quants and the other types "
                 f"gguf.quants dequantizes)"
             )
-        if int(t.data_offset) + int(t.n_bytes) > size:
+        if t.data_offset + t.n_bytes > size:
             raise UserError(f"{path}: truncated at tensor {name}; delete it and download it again")
 
 
@@ -269,11 +282,14 @@ def _can_dequantize(gguf, qtype, np) -> bool:
 
 
 class _GGUFFile:
-    """Reads one tensor at a time (by its HF name): plain reads into a fresh buffer, dequantized to float32.
+    """Reads one tensor at a time (by its HF name), dequantized to float32, Q and K un-permuted (`_unpermute`).
 
     Plain reads, not the reader's memory map: pages of a memory-mapped file stay resident until it is closed
-    (see `hf._SafetensorsFile`). Q and K are un-permuted on the way (`_unpermute`).
+    (see `hf._SafetensorsFile`). Rows are read and dequantized a few MB at a time into the output, so a tensor
+    costs its float32 size and little more (dequantizing a whole tensor at once holds it about twice).
     """
+
+    CHUNK = 16 << 20  # float32 bytes dequantized per step
 
     def __init__(self, path: Path, tensors: dict, hf: dict, gguf):
         self.path, self.gguf, self.pbar = path, gguf, None
@@ -293,14 +309,19 @@ class _GGUFFile:
         import torch
 
         t = self.by_hf_name[hf_name]
-        shape = tuple(int(n) for n in reversed(t.shape))  # ggml lists dimensions innermost first
-        raw = np.empty(int(t.n_bytes), dtype=np.uint8)
-        self.file.seek(int(t.data_offset))
-        if self.file.readinto(memoryview(raw)) != raw.nbytes:
-            raise UserError(f"{self.path}: truncated at tensor {t.name}; delete it and download it again")
-        byte_shape = self.gguf.quants.quant_shape_to_byte_shape(shape, t.tensor_type)
-        values = self.gguf.quants.dequantize(raw.reshape(byte_shape), t.tensor_type)
-        tensor = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32).reshape(shape))
+        shape = tuple(reversed(t.shape))  # ggml lists dimensions innermost first
+        row_length = shape[-1]
+        row_bytes = self.gguf.quants.quant_shape_to_byte_shape((row_length,), t.tensor_type)[0]
+        out = np.empty((t.n_bytes // row_bytes, row_length), dtype=np.float32)
+        step = max(1, self.CHUNK // (4 * row_length))
+        self.file.seek(t.data_offset)
+        for start in range(0, len(out), step):
+            rows = min(step, len(out) - start)
+            raw = np.empty((rows, row_bytes), dtype=np.uint8)
+            if self.file.readinto(memoryview(raw).cast("B")) != raw.nbytes:
+                raise UserError(f"{self.path}: truncated at tensor {t.name}; delete it and download it again")
+            out[start:start + rows] = self.gguf.quants.dequantize(raw, t.tensor_type)
+        tensor = torch.from_numpy(out.reshape(shape))
         if self.permuted and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
             tensor = _unpermute(tensor, self.n_head if "q_proj" in hf_name else self.n_kv)
         if self.pbar is not None:
