@@ -10,13 +10,15 @@ import warnings
 from importlib import import_module
 from typing import Optional
 
+from littune.methods import METHODS
+
 # name -> "module:function"; a nested dict is a subcommand group (`littune finetune adapter_v2`).
 COMMANDS = {
     "download": "littune.checkpoints.hub:download",
     "convert": "littune.checkpoints.hf:convert",
     "models": "littune.checkpoints.hf:models",
     "prepare": "littune.data:prepare",
-    "finetune": {"adapter_v2": "littune.finetune.adapter_v2:setup"},
+    "finetune": {name: f"littune.finetune:{name}" for name in METHODS},
     "generate": "littune.generate:generate",
     "evaluate": "littune.evaluate:evaluate",
     "demo": "littune.demo:demo",

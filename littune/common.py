@@ -1,19 +1,91 @@
-"""Small helpers every step shares: the user-facing error type and atomic writes.
+"""Small helpers every step shares: the user-facing error type, flag checks declared with the flag, atomic writes.
 
 Nothing here knows about models or data; it sits left of every other module.
 """
 
+import functools
 import hashlib
+import inspect
 import json
+import math
 import os
 import tempfile
+import typing
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 
 class UserError(Exception):
     """Bad input the user can fix. The CLI prints its message as one line and exits non-zero, no traceback."""
+
+
+@dataclass(frozen=True)
+class Check:
+    """The valid values of a numeric flag, declared with the flag: `batch_size: Annotated[int, Check(ge=1)] = 16`.
+
+    Bounds: ge (>=), gt (>), le (<=), lt (<). Non-finite numbers (nan, inf) are never valid. `checked` applies every
+    Check of a command's signature before the command runs, so a bad value fails before any file is touched.
+    """
+
+    ge: Optional[float] = None
+    gt: Optional[float] = None
+    le: Optional[float] = None
+    lt: Optional[float] = None
+
+    def __repr__(self) -> str:
+        return self.describe()
+
+    def describe(self) -> str:
+        bounds = [(">=", self.ge), (">", self.gt), ("<=", self.le), ("<", self.lt)]
+        return " and ".join(f"{op} {_number(v)}" for op, v in bounds if v is not None) or "finite"
+
+    def allows(self, value) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return False
+        return ((self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
+                and (self.le is None or value <= self.le) and (self.lt is None or value < self.lt))
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+def declared_checks(function: Callable) -> dict[str, Check]:
+    """flag name -> its Check, for every parameter annotated `Annotated[..., Check(...)]` (also inside Optional)."""
+    hints = typing.get_type_hints(function, include_extras=True)
+    return {name: check for name, hint in hints.items() if (check := _find_check(hint)) is not None}
+
+
+def _find_check(hint) -> Optional[Check]:
+    if typing.get_origin(hint) is typing.Annotated:
+        return next((m for m in hint.__metadata__ if isinstance(m, Check)), None)
+    return next((c for arg in typing.get_args(hint) if (c := _find_check(arg)) is not None), None)
+
+
+def check_flags(checks: dict[str, Check], values: dict) -> None:
+    """A UserError naming the first flag whose value its Check refuses (None means "not given" and passes)."""
+    for name, check in checks.items():
+        value = values.get(name)
+        if value is not None and not check.allows(value):
+            raise UserError(f"--{name} {value}: must be {check.describe()}")
+
+
+def checked(function: Callable) -> Callable:
+    """The command with its declared flag checks run first (the CLI and Python callers both get them)."""
+    checks = declared_checks(function)
+    signature = inspect.signature(function)
+
+    @functools.wraps(function)
+    def run(*args, **kwargs):
+        bound = signature.bind_partial(*args, **kwargs)
+        bound.apply_defaults()
+        check_flags(checks, bound.arguments)
+        return function(*args, **kwargs)
+
+    run.checks = checks
+    return run
 
 
 @contextmanager

@@ -27,7 +27,6 @@ import os
 import re
 import sys
 from array import array
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -41,6 +40,7 @@ from tqdm import tqdm
 import littune
 from littune.common import (UserError, atomic_path, first_line, load_torch, save_json, save_text, sha256_file,
                             write_torch)
+from littune.metrics import detect_labels
 
 FIELDS = ("instruction", "input", "output")
 REQUIRED_FIELDS = ("instruction", "output")
@@ -49,7 +49,6 @@ SPLITS = ("train", "val", "test")
 COLUMNS_EXAMPLE = '{"instruction": "=Classify the sentiment.", "input": "text", "output": "label"}'
 CHUNK_SIZE = 1024  # strings per tokenizer call: big enough to amortise the call, small enough for a live progress bar
 VAL_FRACTION, VAL_MAX = 0.05, 500  # the default validation split: 5% of the training records, at most 500
-MAX_LABELS = 20  # outputs with more distinct values than this are free text, not a label set
 CHAT_STYLE = "chat"
 STYLE_FILE = "prompt_style.yaml"
 
@@ -166,7 +165,7 @@ def prepare(
         "test_size": test_size,
         "val_size": val_size,
         "counts": counts,
-        "labels": label_set([outputs[i] for i in kept_train + kept_test]),
+        "labels": detect_labels([outputs[i] for i in kept_train + kept_test]),
         "max_seq_length": max_seq_length,
         "longest_record": max(len(full_ids[i]) for i in kept_train + kept_test),
         "mask_inputs": mask_inputs,
@@ -261,21 +260,6 @@ def load_prepare_json(data_dir: Path) -> dict:
 def _prepare_hint(data_dir: Path) -> str:
     return (f"prepare the data first: littune prepare --data_file FILE --checkpoint_dir DIR "
             f"--destination_path {data_dir}")
-
-
-def label_set(outputs: list[str]) -> Optional[list[str]]:
-    """The sorted label set when the outputs look like one: 2..20 distinct values, each seen twice or more.
-
-    Values are compared as evaluation compares answers: stripped and lower-cased. None for free-text outputs.
-    """
-    counts = Counter(normalize_label(output) for output in outputs)
-    if 2 <= len(counts) <= MAX_LABELS and min(counts.values()) >= 2:
-        return sorted(counts)
-    return None
-
-
-def normalize_label(text: str) -> str:
-    return text.strip().lower()
 
 
 def style_by_name(name: str, checkpoint_dir: Path, system: Optional[str] = None, *, tokenizer=None):
@@ -887,6 +871,11 @@ def chat_style(checkpoint_dir: Path, system: Optional[str], tokenizer=None):
         template, bos_token=special_token_text(config.get("bos_token")),
         eos_token=special_token_text(config.get("eos_token")), system=system, strip_bos=tokenizer.use_bos,
     )
+
+
+def has_chat_template(checkpoint_dir: Path) -> bool:
+    checkpoint_dir = Path(checkpoint_dir)
+    return read_chat_template(checkpoint_dir, read_tokenizer_config(checkpoint_dir))[0] is not None
 
 
 def read_tokenizer_config(checkpoint_dir: Path) -> dict:

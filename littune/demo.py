@@ -19,7 +19,7 @@ import torch
 from littune.checkpoints import convert
 from littune.common import save_json, save_text
 from littune.data import prepare
-from littune.finetune.adapter_v2 import setup as finetune_adapter_v2
+from littune.finetune import command
 from littune.generate import generate
 
 # Demo task: answer in a fixed, recognisable shape, so that what the adapter learned shows in the final answer.
@@ -80,7 +80,7 @@ def demo(workdir: Path = Path("littune-demo"), max_steps: int = 100, seed: int =
                        batch_size=8, micro_batch_size=8, learning_rate=0.1, warmup_steps=5, eval_interval=25,
                        eval_iters=2, save_interval=50, seed=seed)
     _step("3. Fine-tune with adapter_v2", "finetune adapter_v2", **train_flags)
-    finetune_adapter_v2(**train_flags)
+    command("adapter_v2")(**train_flags)
 
     question = dict(prompt="Give the opposite of the word.", input="hot")
     _step("4. Answer with the base model alone", "generate", checkpoint_dir=checkpoint_dir, temperature=0,

@@ -11,15 +11,13 @@ stdout holds only the response; timings go to stderr.
 import sys
 import time
 from pathlib import Path
-from typing import Iterator, Literal, Optional
+from typing import Optional
 
 import torch
-import yaml
 
-from littune.checkpoints import check_checkpoint_dir, load_model_config
-from littune.common import UserError, load_torch
-from littune.finetune.loop import ADAPTER_FILE
-from littune.finetune import get_method
+from littune.common import UserError
+from littune.model import Precision, default_precision, load_for_inference, peak_memory_gb
+from littune.sampling import generate_tokens, stream_text
 
 
 def generate(
@@ -33,8 +31,9 @@ def generate(
     top_p: float = 1.0,
     num_samples: int = 1,
     seed: int = 1234,
-    precision: Optional[Literal["32-true", "bf16-true", "16-true"]] = None,
+    precision: Optional[Precision] = None,
     prompt_style: Optional[str] = None,
+    system: Optional[str] = None,
 ) -> list[str]:
     """Answer an instruction with the fine-tuned model (or the base model without --adapter_path).
 
@@ -49,8 +48,9 @@ def generate(
         top_p: Sample only among the most likely tokens whose probabilities add up to top_p (1.0 = off).
         num_samples: How many answers to sample.
         seed: Random seed: the same seed gives the same sampled text.
-        precision: 32-true, bf16-true or 16-true (default: bf16-true on GPUs that have it, else 32-true).
-        prompt_style: The prompt template (default: the one saved with the adapter, else alpaca).
+        precision: 32-true, bf16-true, bf16-mixed, 16-true or 16-mixed (default: as littune finetune's).
+        prompt_style: The prompt template: chat (the model's own chat template) or a litgpt style name (default: the one saved with the adapter, else chat where the model has a template, else alpaca).
+        system: A system message for the chat prompt style.
     """
     import lightning as L
 
@@ -61,8 +61,9 @@ def generate(
     if not 0.0 <= top_p <= 1.0:
         raise UserError(f"--top_p must be in [0, 1], got {top_p}")
 
-    fabric = L.Fabric(devices=1, precision=precision or default_inference_precision(), accelerator="auto")
-    model, tokenizer, style = load_for_inference(fabric, checkpoint_dir, adapter_path, prompt_style)
+    fabric = L.Fabric(devices=1, precision=precision or default_precision(), accelerator="auto")
+    model, tokenizer, run_dir = load_for_inference(fabric, checkpoint_dir, adapter_path)
+    style = choose_prompt_style(prompt_style, run_dir, checkpoint_dir, system)
     text = style.apply(prompt, input=input)
     prompt_ids = tokenizer.encode(text, device=fabric.device)
     check_fits(prompt_ids, max_new_tokens, model.config.block_size)
@@ -86,83 +87,22 @@ def generate(
         answers.append("".join(pieces))
         print(
             f"prompt {prompt_ids.numel()} tokens, {n_new} new tokens in {elapsed:.2f}s "
-            f"({n_new / max(elapsed, 1e-9):.1f} tokens/s){memory_note(fabric)}",
+            f"({n_new / max(elapsed, 1e-9):.1f} tokens/s), peak memory {peak_memory_gb(fabric.device):.2f} GB",
             file=sys.stderr,
         )
     return answers
 
 
-# ------------------------------------------------------------------------------------------------------ loading
+def choose_prompt_style(name: Optional[str], run_dir: Optional[Path], checkpoint_dir: Path, system: Optional[str]):
+    """--prompt_style; else the style the adapter was trained with; else the model's chat template where it has
+    one; else alpaca."""
+    from littune.data import STYLE_FILE, has_chat_template, load_style_file, style_by_name
 
-
-def load_for_inference(fabric, checkpoint_dir: Path, adapter_path: Optional[Path], prompt_style: Optional[str]):
-    """(model in eval mode on fabric's device, tokenizer, prompt style) for a base checkpoint plus optional adapter."""
-    from litgpt import Tokenizer
-    from litgpt.prompts import PromptStyle, has_prompt_style, load_prompt_style
-
-    checkpoint_dir = Path(checkpoint_dir)
-    check_checkpoint_dir(checkpoint_dir)
-    config = load_model_config(checkpoint_dir)
-    adapter_file, run_dir = resolve_adapter(adapter_path) if adapter_path is not None else (None, None)
-    method = get_method(run_method(run_dir)) if adapter_file else None
-
-    with fabric.init_module(empty_init=True):
-        if method:
-            model = method.build_model(config)
-        else:
-            from litgpt import GPT
-
-            model = GPT(config)
-    state = load_torch(checkpoint_dir / "lit_model.pth", "base weights")
-    if adapter_file:
-        adapter = load_torch(adapter_file, "adapter weights")
-        check_adapter_fits(model, adapter, adapter_file, checkpoint_dir, method)
-        state = {**state, **adapter}  # the adapter's norms replace the base ones (adapter_v2 trains them)
-    model.load_state_dict(state, strict=method is None)
-    if method:
-        method.before_forward(model)  # litgpt's cached adapter K/V would be stale after loading weights
-    model = fabric.setup_module(model.eval())
-
-    if prompt_style:
-        style = PromptStyle.from_name(prompt_style)
-    elif run_dir is not None and has_prompt_style(run_dir):
-        style = load_prompt_style(run_dir)
-    else:
-        style = PromptStyle.from_name("alpaca")
-    return model, Tokenizer(checkpoint_dir), style
-
-
-def resolve_adapter(adapter_path: Path) -> tuple[Path, Path]:
-    """(adapter file, the folder with its hyperparameters and prompt style) for a file or a run folder."""
-    adapter_path = Path(adapter_path)
-    adapter_file = adapter_path / ADAPTER_FILE if adapter_path.is_dir() else adapter_path
-    if not adapter_file.is_file():
-        hint = "a run folder must hold the final adapter " + ADAPTER_FILE if adapter_path.is_dir() else "no such file"
-        raise UserError(f"--adapter_path {adapter_path}: {hint}")
-    return adapter_file, adapter_file.parent
-
-
-def run_method(run_dir: Path) -> str:
-    hparams = run_dir / "hyperparameters.yaml"
-    if hparams.is_file():
-        return (yaml.safe_load(hparams.read_text()) or {}).get("method", "adapter_v2")
-    return "adapter_v2"
-
-
-def check_adapter_fits(model, adapter: dict, adapter_file: Path, checkpoint_dir: Path, method) -> None:
-    """An adapter trained on another model has other names or shapes: say which, instead of a wall of errors."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if method.is_trainable(k)}
-    got = {k: tuple(v.shape) for k, v in adapter.items()}
-    unknown = sorted(set(got) - set(expected))
-    wrong = [f"{k} {got[k]} vs {expected[k]}" for k in sorted(set(got) & set(expected)) if got[k] != expected[k]]
-    missing = sorted(set(expected) - set(got))
-    if unknown or wrong or missing:
-        detail = "; ".join(
-            ([f"shapes differ: {', '.join(wrong[:2])}"] if wrong else [])
-            + ([f"names not in this model: {', '.join(unknown[:2])}"] if unknown else [])
-            + ([f"missing: {', '.join(missing[:2])}"] if missing else [])
-        )
-        raise UserError(f"{adapter_file}: not an adapter for {checkpoint_dir} ({detail})")
+    if name:
+        return style_by_name(name, checkpoint_dir, system)
+    if run_dir is not None and (run_dir / STYLE_FILE).is_file():
+        return load_style_file(run_dir)
+    return style_by_name("chat" if has_chat_template(checkpoint_dir) else "alpaca", checkpoint_dir, system)
 
 
 def check_fits(prompt_ids: torch.Tensor, max_new_tokens: int, block_size: int) -> None:
@@ -171,63 +111,3 @@ def check_fits(prompt_ids: torch.Tensor, max_new_tokens: int, block_size: int) -
             f"the prompt ({prompt_ids.numel()} tokens) plus --max_new_tokens {max_new_tokens} exceeds the model's "
             f"context of {block_size} tokens; shorten the prompt or lower --max_new_tokens"
         )
-
-
-# --------------------------------------------------------------------------------------------------- sampling
-
-
-@torch.inference_mode()
-def generate_tokens(
-    model, prompt_ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0, top_k: Optional[int] = None,
-    top_p: float = 1.0, stop_tokens: tuple = (),
-) -> Iterator[int]:
-    """New token ids, one at a time, from litgpt's KV-cached `generate_fn`; stops before a stop sequence."""
-    from litgpt.generate.base import generate_fn
-
-    module = getattr(model, "module", model)
-    device = prompt_ids.device
-    full_length = module.max_seq_length
-    module.max_seq_length = prompt_ids.numel() + max_new_tokens  # a KV cache (and RoPE table) this long, no longer
-    module.set_kv_cache(batch_size=1, device=device)
-    try:
-        for token in generate_fn(
-            module, prompt_ids, prompt_ids.numel() + max_new_tokens, temperature=temperature, top_k=top_k,
-            top_p=top_p, stop_tokens=stop_tokens, include_prompt=False, include_eos=False,
-        ):
-            yield int(token)
-    finally:
-        module.clear_kv_cache()
-        module.max_seq_length = full_length
-
-
-def stream_text(tokenizer, tokens: Iterator[int]) -> Iterator[tuple[str, int]]:
-    """(new text, tokens so far) as tokens arrive. Decodes the whole answer each time and emits the difference:
-    per-token decoding drops the spaces of SentencePiece and splits multi-byte characters of byte-level BPE."""
-    ids, emitted = [], ""
-    for token in tokens:
-        ids.append(token)
-        text = tokenizer.decode(torch.tensor(ids))
-        if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
-            continue
-        if text.startswith(emitted):
-            yield text[len(emitted):], len(ids)
-            emitted = text
-    text = tokenizer.decode(torch.tensor(ids)) if ids else ""
-    if text != emitted and text.startswith(emitted):
-        yield text[len(emitted):], len(ids)
-    elif ids:
-        yield "", len(ids)
-
-
-def default_inference_precision() -> str:
-    if torch.cuda.is_available():
-        return "bf16-true" if torch.cuda.is_bf16_supported() else "16-true"
-    return "32-true"
-
-
-def memory_note(fabric) -> str:
-    if fabric.device.type == "cuda":
-        return f", peak GPU memory {torch.cuda.max_memory_allocated(fabric.device) / 1e9:.2f} GB"
-    import resource
-
-    return f", peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.2f} GB"

@@ -10,8 +10,8 @@ by `littune convert`. The records are the first SST-2 dev sentences as instructi
 `littune prepare --columns`. Both sides run the same model on the same prompts in the same process, alternating
 round by round (a shared machine's load hits both alike); wall clock and process CPU seconds are printed.
 An untrained model seldom says EOS, so nearly every record generates all --max_new_tokens tokens, on both sides.
-The one-by-one side is `littune.generate.generate_tokens` (litgpt's KV-cached generate_fn, temperature 0), what
-`littune generate --temperature 0` runs per prompt; the batched side is `littune.evaluate.batched_greedy`.
+The one-by-one side is `littune.sampling.generate_tokens` (litgpt's KV-cached generate_fn, temperature 0), what
+`littune generate --temperature 0` runs per prompt; the batched side is `littune.sampling.batched_greedy`.
 Both must give the same tokens for every record; the script checks it.
 """
 
@@ -33,8 +33,8 @@ sys.path.insert(0, str(REPO))
 
 from littune.checkpoints import convert  # noqa: E402
 from littune.data import load_prepared, prepare  # noqa: E402
-from littune.evaluate import batched_greedy  # noqa: E402
-from littune.generate import generate_tokens, load_for_inference  # noqa: E402
+from littune.model import load_for_inference  # noqa: E402
+from littune.sampling import batched_greedy, generate_tokens  # noqa: E402
 
 SHARED_DATA = Path(os.environ.get("LITTUNE_SHARED_DATA", REPO.parent / "shared" / "data"))
 SST2_DEV = SHARED_DATA / "classification" / "sst2" / "dev.tsv"
@@ -50,7 +50,10 @@ def main(records: int, batch_size: int, max_new_tokens: int, rounds: int, workdi
     checkpoint_dir = make_checkpoint(workdir / "pythia-bench")
     data_dir = make_data(workdir, checkpoint_dir, records)
     fabric = L.Fabric(devices=1, accelerator="cpu", precision="32-true")
-    model, tokenizer, style = load_for_inference(fabric, checkpoint_dir, None, "alpaca")
+    from litgpt.prompts import Alpaca
+
+    model, tokenizer, _ = load_for_inference(fabric, checkpoint_dir)
+    style = Alpaca()
     test = load_prepared(data_dir)[1]
     prompts = [r["input_ids_no_response"] for r in test]
     stops = style.stop_tokens(tokenizer)

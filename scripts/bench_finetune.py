@@ -24,7 +24,7 @@ What it does:
 4. Timing excludes the first --skip_steps optimizer steps (warm-up): littune from its metrics.csv (`elapsed_sec`,
    `tokens` at the end of each step), litgpt from its CSV log (`time` since its loop started, `tokens`, `lengths` =
    padded tokens, at each iteration; its CSV `step` column is the iteration, and a step ends every 4th iteration).
-   Padded tokens of littune come from its own batch plan (`loop.plan_epoch` + `loop.collate` on the run's
+   Padded tokens of littune come from its own batch plan (`schedule.plan_epoch` + `model.collate` on the run's
    hyperparameters.yaml); litgpt's are logged and cross-checked against a replay of its own DataLoader.
 
 Printed per run: real (non-padding) tokens/s, padded tokens/s, padding fraction, peak RSS (os.wait4 of the
@@ -287,7 +287,7 @@ def parse_littune(out_dir: Path, args, checkpoint_dir: Path, data_dir: Path) -> 
     planned_real, padded = littune_planned_tokens(out_dir, data_dir, first, last)
     if planned_real != real:
         print(f"    note: littune's plan replay gives {planned_real} real tokens for steps {first + 1}-{last}, its log "
-              f"{real}: the padded count below follows the replay of loop.plan_epoch/collate", flush=True)
+              f"{real}: the padded count below follows the replay of schedule.plan_epoch/model.collate", flush=True)
     return {"timed_s": float(rows[last]["elapsed_sec"]) - float(rows[first]["elapsed_sec"]),
             "real_tokens": real, "padded_tokens": padded, "final_loss": float(rows[last]["train_loss"]),
             "timed_steps": last - first}
@@ -299,8 +299,9 @@ def littune_planned_tokens(out_dir: Path, data_dir: Path, first: int, last: int)
     import torch
     import yaml
 
+    from littune import model
     from littune.data import load_prepared
-    from littune.finetune import loop
+    from littune.finetune import schedule
 
     hp = yaml.safe_load((out_dir / "hyperparameters.yaml").read_text())
     train, _, meta = load_prepared(data_dir)
@@ -308,10 +309,10 @@ def littune_planned_tokens(out_dir: Path, data_dir: Path, first: int, last: int)
     plan_args = {"lengths": lengths, "batch_size": hp["batch_size"], "micro_batch_size": hp["micro_batch_size"],
                  "world_size": hp["devices"] * hp["num_nodes"], "seed": hp["seed"],
                  "group_by_length": hp.get("group_by_length", False)}
-    accepted = inspect.signature(loop.plan_epoch).parameters
+    accepted = inspect.signature(schedule.plan_epoch).parameters
     steps, epoch = [], 0
     while len(steps) < last:
-        plan = loop.plan_epoch(**{k: v for k, v in plan_args.items() if k in accepted}, epoch=epoch)
+        plan = schedule.plan_epoch(**{k: v for k, v in plan_args.items() if k in accepted}, epoch=epoch)
         steps += plan
         epoch += 1
     real = padded = 0
@@ -321,7 +322,7 @@ def littune_planned_tokens(out_dir: Path, data_dir: Path, first: int, last: int)
             for micro in rank_batches:
                 real += sum(lengths[i] for i in micro)
                 try:
-                    padded += loop.collate(train, micro, ignore_index, torch.device("cpu"))[0].numel()
+                    padded += model.collate(train, micro, ignore_index, torch.device("cpu"))[0].numel()
                 except (AttributeError, TypeError):  # collate changed: pad to the longest record
                     padded += len(micro) * max(lengths[i] for i in micro)
     return real, padded
@@ -458,7 +459,7 @@ def labelled(name, fn):
     return wrapper
 
 for name in ("train_step", "collate", "token_cross_entropy_sum", "validate", "sample_response",
-             "save_training_state", "save_adapter"):
+             "save_training_state", "save_weights"):
     if hasattr(loop, name):
         setattr(loop, name, labelled(name, getattr(loop, name)))
 with profile(activities=[ProfilerActivity.CPU]) as prof:

@@ -13,7 +13,7 @@ import yaml
 from conftest import ALPACA_335, SHARED_DATA, SST2_TRAIN, assert_clean_error, copy_tokenizer, run_cli
 from littune.cli import main
 from littune.common import UserError
-from littune.data import (label_set, load_prepared, load_split, load_style_file, save_style, split_sizes, style_by_name,
+from littune.data import (load_prepared, load_split, load_style_file, save_style, split_sizes, style_by_name,
                           tokenizer_identity, validation_split_name)
 
 OUTPUTS = ("train.pt", "val.pt", "test.pt", "prompt_style.yaml", "prepare.json")
@@ -494,14 +494,6 @@ def test_sst2_official_test_file(pythia, tmp_path, capsys):
         assert sha256(tmp_path / "out" / name) == sha256(tmp_path / "again" / name)
     assert sha256(tmp_path / "out" / "val.pt") != sha256(tmp_path / "other" / "val.pt")
     assert sha256(tmp_path / "out" / "test.pt") == sha256(tmp_path / "other" / "test.pt")
-
-
-def test_label_set_rule():
-    assert label_set(["positive", "negative", "Positive ", "negative"]) == ["negative", "positive"]
-    assert label_set(["a", "a", "b"]) is None  # a label seen once: free text, or too few records to tell
-    assert label_set(["a", "a"]) is None  # one value is no classification
-    assert label_set([str(i) for i in range(21)] * 2) is None  # more than 20 values
-    assert label_set([str(i) for i in range(20)] * 2) == sorted(str(i) for i in range(20))
 
 
 def test_label_set_counts_the_test_file_too(pythia, tmp_path):

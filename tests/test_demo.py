@@ -24,7 +24,8 @@ def test_demo_runs_the_whole_workflow(tmp_path):
     data = workdir / "data" / "demo"
     train = torch.load(data / "train.pt", weights_only=True)
     test = torch.load(data / "test.pt", weights_only=True)
-    assert len(train) + len(test) == 96 and len(test) == 8
+    val = torch.load(data / "val.pt", weights_only=True)
+    assert len(train) + len(val) + len(test) == 96 and len(test) == 8 and len(val) >= 1
     assert (data / "prepare.json").is_file() and (data / "prompt_style.yaml").is_file()
     run = workdir / "out" / "adapter_v2" / "demo"
     adapter = torch.load(run / "lit_model_adapter_finetuned.pth", weights_only=True)

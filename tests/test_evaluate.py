@@ -15,6 +15,8 @@ import torch
 
 from conftest import ALPACA_335, SST2_TRAIN, assert_clean_error, make_hf_checkpoint, run_cli
 from littune import evaluate as ev
+from littune import metrics as label_metrics
+from littune import sampling
 from littune.cli import main
 
 SST2_COLUMNS = json.dumps({"instruction": "=Is the sentiment of this review positive or negative?", "input": "text",
@@ -75,10 +77,13 @@ def inference(checkpoint, run_dir):
     """The adapter model as `littune generate` loads it: (model, tokenizer, prompt style)."""
     import lightning as L
 
-    from littune.generate import load_for_inference
+    from litgpt.prompts import Alpaca
+
+    from littune.model import load_for_inference
 
     fabric = L.Fabric(devices=1, accelerator="cpu", precision="32-true")
-    return load_for_inference(fabric, checkpoint, run_dir, None)
+    model, tokenizer, _ = load_for_inference(fabric, checkpoint, run_dir)
+    return model, tokenizer, Alpaca()
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -131,7 +136,7 @@ def test_metrics_equal_sklearn_on_synthetic_labels_with_predictions_outside_the_
             predicted.append(rng.choice(noisy[rng.choice(labels)]))  # some label
         else:
             predicted.append(rng.choice(["a cat", "", "cats", "other"]))  # none of the labels
-    metrics = ev.classification_metrics(expected, predicted, labels)
+    metrics = label_metrics.classification_metrics(expected, predicted, labels)
     y_true, y_pred = sklearn_view(expected, predicted, labels)
     assert 20 < y_pred.count("other") < 80
     assert_sklearn_parity(metrics, y_true, y_pred, labels)
@@ -140,29 +145,29 @@ def test_metrics_equal_sklearn_on_synthetic_labels_with_predictions_outside_the_
 
     # a label never predicted (zero division -> 0), all predictions outside the set (MCC 0), perfect predictions
     for predicted in (["cat"] * 150 + ["dog"] * 150, ["???"] * 300, list(expected)):
-        metrics = ev.classification_metrics(expected, predicted, labels)
+        metrics = label_metrics.classification_metrics(expected, predicted, labels)
         assert_sklearn_parity(metrics, *sklearn_view(expected, predicted, labels), labels)
     assert metrics["accuracy"] == metrics["f1_macro"] == metrics["mcc"] == 1.0
 
-    assert ev.exact_match(["Yes ", "no"], ["yes", "no."]) == 0.5
-    assert set(ev.classification_metrics(["a"], ["a"], None).values()) == {None}
+    assert label_metrics.exact_match(["Yes ", "no"], ["yes", "no."]) == 0.5
+    assert set(label_metrics.classification_metrics(["a"], ["a"], None).values()) == {None}
 
 
 def test_label_set_detection_and_parsing():
     from littune.common import UserError
 
-    assert ev.detect_labels(["positive", "Negative ", "negative", "positive"]) == ["negative", "positive"]
-    assert ev.detect_labels(["yes", "yes", "no"]) is None  # a value seen once: free text, not labels
-    assert ev.detect_labels(["yes"] * 5) is None  # one value is not a classification
-    assert ev.detect_labels([f"l{i}" for i in range(20)] * 2) is not None
-    assert ev.detect_labels([f"l{i}" for i in range(21)] * 2) is None
+    assert label_metrics.detect_labels(["positive", "Negative ", "negative", "positive"]) == ["negative", "positive"]
+    assert label_metrics.detect_labels(["yes", "yes", "no"]) is None  # a value seen once: free text, not labels
+    assert label_metrics.detect_labels(["yes"] * 5) is None  # one value is not a classification
+    assert label_metrics.detect_labels([f"l{i}" for i in range(20)] * 2) is not None
+    assert label_metrics.detect_labels([f"l{i}" for i in range(21)] * 2) is None
     alpaca_outputs = [r["output"] for r in json.loads(ALPACA_335.read_text())[:50]]
-    assert ev.detect_labels(alpaca_outputs) is None
-    assert ev.parse_labels(" Positive, negative ,neutral") == ["positive", "negative", "neutral"]
+    assert label_metrics.detect_labels(alpaca_outputs) is None
+    assert label_metrics.parse_labels(" Positive, negative ,neutral") == ["positive", "negative", "neutral"]
     with pytest.raises(UserError, match="at least 2"):
-        ev.parse_labels("positive,")
+        label_metrics.parse_labels("positive,")
     with pytest.raises(UserError, match="given twice"):
-        ev.parse_labels("yes,YES")
+        label_metrics.parse_labels("yes,YES")
 
 
 def test_loss_batches_cover_every_record_once_within_limits():
@@ -183,10 +188,10 @@ def perturbed_adapter(checkpoint, tmp_path_factory) -> Path:
     the linear scales, the attention/MLP input biases and the norm weights. Biases added straight to the residual
     stream or the logits stay 0: on a random tiny model they would swamp the prompt and give one constant answer."""
     from littune.checkpoints import load_model_config
-    from littune.finetune.adapter_v2 import METHOD
+    from littune.methods.adapter_v2 import METHOD
 
     torch.manual_seed(3)
-    model = METHOD.build_model(load_model_config(checkpoint))
+    model = METHOD.build_model(load_model_config(checkpoint), METHOD.args())
     kept = ("lm_head", "ln_f", "norm_1.bias", "norm_2.bias", "proj.adapter_bias")
     adapter = {}
     for name, p in model.state_dict().items():
@@ -228,14 +233,15 @@ def test_batched_greedy_equals_one_by_one_for_every_prompt(checkpoint, perturbed
     import lightning as L
     from litgpt.prompts import Alpaca
 
-    from littune.generate import generate_tokens, load_for_inference
+    from littune.model import load_for_inference
+    from littune.sampling import generate_tokens
 
     if arch != "gpt_neox":
         checkpoint = tmp_path / f"tiny-{arch}"
         make_hf_checkpoint(checkpoint, arch, seed=1, initializer_range=0.2)  # larger weights: answers vary by prompt
         assert main(["convert", "--checkpoint_dir", str(checkpoint)]) == 0
     fabric = L.Fabric(devices=1, accelerator="cpu", precision="32-true")
-    model, tokenizer, _ = load_for_inference(fabric, checkpoint, perturbed_adapter if with_adapter else None, None)
+    model, tokenizer, _ = load_for_inference(fabric, checkpoint, perturbed_adapter if with_adapter else None)
     records = json.loads(ALPACA_335.read_text())
     records = sorted(records, key=lambda r: len(r["instruction"]) + len(r["input"]))
     chosen = records[:8] + records[len(records) // 2:][:7] + records[-8:]
@@ -244,18 +250,18 @@ def test_batched_greedy_equals_one_by_one_for_every_prompt(checkpoint, perturbed
     assert len(prompts) == 23 and lengths[-1] > 3 * lengths[0], lengths
 
     new = 10
-    free = ev.batched_greedy(model, prompts, new, (), batch_size=23)  # only to pick stop sequences from
+    free = sampling.batched_greedy(model, prompts, new, (), batch_size=23)  # only to pick stop sequences from
     assert len({tuple(out) for out in free}) > 5  # the answers depend on the prompt
     stops = pick_stop_sequences(free, tokenizer.eos_id)
     reference = [list(generate_tokens(model, p, new, temperature=0.0, stop_tokens=stops)) for p in prompts]
     assert len({len(r) for r in reference}) >= 3, reference  # rows end at different steps, some at the limit
     assert max(len(r) for r in reference) == new
 
-    assert ev.batched_greedy(model, prompts, new, stops, batch_size=5) == reference
+    assert sampling.batched_greedy(model, prompts, new, stops, batch_size=5) == reference
 
 
 def test_stop_matcher_holds_back_and_drops_a_completed_sequence():
-    matcher = ev.StopMatcher([[7, 8, 9], [5]])
+    matcher = sampling.StopMatcher([[7, 8, 9], [5]])
     for token in (1, 7, 8):
         matcher.add(token)
     assert not matcher.stopped and matcher.safe == 1  # 7, 8 may start the stop sequence 7 8 9
@@ -294,7 +300,7 @@ def test_cli_writes_predictions_metrics_and_pictures(evaluation, sst2):
 
 def test_cli_predictions_equal_one_by_one_generate(evaluation, inference, sst2):
     from littune.data import load_prepared
-    from littune.generate import generate_tokens
+    from littune.sampling import generate_tokens
 
     model, tokenizer, style = inference
     _, test, _ = load_prepared(sst2)
@@ -320,7 +326,6 @@ def test_test_loss_is_the_mean_over_target_tokens(evaluation, inference, sst2):
     from littune.data import load_prepared
 
     model, _, _ = inference
-    model.module.max_seq_length = model.module.config.block_size  # generate_tokens leaves it at its last prompt's
     _, test, meta = load_prepared(sst2)
     total, targets = 0.0, 0
     with torch.no_grad():
@@ -339,15 +344,18 @@ def test_explicit_labels_and_free_text_task_without_adapter(checkpoint, sst2, tm
     import lightning as L
 
     from littune.data import load_prepared
-    from littune.generate import generate_tokens, load_for_inference
+    from littune.model import load_for_inference
+    from littune.sampling import generate_tokens
 
     # --labels in its own order, one label nobody expects; explicit --out_dir; no run folder, so no loss.png
     out = tmp_path / "labels3"
     assert main(["evaluate", "--checkpoint_dir", str(checkpoint), "--data_dir", str(sst2), "--out_dir", str(out),
                  "--labels", "positive,negative,neutral", "--max_new_tokens", "5", "--batch_size", "16"]) == 0
     # the base model's answers (several tokens, many different) are the ones littune generate gives one by one
-    model, tokenizer, style = load_for_inference(L.Fabric(devices=1, accelerator="cpu", precision="32-true"),
-                                                 checkpoint, None, None)
+    from litgpt.prompts import Alpaca
+
+    model, tokenizer, _ = load_for_inference(L.Fabric(devices=1, accelerator="cpu", precision="32-true"), checkpoint)
+    style = Alpaca()
     predictions = read_jsonl(out / "predictions.jsonl")
     for record, p in zip(load_prepared(sst2)[1], predictions, strict=True):
         alone = generate_tokens(model, record["input_ids_no_response"], 5, temperature=0.0,
@@ -393,7 +401,7 @@ def test_bad_input_gives_one_clear_line(checkpoint, sst2, run_dir, tmp_path, cap
     empty = tmp_path / "empty"
     empty.mkdir()
     assert_clean_error(run(data=empty), str(empty), "test.pt", "littune prepare")
-    assert_clean_error(run("--split", "validation"), "--split 'validation'", "train, test")
+    assert_clean_error(run("--split", "validation"), "--split 'validation'", "test, val, train")
     assert_clean_error(run("--batch_size", 0), "--batch_size must be >= 1")
     assert_clean_error(run("--labels", "positive"), "at least 2 labels")
     assert_clean_error(run("--labels", "good,bad"), "not one of the labels")

@@ -1,7 +1,6 @@
 """`littune finetune adapter_v2`: the training loop, driven through the CLI on a tiny GPT-NeoX and real Alpaca data."""
 
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -11,8 +10,10 @@ import yaml
 from conftest import (ALPACA_335, assert_clean_error, make_hf_checkpoint, read_metrics, run_cli,
                       small_vocab_checkpoint)
 from littune.cli import main
-from littune.finetune.adapter_v2 import METHOD
-from littune.finetune.loop import ADAPTER_FILE, learning_rate_at, plan_epoch
+from littune.finetune.schedule import learning_rate_at, plan_epoch
+from littune.methods.adapter_v2 import METHOD
+
+ADAPTER_FILE = METHOD.adapter_file
 
 
 @pytest.fixture
@@ -62,7 +63,7 @@ def adapter_model(checkpoint: Path, adapter: dict | None = None):
     from littune.checkpoints import load_model_config
 
     torch.manual_seed(0)
-    model = METHOD.build_model(load_model_config(checkpoint))
+    model = METHOD.build_model(load_model_config(checkpoint), METHOD.args())
     model.load_state_dict(base_state(checkpoint), strict=False)
     if adapter is not None:
         model.load_state_dict(adapter, strict=False)
@@ -155,18 +156,18 @@ def test_base_weights_unchanged_in_model_after_training(checkpoint, alpaca_data,
     from littune.finetune import loop
 
     captured = {}
-    original = loop.save_adapter
+    original = loop.save_weights
 
-    def spy(fabric, model, method, path, hp, **kwargs):
+    def spy(fabric, model, method, folder, run_files, **kwargs):
         captured.update({k: v.detach().clone() for k, v in model.state_dict().items()})
-        return original(fabric, model, method, path, hp, **kwargs)
+        return original(fabric, model, method, folder, run_files, **kwargs)
 
-    loop.save_adapter = spy
+    loop.save_weights = spy
     try:
         finetune(checkpoint, alpaca_data, tmp_path / "run", "--max_steps", 3, "--batch_size", 4,
                  "--micro_batch_size", 2, "--learning_rate", 1e-2, "--warmup_steps", 0)
     finally:
-        loop.save_adapter = original
+        loop.save_weights = original
     fresh = adapter_model(checkpoint).state_dict()  # the checkpoint's weights, under the adapter model's names
     frozen = [k for k in fresh if not METHOD.is_trainable(k)]
     assert frozen and set(captured) == set(fresh)
@@ -196,7 +197,7 @@ def test_gradient_accumulation_equals_one_big_batch(checkpoint, alpaca_data, tmp
         losses_b = [float(r["train_loss"]) for r in read_metrics(tmp_path / f"mb8-{steps}")]
         assert losses_a == pytest.approx(losses_b, rel=1e-5)
     # the logged step loss is the mean over all target tokens of the step, not a mean of micro-batch means
-    from littune.finetune.loop import collate, count_targets, token_cross_entropy_sum
+    from littune.model import collate, count_targets, token_cross_entropy_sum
 
     model = adapter_model(checkpoint)
     with torch.no_grad():

@@ -16,7 +16,10 @@ import torch
 from conftest import REPO, assert_clean_error, read_metrics, run_cli
 from littune.cli import main
 from littune.common import load_torch
-from littune.finetune.loop import ADAPTER_FILE, STATE_FILE, find_resume_state
+from littune.finetune.state import STATE_FILE, find_resume_state
+from littune.methods.adapter_v2 import METHOD
+
+ADAPTER_FILE = METHOD.adapter_file
 
 # Runs `littune ARGS` after arranging to SIGKILL itself at KILL_AT=point:N (the N-th time that point is reached).
 KILLER = r'''

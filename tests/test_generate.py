@@ -9,7 +9,11 @@ import torch
 from conftest import ALPACA_335, assert_clean_error, make_hf_checkpoint, run_cli
 from littune import generate as generate_module
 from littune.cli import main
-from littune.finetune.loop import ADAPTER_FILE
+from littune.methods.adapter_v2 import METHOD
+from littune.model import load_for_inference
+from littune.sampling import generate_tokens
+
+ADAPTER_FILE = METHOD.adapter_file
 
 PROMPT, INPUT = "Give three tips for staying healthy.", ""
 
@@ -65,11 +69,9 @@ def test_kv_cached_greedy_equals_full_forward_argmax(tiny, run_dir, with_adapter
 
     checkpoint, _ = tiny
     fabric = L.Fabric(devices=1, accelerator="cpu", precision="32-true")
-    model, tokenizer, style = generate_module.load_for_inference(
-        fabric, checkpoint, run_dir if with_adapter else None, None)
+    model, tokenizer, _ = load_for_inference(fabric, checkpoint, run_dir if with_adapter else None)
     prompt_ids = tokenizer.encode(Alpaca().apply(PROMPT, input=INPUT))
-    cached = list(generate_module.generate_tokens(model, prompt_ids, 24, temperature=0.0,
-                                                  stop_tokens=([tokenizer.eos_id],)))
+    cached = list(generate_tokens(model, prompt_ids, 24, temperature=0.0, stop_tokens=([tokenizer.eos_id],)))
     plain = argmax_loop(model, prompt_ids, 24, {tokenizer.eos_id})
     assert cached == plain and len(cached) > 0
 
@@ -157,9 +159,8 @@ def test_bad_input_gives_one_clear_line(tiny, run_dir, tmp_path):
     make_hf_checkpoint(other, "gpt_neox", num_hidden_layers=4, hidden_size=96)
     assert main(["convert", "--checkpoint_dir", str(other)]) == 0
     from littune.checkpoints import load_model_config
-    from littune.finetune.adapter_v2 import METHOD
 
-    wide = METHOD.build_model(load_model_config(other))
+    wide = METHOD.build_model(load_model_config(other), METHOD.args())
     foreign = {k: v for k, v in wide.state_dict().items() if METHOD.is_trainable(k)}
     torch.save(foreign, tmp_path / "foreign.pth")
     result = run("--prompt", "hi", "--adapter_path", str(tmp_path / "foreign.pth"))

@@ -1,13 +1,39 @@
-"""Fine-tuning: one Fabric training loop (`loop.py`) shared by every method (`adapter_v2.py`, ...)."""
+"""Fine-tuning: `littune finetune METHOD`, one command per method of `littune.methods`, all on one training loop.
 
-from importlib import import_module
+- `args.py`: the flags, declared once; `loop.py`: the Fabric loop; `schedule.py`: batch order, learning rate,
+  optimizer; `state.py`: resumable state; `logs.py`: metrics.csv, progress bar, TensorBoard/MLflow.
+"""
+
+import inspect
+from dataclasses import fields
+
+from littune.methods import METHODS, get_method
 
 
-def get_method(name: str):
-    """The `Method` of `littune/finetune/<name>.py` (each method module defines METHOD)."""
-    from littune.common import UserError
+def command(name: str):
+    """The `littune finetune NAME` function: the shared flags (TrainArgs) plus the method's own, all flat, each
+    checked against its declared range before anything is read."""
+    from littune.common import checked
+    from littune.finetune.args import TrainArgs, flag_help, flag_parameters
+    from littune.finetune.loop import finetune
 
-    try:
-        return import_module(f"littune.finetune.{name}").METHOD
-    except ModuleNotFoundError as e:
-        raise UserError(f"unknown fine-tuning method {name!r} (known: adapter_v2)") from e
+    method = get_method(name)
+    train_names = {f.name for f in fields(TrainArgs)}
+
+    def run(**flags):
+        train = TrainArgs(**{k: v for k, v in flags.items() if k in train_names})
+        return finetune(method, train, method.args(**{k: v for k, v in flags.items() if k not in train_names}))
+
+    parameters = flag_parameters(TrainArgs, method.args)
+    run.__signature__ = inspect.Signature(parameters)
+    run.__annotations__ = {p.name: p.annotation for p in parameters}
+    run.__doc__ = f"{method.summary}\n\n{flag_help(TrainArgs, method.args)}\n"
+    run.__name__ = run.__qualname__ = name
+    return checked(run)
+
+
+def __getattr__(name: str):
+    """`littune.finetune.adapter_v2` and friends: the command of each registered method."""
+    if name in METHODS:
+        return command(name)
+    raise AttributeError(name)

@@ -1,14 +1,21 @@
 """LLaMA-Adapter v2 (litgpt's `adapter_v2` modules): a learned prefix in the upper attention layers, a scale and a
-bias on every linear layer, and the norms train; the base weights stay frozen. Adapter weights are a few MB."""
+bias on every linear layer, and the norms train; the base weights stay frozen. Adapter weights are a few MB.
 
-from dataclasses import asdict
+The prefix attention cannot be folded into the base weights, so an adapter_v2 run has no merge (LoRA has)."""
+
+from dataclasses import asdict, dataclass
 
 import litgpt.adapter_v2 as litgpt_adapter_v2
 
-from littune.finetune.loop import Method, command
+from littune.methods import Method
 
 
-def build_model(config):
+@dataclass
+class AdapterV2Args:
+    """adapter_v2 has no flags of its own (the prefix length and start layer come from litgpt's Config defaults)."""
+
+
+def build_model(config, args: AdapterV2Args):
     return litgpt_adapter_v2.GPT(litgpt_adapter_v2.Config(**asdict(config)))
 
 
@@ -26,10 +33,11 @@ def clear_adapter_cache(model) -> None:
 
 METHOD = Method(
     name="adapter_v2",
+    summary="LLaMA-Adapter v2: a learned prompt prefix plus scales and biases; a few MB of weights.",
+    args=AdapterV2Args,
     build_model=build_model,
     is_trainable=is_trainable,
     block_class=litgpt_adapter_v2.Block,
+    adapter_file="lit_model_adapter_finetuned.pth",
     before_forward=clear_adapter_cache,
 )
-
-setup = command(METHOD)

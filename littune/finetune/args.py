@@ -1,0 +1,148 @@
+"""The fine-tuning flags, declared once: name, type, default, valid range (`Check`), help text (the attribute
+docstring) and whether a resumed run must keep it (`same_run`). The `littune finetune METHOD` signature and its
+`--help`, the checks run before anything is read, hyperparameters.yaml and the resume fingerprint all derive from
+these declarations (plus the method's own dataclass of flags, e.g. LoRA's rank).
+"""
+
+import inspect
+import math
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Annotated, Literal, Optional
+
+from littune.common import Check, UserError
+from littune.model import Precision
+
+
+def same_run(default):
+    """A flag that decides the trained weights: a resumed run must keep it (it is part of the run's fingerprint)."""
+    return field(default=default, metadata={"same_run": True})
+
+
+@dataclass
+class TrainArgs:
+    checkpoint_dir: Path
+    """The converted base model (from `littune download` or `littune convert`)."""
+    data_dir: Path
+    """The prepared data (from `littune prepare`): trains on train.pt, validates on val.pt (else test.pt)."""
+    out_dir: Optional[Path] = None
+    """Where adapters, logs and checkpoints go (default: out/METHOD/<data folder name>)."""
+    precision: Optional[Precision] = same_run(None)
+    """32-true, bf16-true, bf16-mixed, 16-true or 16-mixed (default: bf16-true on GPUs that have it, else 32-true)."""
+    devices: Annotated[int, Check(ge=1)] = same_run(1)
+    """Devices (GPUs, or CPU processes) per node."""
+    num_nodes: Annotated[int, Check(ge=1)] = same_run(1)
+    """Machines in the cluster (see README: several machines)."""
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto"
+    """auto (one device, DDP for several), ddp, or fsdp (shards the model over GPUs; for models too big for one)."""
+    seed: int = same_run(1337)
+    """Random seed: the same seed gives the same batches and the same weights."""
+    learning_rate: Annotated[float, Check(gt=0)] = same_run(3e-3)
+    """Peak learning rate of AdamW."""
+    batch_size: Optional[Annotated[int, Check(ge=1)]] = same_run(None)
+    """Records per optimizer step, over all devices (default: 64, or fewer for a smaller training set)."""
+    micro_batch_size: Annotated[int, Check(ge=1)] = same_run(4)
+    """Records per forward pass on one device; batch_size / (micro_batch_size x devices) are accumulated."""
+    epochs: Optional[Annotated[int, Check(ge=1)]] = same_run(None)
+    """Passes over the training data (default: 1 when --max_steps is not given)."""
+    max_steps: Optional[Annotated[int, Check(ge=1)]] = same_run(None)
+    """Optimizer steps to train (stops at whichever of --epochs and --max_steps comes first)."""
+    warmup_steps: Optional[Annotated[int, Check(ge=0)]] = same_run(None)
+    """Steps of linear learning-rate warmup, 0 allowed (default: 10% of the run's steps, at most 100)."""
+    weight_decay: Annotated[float, Check(ge=0)] = same_run(0.02)
+    """AdamW decoupled weight decay, on matrix and embedding parameters."""
+    grad_clip: Annotated[float, Check(ge=0)] = same_run(1.0)
+    """Clip the global gradient norm to this (0 turns clipping off)."""
+    lr_schedule: Literal["constant", "cosine"] = same_run("cosine")
+    """After warmup: constant, or cosine decay over the remaining steps."""
+    group_by_length: bool = same_run(True)
+    """Put records of similar length in the same micro-batch (less padding; batches stay shuffled)."""
+    eval_interval: Annotated[int, Check(ge=1)] = 100
+    """Steps between evaluations on the validation split (loss, and one sample answer)."""
+    eval_iters: Annotated[int, Check(ge=1)] = 100
+    """Validation micro-batches per evaluation."""
+    save_interval: Annotated[int, Check(ge=1)] = 100
+    """Steps between resumable checkpoints (out_dir/step-NNNNNN/)."""
+    log_interval: Annotated[int, Check(ge=1)] = 1
+    """Steps between rows of metrics.csv."""
+    early_stopping_patience: Optional[Annotated[int, Check(ge=1)]] = None
+    """Stop after this many evaluations without a better validation loss."""
+    resume: Optional[str] = None
+    """Continue a run: `auto` (the newest complete state in out_dir) or a step-NNNNNN folder."""
+    logger: list[Literal["csv", "tensorboard", "mlflow"]] = field(default_factory=lambda: ["csv"])
+    """Where metrics go besides out_dir/metrics.csv: csv, tensorboard (out_dir/tensorboard), mlflow."""
+    mlflow_tracking_uri: Optional[str] = None
+    """MLflow tracking URI (default: a local out_dir/mlruns store)."""
+
+
+NOT_HYPERPARAMETERS = {"resume"}  # how this invocation starts, not what the run is
+
+
+def hyperparameters(method_name: str, args: TrainArgs, method_args) -> dict:
+    """hyperparameters.yaml: the method, every flag of the run (defaults resolved) and the method's own flags."""
+    values = {k: v for k, v in asdict(args).items() if k not in NOT_HYPERPARAMETERS}
+    values = {k: str(v) if isinstance(v, Path) else v for k, v in values.items()}
+    return {"method": method_name, **values, **asdict(method_args)}
+
+
+def same_run_values(args: TrainArgs, method_args) -> dict:
+    """The flags a resumed run must keep (every flag of the method counts)."""
+    return {**{f.name: getattr(args, f.name) for f in fields(args) if f.metadata.get("same_run")},
+            **asdict(method_args)}
+
+
+def total_steps(n_train: int, batch_size: int, epochs: Optional[int], max_steps: Optional[int]) -> int:
+    """Optimizer steps of the run: --max_steps, --epochs (default 1), or the fewer of the two."""
+    by_epochs = (epochs or 1) * math.ceil(n_train / batch_size)
+    if max_steps is None:
+        return by_epochs
+    return max_steps if epochs is None else min(max_steps, by_epochs)
+
+
+def resolve_defaults(args: TrainArgs, method_name: str, n_train: int, default_precision: str) -> TrainArgs:
+    """The flags left to littune, decided for this run and data: out_dir, precision, batch size, warmup."""
+    world = args.devices * args.num_nodes
+    per_step = args.micro_batch_size * world
+    batch_size = args.batch_size
+    if batch_size is None:  # 64, but never more than the training set (rounded down to whole micro-batches)
+        batch_size = max(per_step, min(64, n_train) // per_step * per_step)
+    if batch_size % per_step:
+        raise UserError(
+            f"--batch_size {batch_size} must be divisible by --micro_batch_size {args.micro_batch_size} x devices "
+            f"{world} (gradient accumulation = batch_size / (micro_batch_size * devices))"
+        )
+    steps = total_steps(n_train, batch_size, args.epochs, args.max_steps)
+    warmup = args.warmup_steps if args.warmup_steps is not None else min(100, math.ceil(0.1 * steps))
+    return replace(
+        args, batch_size=batch_size, warmup_steps=warmup, precision=args.precision or default_precision,
+        epochs=args.epochs if args.epochs is not None or args.max_steps is not None else 1,
+        out_dir=Path(args.out_dir) if args.out_dir is not None else Path("out") / method_name / Path(args.data_dir).name,
+    )
+
+
+# ------------------------------------------------------------------------------------- the command's signature
+
+
+def flag_parameters(*dataclasses: type) -> list[inspect.Parameter]:
+    """One keyword parameter per field: what jsonargparse builds flat flags from (--learning_rate, not
+    --train.learning_rate, which it would make of a dataclass-typed parameter)."""
+    parameters = []
+    for cls in dataclasses:
+        for f in fields(cls):
+            default = f.default if f.default is not MISSING else (
+                f.default_factory() if f.default_factory is not MISSING else inspect.Parameter.empty)
+            parameters.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                                                annotation=f.type))
+    required = [p for p in parameters if p.default is inspect.Parameter.empty]
+    return required + [p for p in parameters if p.default is not inspect.Parameter.empty]
+
+
+def flag_help(*dataclasses: type) -> str:
+    """The "Arguments:" section of a docstring, from the fields' attribute docstrings."""
+    from docstring_parser import parse_from_object
+
+    lines = ["Arguments:"]
+    for cls in dataclasses:
+        for param in parse_from_object(cls).params:
+            lines.append(f"    {param.arg_name}: {' '.join((param.description or '').split())}")
+    return "\n".join(lines)

@@ -1,0 +1,63 @@
+"""Logging of a run: metrics.csv (always), the progress bar, and Lightning's experiment loggers (TensorBoard,
+MLflow)."""
+
+import csv
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+from littune.common import UserError, atomic_path
+
+METRIC_COLUMNS = ["step", "epoch", "train_loss", "learning_rate", "val_loss", "tokens", "tokens_per_sec", "elapsed_sec"]
+
+
+def make_progress(fabric, total: int, done: int = 0):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=done, desc="Fine-tuning", unit="step", disable=fabric.global_rank != 0,
+                file=sys.stderr, dynamic_ncols=True)
+
+
+def keep_metrics_until(path: Path, step: int) -> None:
+    """metrics.csv with the rows of steps <= step (a resumed run drops rows logged after its saved state)."""
+    rows = []
+    if step > 0 and path.is_file():
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and int(r["step"]) <= step]
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, METRIC_COLUMNS)
+        writer.writeheader()
+        writer.writerows({k: r.get(k, "") for k in METRIC_COLUMNS} for r in rows)
+
+
+def make_loggers(hparams: dict, out_dir: Path, mlflow_run_id: Optional[str] = None) -> list:
+    """Fabric/Lightning experiment loggers besides metrics.csv (which is always written)."""
+    loggers = []
+    if "tensorboard" in hparams["logger"]:
+        from lightning.fabric.loggers import TensorBoardLogger
+
+        loggers.append(TensorBoardLogger(root_dir=out_dir, name="tensorboard"))
+    if "mlflow" in hparams["logger"]:
+        try:
+            from lightning.pytorch.loggers import MLFlowLogger
+        except ModuleNotFoundError as e:
+            raise UserError("--logger mlflow needs MLflow: pip install 'littune[mlflow]'") from e
+        uri = hparams["mlflow_tracking_uri"]
+        if uri is None:  # a local out_dir/mlruns store: MLflow 3 wants this opt-in for file stores
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        loggers.append(MLFlowLogger(experiment_name=f"littune-{hparams['method']}", run_name=out_dir.name,
+                                    run_id=mlflow_run_id, tracking_uri=uri or (out_dir / "mlruns").resolve().as_uri()))
+    return loggers
+
+
+def log_row(path: Path, loggers: list, row: dict) -> None:
+    """One row of metrics.csv, and the same figures to every experiment logger."""
+    with open(path, "a", newline="", encoding="utf-8") as f:
+        csv.DictWriter(f, METRIC_COLUMNS).writerow({k: _fmt(row.get(k, "")) for k in METRIC_COLUMNS})
+    for experiment_logger in loggers:
+        experiment_logger.log_metrics({k: v for k, v in row.items() if v != "" and k != "step"}, row["step"])
+
+
+def _fmt(value) -> str:
+    return f"{value:.6g}" if isinstance(value, float) else str(value)

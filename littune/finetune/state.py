@@ -1,0 +1,202 @@
+"""Resumable training state: the run's progress counters, its fingerprint, and the step-NNNNNN folders that hold
+everything an exact resume needs (the trained weights, optimizer moments, counters, the place in the data, every
+RNG state). Also the signal handling that turns Ctrl-C / SIGTERM into "finish the step, save, stop"."""
+
+import math
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from littune.common import UserError, load_torch, save_torch, sha256_file
+from littune.model import load_state, unwrap
+
+STATE_FILE = "training_state.pt"
+
+
+@dataclass
+class Progress:
+    """Where a run stands; saved with every checkpoint and restored on resume."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    step_in_epoch: int = 0  # steps done in that epoch
+    tokens_seen: int = 0
+    elapsed: float = 0.0  # seconds of training, over all sessions of the run
+    best_val_loss: float = math.inf
+    best_step: int = 0
+    evals_since_best: int = 0
+    mlflow_run_id: Optional[str] = None  # a resumed run goes on logging into the same MLflow run
+
+
+def step_folder(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def fingerprint(same_run: dict, checkpoint_dir: Path, data_dir: Path, train_file: Path, total_steps: int) -> dict:
+    """What must be the same for a resumed run to be the same run."""
+    return {
+        "model_config_sha256": sha256_file(Path(checkpoint_dir) / "model_config.yaml"),
+        "base_weights_bytes": (Path(checkpoint_dir) / "lit_model.pth").stat().st_size,
+        "data_sha256": sha256_file(train_file),
+        "total_steps": total_steps,
+        **same_run,
+    }
+
+
+def trained_state(fabric, model, method) -> dict:
+    """The trainable parameters, on CPU (gathered from every rank under FSDP)."""
+    state = fabric.strategy.get_module_state_dict(model) if hasattr(fabric.strategy, "get_module_state_dict") \
+        else model.state_dict()
+    return {k: v.detach().cpu().clone() for k, v in state.items() if method.is_trainable(k)}
+
+
+def optimizer_state(model, optimizer, sharded: bool) -> dict:
+    """The optimizer's state as one full state dict (under FSDP gathered from the shards; rank 0 gets it)."""
+    if not sharded:
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(unwrap(model), optimizer,
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def save_training_state(fabric, model, optimizer, method, out_dir: Path, progress: Progress, fingerprint: dict,
+                        run_files: dict, sharded: bool) -> None:
+    """out_dir/step-NNNNNN/, built in a temporary folder and renamed into place, so a kill at any moment leaves
+    either the complete folder or none. run_files: file name -> text written beside the weights."""
+    adapter = trained_state(fabric, model, method)
+    optimizer_dict = optimizer_state(model, optimizer, sharded)
+    if fabric.global_rank == 0:
+        import random
+
+        import numpy as np
+
+        final = out_dir / step_folder(progress.step)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=out_dir))
+        old = tmp.with_name(tmp.name + ".old")
+        try:
+            save_torch(adapter, tmp / method.adapter_file)
+            numpy_state = np.random.get_state()
+            save_torch({
+                "counters": asdict(progress),
+                "fingerprint": fingerprint,
+                "optimizer": optimizer_dict,
+                "rng": {
+                    "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                    "python": _to_lists(random.getstate()),
+                    "numpy": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
+                },
+            }, tmp / STATE_FILE)
+            for name, text in run_files.items():
+                (tmp / name).write_text(text, encoding="utf-8")
+            if final.exists():  # the same step saved by an earlier attempt: set it aside, then replace it whole
+                os.replace(final, old)
+            os.replace(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True)
+    fabric.barrier()
+
+
+def remove_stale_temporaries(out_dir: Path) -> None:
+    """Half-written files and folders of a run that was killed while saving (their names start with '.' and end
+    with '.tmp': no reader ever mistakes them for a checkpoint)."""
+    for folder in (out_dir, out_dir / "best"):
+        for path in folder.glob(".*.tmp*"):
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def find_resume_state(out_dir: Path, resume: str) -> Optional[Path]:
+    """`auto`: the newest complete step folder in out_dir (none: start fresh); else the given folder."""
+    if resume != "auto":
+        folder = Path(resume)
+        if not (folder / STATE_FILE).is_file():
+            raise UserError(f"--resume {resume}: no {STATE_FILE} there (give a step-NNNNNN folder or 'auto')")
+        return folder
+    complete = sorted(p for p in Path(out_dir).glob("step-[0-9]*") if (p / STATE_FILE).is_file() and p.is_dir())
+    if not complete:
+        print(f"--resume auto: no saved state in {out_dir}; starting from step 0", file=sys.stderr)
+        return None
+    return complete[-1]
+
+
+def load_training_state(folder: Path, model, optimizer, method, fingerprint: dict, sharded: bool) -> Progress:
+    """Restore a saved state; refuse (before touching anything) one from another model, data or settings."""
+    import random
+
+    import numpy as np
+
+    saved = load_torch(folder / STATE_FILE, "training state")
+    adapter = load_torch(folder / method.adapter_file, "adapter weights")
+    differing = sorted(k for k in set(fingerprint) | set(saved.get("fingerprint", {}))
+                       if saved["fingerprint"].get(k) != fingerprint.get(k))
+    if differing:
+        details = ", ".join(f"{k}: saved {saved['fingerprint'].get(k)!r} vs now {fingerprint.get(k)!r}"
+                            for k in differing[:3])
+        raise UserError(f"{folder}: cannot resume, the run differs ({details})")
+    missing = set(k for k, p in unwrap(model).named_parameters() if p.requires_grad) - set(adapter)
+    if missing:
+        raise UserError(f"{folder / method.adapter_file}: incomplete adapter (missing {sorted(missing)[:3]})")
+    load_state(model, adapter, sharded)
+    method.before_forward(unwrap(model))
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(unwrap(model), optimizer, saved["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(saved["optimizer"])
+    rng = saved["rng"]
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    random.setstate(_to_tuples(rng["python"]))
+    np.random.set_state((rng["numpy"][0], np.array(rng["numpy"][1], dtype=np.uint32), *rng["numpy"][2:]))
+    known = {f.name for f in fields(Progress)}
+    return Progress(**{k: v for k, v in saved["counters"].items() if k in known})
+
+
+def _to_lists(value):
+    return [_to_lists(v) for v in value] if isinstance(value, (tuple, list)) else value
+
+
+def _to_tuples(value):
+    return tuple(_to_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+class StopRequest:
+    """SIGINT/SIGTERM ask the loop to finish its optimizer step, save and stop (a second signal stops at once)."""
+
+    def __init__(self):
+        self.requested = None
+        self.previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.previous[sig] = signal.signal(sig, self.handle)
+            except ValueError:  # not the main thread (e.g. inside a test runner thread): no handler
+                pass
+
+    def handle(self, signum, frame):
+        if self.requested:
+            self.restore()
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        print(f"\n{self.requested}: finishing this step, then saving (send again to stop at once)", file=sys.stderr)
+
+    def agree(self, fabric) -> None:
+        """Under DDP a signal may reach only some ranks: all of them save and stop together."""
+        if fabric.world_size > 1 and fabric.strategy.reduce_boolean_decision(self.requested is not None, all=False):
+            self.requested = self.requested or "SIGNAL"
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}

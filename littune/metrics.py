@@ -1,0 +1,112 @@
+"""Label tasks: the label set, and classification metrics (shared by `littune evaluate` and the training loop's
+task metrics).
+
+Label tasks and the "other" predictions: a prediction is compared with the expected output after trimming
+whitespace and lowercasing. When the expected outputs form a small label set (at most 20 distinct values, at least
+2, each appearing at least twice; or --labels), a prediction that is none of the labels is counted as the class
+"other". It is always wrong; the metrics treat it like scikit-learn does when given `y_pred` with "other" in it:
+- accuracy = correct / records ("other" predictions count in the denominator): accuracy_score(y_true, y_pred);
+- per-class precision/recall/F1 and macro F1 over the labels only ("other" is not a class, but a record predicted
+  "other" is a false negative of its expected label): f1_score(y_true, y_pred, labels=LABELS, average="macro");
+- micro F1 over the labels: precision = correct / predictions that are a label, recall = correct / records, so an
+  "other" prediction lowers recall but not precision: f1_score(..., labels=LABELS, average="micro");
+- MCC with "other" as one more predicted class: matthews_corrcoef(y_true, y_pred);
+- confusion matrix: rows = expected labels, columns = predicted labels + "other" (the last column).
+Zero divisions (a label never predicted, no variance for MCC) give 0.0, as scikit-learn's zero_division=0.
+"""
+
+import math
+from collections import Counter
+from typing import Optional
+
+from littune.common import UserError
+
+OTHER = "other"  # the extra confusion-matrix column: predictions that are none of the labels
+MAX_AUTO_LABELS = 20
+
+
+def normalize(text: str) -> str:
+    return text.strip().lower()
+
+
+def exact_match(expected: list[str], predicted: list[str]) -> float:
+    return sum(normalize(e) == normalize(p) for e, p in zip(expected, predicted)) / max(len(expected), 1)
+
+
+def parse_labels(labels: str) -> list[str]:
+    parsed = [normalize(label) for label in labels.split(",") if label.strip()]
+    if len(parsed) < 2:
+        raise UserError(f"--labels {labels!r}: give at least 2 labels, comma-separated, e.g. positive,negative")
+    duplicates = sorted(label for label, n in Counter(parsed).items() if n > 1)
+    if duplicates:
+        raise UserError(f"--labels {labels!r}: {', '.join(map(repr, duplicates))} given twice (labels are compared "
+                        f"lowercased and trimmed)")
+    return parsed
+
+
+def check_expected_in_labels(expected: list[str], labels: list[str]) -> None:
+    known = set(labels)
+    for index, output in enumerate(expected):
+        if normalize(output) not in known:
+            raise UserError(f"--labels: the expected output {output[:60]!r} of record {index} is not one of the "
+                            f"labels ({', '.join(labels)})")
+
+
+def detect_labels(expected: list[str]) -> Optional[list[str]]:
+    """The sorted label set when the expected outputs look like one: 2..20 distinct values, each seen twice or more."""
+    counts = Counter(normalize(e) for e in expected)
+    if 2 <= len(counts) <= MAX_AUTO_LABELS and min(counts.values()) >= 2:
+        return sorted(counts)
+    return None
+
+
+def classification_metrics(expected: list[str], predicted: list[str], labels: Optional[list[str]]) -> dict:
+    """Accuracy, per-class precision/recall/F1, macro/micro F1, MCC and the confusion matrix (rows: expected labels,
+    columns: labels + "other"); every value None when `labels` is None. See the module docstring for "other"."""
+    keys = ("labels", "not_a_label", "accuracy", "f1_macro", "f1_micro", "mcc", "per_class", "confusion_matrix",
+            "confusion_matrix_columns")
+    if labels is None:
+        return dict.fromkeys(keys)
+    k = len(labels)
+    column = {label: i for i, label in enumerate(labels)}
+    y_true = [column[normalize(e)] for e in expected]
+    y_pred = [column.get(normalize(p), k) for p in predicted]  # k: "other"
+    matrix = [[0] * (k + 1) for _ in range(k)]
+    for t, p in zip(y_true, y_pred):
+        matrix[t][p] += 1
+    n = len(y_true)
+    support = [sum(row) for row in matrix]
+    predicted_as = [sum(matrix[r][c] for r in range(k)) for c in range(k + 1)]
+    correct = [matrix[c][c] for c in range(k)]
+
+    per_class = {}
+    for c, label in enumerate(labels):
+        precision = correct[c] / predicted_as[c] if predicted_as[c] else 0.0
+        recall = correct[c] / support[c] if support[c] else 0.0
+        f1_denominator = predicted_as[c] + support[c]  # 2tp + fp + fn
+        per_class[label] = {"precision": precision, "recall": recall,
+                            "f1": 2 * correct[c] / f1_denominator if f1_denominator else 0.0, "support": support[c]}
+    total_correct = sum(correct)
+    micro_denominator = sum(predicted_as[:k]) + n
+    return {
+        "labels": list(labels),
+        "not_a_label": predicted_as[k],
+        "accuracy": total_correct / n if n else 0.0,
+        "f1_macro": sum(v["f1"] for v in per_class.values()) / k,
+        "f1_micro": 2 * total_correct / micro_denominator if micro_denominator else 0.0,
+        "mcc": matthews(matrix, n, total_correct, support, predicted_as),
+        "per_class": per_class,
+        "confusion_matrix": matrix,
+        "confusion_matrix_columns": list(labels) + [OTHER],
+    }
+
+
+def matthews(matrix: list, n: int, correct: int, support: list[int], predicted_as: list[int]) -> float:
+    """Multi-class Matthews correlation (Gorodkin's R_K, as scikit-learn): "other" is a class nobody expects."""
+    t = support + [0]  # the "other" row: never expected
+    cov_tp = correct * n - sum(a * b for a, b in zip(t, predicted_as))
+    cov_pp = n * n - sum(p * p for p in predicted_as)
+    cov_tt = n * n - sum(a * a for a in t)
+    if cov_pp * cov_tt == 0:
+        return 0.0
+    return cov_tp / math.sqrt(cov_tt * cov_pp)

@@ -1,0 +1,163 @@
+"""Sampling, shared by generate, evaluate, serve and the training loop's sample answers.
+
+- `generate_tokens`: one prompt, litgpt's KV-cached `generate_fn` (temperature 0 = greedy, top-k, top-p, stop
+  sequences), token by token; `stream_text` turns those tokens into text pieces as they arrive.
+- `batched_greedy`: many prompts, greedy, batched with a KV cache, giving the tokens `generate_tokens` gives each
+  prompt alone.
+
+Why `batched_greedy` gives the tokens of `littune generate --temperature 0`, one prompt at a time: each batch is right-padded and every row keeps its own
+positions (0 .. prompt length - 1 in the prefill, then its own next position while decoding, passed to litgpt as
+a batched `input_pos` of shape (B, 1)). So each row gets the rotary angles, KV-cache slots and causal mask rows it
+gets alone; litgpt's own causal mask hides the pad slots beyond a row's position, and those slots are overwritten
+by the row's own tokens before its position reaches them. (Left padding with shared positions would give every row
+the same relative positions, but rotary angles of other absolute positions round differently in float32, enough to
+flip a near-tie.) What remains differs in the last bits only: a matrix product over a batch runs other CPU/GPU
+kernels than over a single row (float32 logits differ by about 1e-6), so batched and one-by-one could only part
+where the two best tokens are closer than that; the tests check every record on several architectures.
+"""
+
+import sys
+from contextlib import contextmanager
+from typing import Iterator, Optional, Sequence
+
+import torch
+
+from littune.model import sequence_length, unwrap
+
+
+@torch.no_grad()  # not inference_mode: the RoPE table rebuilt on leaving must stay usable by autograd
+def generate_tokens(
+    model, prompt_ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0, top_k: Optional[int] = None,
+    top_p: float = 1.0, stop_tokens: tuple = (),
+) -> Iterator[int]:
+    """New token ids, one at a time, from litgpt's KV-cached `generate_fn`; stops before a stop sequence."""
+    from litgpt.generate.base import generate_fn
+
+    # a KV cache (and RoPE table) exactly as long as this answer can get, no longer
+    with sequence_length(model, prompt_ids.numel() + max_new_tokens) as module:
+        module.set_kv_cache(batch_size=1, device=prompt_ids.device)
+        for token in generate_fn(
+            module, prompt_ids, prompt_ids.numel() + max_new_tokens, temperature=temperature, top_k=top_k,
+            top_p=top_p, stop_tokens=stop_tokens, include_prompt=False, include_eos=False,
+        ):
+            yield int(token)
+
+
+def stream_text(tokenizer, tokens: Iterator[int]) -> Iterator[tuple[str, int]]:
+    """(new text, tokens so far) as tokens arrive. Decodes the whole answer each time and emits the difference:
+    per-token decoding drops the spaces of SentencePiece and splits multi-byte characters of byte-level BPE."""
+    ids, emitted = [], ""
+    for token in tokens:
+        ids.append(token)
+        text = tokenizer.decode(torch.tensor(ids))
+        if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
+            continue
+        if text.startswith(emitted):
+            yield text[len(emitted):], len(ids)
+            emitted = text
+    text = tokenizer.decode(torch.tensor(ids)) if ids else ""
+    if text != emitted and text.startswith(emitted):
+        yield text[len(emitted):], len(ids)
+    elif ids:
+        yield "", len(ids)
+
+
+class StopMatcher:
+    """litgpt `generate_fn`'s stop-sequence rule for one row, so batched output equals generate_fn's.
+
+    A token advances the progress of each stop sequence it continues and resets the others; tokens that may be the
+    start of a stop sequence are held back; a completed stop sequence ends the output without the held-back tokens.
+    At the token limit everything generated is output.
+    """
+
+    def __init__(self, stop_tokens: Sequence[Sequence[int]]):
+        self.stop_tokens = [list(seq) for seq in stop_tokens]
+        self.progress = [0] * len(self.stop_tokens)
+        self.tokens: list[int] = []
+        self.safe = 0
+        self.stopped = False
+
+    def add(self, token: int) -> None:
+        self.tokens.append(token)
+        for i, seq in enumerate(self.stop_tokens):
+            if token == seq[self.progress[i]]:
+                self.progress[i] += 1
+                if self.progress[i] == len(seq):
+                    self.stopped = True
+                    return
+            else:
+                self.progress[i] = 0
+        self.safe = len(self.tokens) - max(self.progress, default=0)
+
+    @property
+    def output(self) -> list[int]:
+        return self.tokens[:self.safe] if self.stopped else self.tokens
+
+
+@torch.no_grad()  # not inference_mode: the RoPE table rebuilt on leaving must stay usable by autograd
+def batched_greedy(
+    model, prompts: list[torch.Tensor], max_new_tokens: int, stop_tokens: Sequence[Sequence[int]] = (),
+    batch_size: int = 16, device=None, progress: bool = False,
+) -> list[list[int]]:
+    """Greedy new tokens for every prompt, in the prompts' order: the tokens `generate_tokens(model, prompt,
+    max_new_tokens, temperature=0, stop_tokens=...)` gives for each prompt alone, computed batch by batch.
+
+    Prompts are sorted by length so a batch holds prompts of similar lengths (little padding). See the module
+    docstring for why per-row positions make this equal to one-by-one generation.
+    """
+    from tqdm import tqdm
+
+    device = device or next(unwrap(model).parameters()).device
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    results: list[list[int]] = [[] for _ in prompts]
+    # the rope cache covers the longest row; each batch gets a KV cache of its own width
+    with sequence_length(model, max(len(p) for p in prompts) + max_new_tokens) as module, \
+            tqdm(total=len(prompts), desc="Generating", unit="rec", file=sys.stderr, dynamic_ncols=True,
+                 disable=not progress) as bar:
+        for start in range(0, len(order), batch_size):
+            batch = order[start:start + batch_size]
+            for i, tokens in zip(batch, _greedy_batch(module, [prompts[i] for i in batch], max_new_tokens,
+                                                      stop_tokens, device)):
+                results[i] = tokens
+            bar.update(len(batch))
+    return results
+
+
+def _greedy_batch(module, prompts: list[torch.Tensor], max_new_tokens: int, stop_tokens, device) -> list[list[int]]:
+    rows = len(prompts)
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    width = int(lengths.max())
+    idx = torch.zeros((rows, width), dtype=torch.int64, device=device)
+    for row, prompt in enumerate(prompts):
+        idx[row, :len(prompt)] = prompt.to(device)
+    module.set_kv_cache(batch_size=rows, max_seq_length=width + max_new_tokens, device=device)
+    matchers = [StopMatcher(stop_tokens) for _ in prompts]
+
+    # Prefill: every row at positions 0..width-1 (pads after a row's prompt are never attended by its real tokens);
+    # only each row's last prompt position goes through the vocabulary projection
+    with _only_positions(module, lengths - 1):
+        logits = module(idx, torch.arange(width, device=device), input_pos_maxp1=width)
+    positions = lengths.clone()
+    for step in range(max_new_tokens):
+        tokens = logits[:, -1].argmax(dim=-1)
+        for matcher, token in zip(matchers, tokens.tolist()):
+            if not matcher.stopped:
+                matcher.add(token)
+        if step == max_new_tokens - 1 or all(m.stopped for m in matchers):
+            break
+        # a stopped row keeps decoding (its tokens are ignored) so the batch stays rectangular
+        logits = module(tokens[:, None], positions[:, None], input_pos_maxp1=int(positions.max()) + 1)
+        positions += 1
+    return [m.output for m in matchers]
+
+
+@contextmanager
+def _only_positions(module, last: torch.Tensor) -> Iterator[None]:
+    """Within the block, the model's final norm returns only position `last[b]` of each row b (shape B x 1 x C), so
+    the vocabulary projection runs on one position per row instead of all of them."""
+    rows = torch.arange(len(last), device=last.device)
+    handle = module.transformer.ln_f.register_forward_hook(lambda _, __, out: out[rows, last][:, None])
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -1,0 +1,131 @@
+"""The layout's promises: inference never imports training code; the base weights survive FSDP's materialisation
+(the load order); each fine-tuning flag is declared once, and its help, checks and hyperparameters come from there."""
+
+import ast
+import subprocess
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import REPO
+from littune.cli import main
+
+INFERENCE_MODULES = ["generate.py", "evaluate.py", "sampling.py", "model.py", "metrics.py", "serve.py", "export.py"]
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module an `import` or `from ... import` anywhere in the file names (inside functions too)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def test_no_inference_module_imports_training_code():
+    checked = [REPO / "littune" / name for name in INFERENCE_MODULES if (REPO / "littune" / name).is_file()]
+    assert len(checked) >= 5
+    for path in checked:
+        training = sorted(m for m in imported_modules(path) if m.startswith("littune.finetune"))
+        assert training == [], (path.name, training)
+
+
+def test_generate_and_evaluate_run_without_loading_the_training_package(small_checkpoint, alpaca64, tmp_path):
+    """The real commands, in a fresh interpreter: afterwards no littune.finetune module is in sys.modules."""
+    script = f"""
+import sys
+from littune.cli import main
+assert main(["generate", "--prompt", "Name a color.", "--checkpoint_dir", {str(small_checkpoint)!r},
+             "--max_new_tokens", "3", "--temperature", "0"]) == 0
+assert main(["evaluate", "--checkpoint_dir", {str(small_checkpoint)!r}, "--data_dir", {str(alpaca64)!r},
+             "--out_dir", {str(tmp_path / "eval")!r}, "--max_new_tokens", "2"]) == 0
+loaded = sorted(m for m in sys.modules if m.startswith("littune.finetune"))
+print("TRAINING MODULES:", loaded)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                            cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "TRAINING MODULES: []" in result.stdout, result.stdout[-2000:]
+    assert (tmp_path / "eval" / "metrics.json").is_file()
+
+
+class FSDPLikeFabric:
+    """What Fabric does under FSDP, on CPU: `init_module(empty_init=True)` builds on the meta device, and
+    `setup_module` materialises the module with fresh random values (FSDP's to_empty + reset_parameters)."""
+
+    world_size, global_rank = 1, 0
+
+    def init_module(self, empty_init: bool):
+        return torch.device("meta") if empty_init else torch.device("cpu")
+
+    def setup_module(self, module):
+        module.to_empty(device="cpu")
+        torch.manual_seed(123)
+        for submodule in module.modules():
+            if hasattr(submodule, "reset_parameters"):
+                submodule.reset_parameters()
+        return module
+
+
+@pytest.mark.parametrize("method_name", [None, "adapter_v2"])
+def test_fsdp_load_order_every_parameter_equals_the_checkpoint(small_checkpoint, method_name):
+    from littune.methods import get_method
+    from littune.model import load_model
+
+    method = get_method(method_name) if method_name else None
+    model = load_model(FSDPLikeFabric(), small_checkpoint, method, trainable=method is not None, sharded=True)
+    checkpoint = torch.load(small_checkpoint / "lit_model.pth", weights_only=True)
+    state = model.state_dict()
+    compared = 0
+    for name, value in checkpoint.items():
+        # litgpt's method models keep some base weights under another name (lm_head.weight -> lm_head.linear.weight)
+        ours = state.get(name, state.get(name.replace(".weight", ".linear.weight").replace(".bias", ".linear.bias")))
+        assert ours is not None and not ours.is_meta, name
+        assert torch.equal(ours, value), name
+        compared += 1
+    assert compared == len(checkpoint) > 10
+    if method is not None:  # the method's own parameters were initialised (materialised), not left empty
+        trainable = {k: v for k, v in state.items() if method.is_trainable(k)}
+        assert trainable and all(torch.isfinite(v).all() for v in trainable.values())
+
+
+def test_each_finetune_flag_is_declared_once_and_drives_help_checks_and_hyperparameters(small_checkpoint, alpaca64,
+                                                                                         tmp_path, capsys):
+    from littune.common import Check
+    from littune.finetune import command
+    from littune.finetune.args import TrainArgs
+    from littune.methods import METHODS, get_method
+
+    for name in METHODS:
+        run = command(name)
+        declared = [f.name for f in fields(TrainArgs)] + [f.name for f in fields(get_method(name).args)]
+        assert len(declared) == len(set(declared))
+        assert sorted(run.checks) == sorted(n for n in declared if n in run.checks)
+        for flag in declared:  # every flag has help text from its declaration
+            assert f"    {flag}: " in run.__doc__ and len(run.__doc__.split(f"    {flag}: ")[1].split("\n")[0]) > 10
+        # each declared range is enforced before any file is read (the checkpoint folder here does not exist)
+        for flag, check in run.checks.items():
+            bad = (check.ge - 1) if check.ge is not None else (check.gt if check.gt is not None else None)
+            assert isinstance(check, Check) and bad is not None, flag
+            capsys.readouterr()
+            code = main(["finetune", name, "--checkpoint_dir", str(tmp_path / "nowhere"), "--data_dir",
+                         str(tmp_path / "nothing"), f"--{flag}", str(bad)])
+            err = capsys.readouterr().err
+            assert code == 1 and f"--{flag} {bad}" in err and check.describe() in err, (flag, err)
+            assert len(err.strip().splitlines()) == 1
+
+    out = tmp_path / "run"
+    assert main(["finetune", "adapter_v2", "--checkpoint_dir", str(small_checkpoint), "--data_dir", str(alpaca64),
+                 "--out_dir", str(out), "--max_steps", "1", "--micro_batch_size", "2", "--eval_interval", "1",
+                 "--eval_iters", "1"]) == 0
+    saved = yaml.safe_load((out / "hyperparameters.yaml").read_text())
+    assert set(saved) == {"method"} | {f.name for f in fields(TrainArgs)} - {"resume"}
+    # defaults resolved for this data: 53 training records, micro-batch 2 -> batch 52; warmup 10% of 1 step -> 1
+    assert saved["batch_size"] == 52 and saved["warmup_steps"] == 1 and saved["precision"] == "32-true"
