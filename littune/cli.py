@@ -21,6 +21,8 @@ COMMANDS = {
     "finetune": {name: f"littune.finetune:{name}" for name in METHODS},
     "generate": "littune.generate:generate",
     "evaluate": "littune.evaluate:evaluate",
+    "merge": "littune.export:merge",
+    "export": "littune.export:export",
     "demo": "littune.demo:demo",
 }
 

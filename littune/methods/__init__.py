@@ -11,6 +11,7 @@ from typing import Any, Callable, Optional
 # name -> module defining METHOD
 METHODS = {
     "adapter_v2": "littune.methods.adapter_v2",
+    "lora": "littune.methods.lora",
 }
 
 
