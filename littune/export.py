@@ -410,34 +410,26 @@ def write_hf(folder: Path, config, family: str, state: dict, checkpoint_dir: Pat
 
 
 def write_safetensors(tensors: dict, path: Path, dtype: Optional[torch.dtype], shard_bytes: Optional[int] = None):
-    """tensors as path, or as numbered shards of at most shard_bytes each plus an index, as transformers
-    names them (a tensor bigger than the limit gets a shard of its own)."""
+    """tensors as path, or above shard_bytes as numbered shards plus path.index.json, split by huggingface_hub's
+    splitter as transformers' save_pretrained does (same order, names, and a tensor bigger than the limit alone)."""
+    from huggingface_hub import split_state_dict_into_shards_factory
     from safetensors.torch import save_file
 
     def size(t):
         return t.numel() * (dtype or t.dtype).itemsize
 
-    shards, current, current_bytes = [], [], 0
-    for name, t in tensors.items():
-        if current and shard_bytes and current_bytes + size(t) > shard_bytes:
-            shards.append(current)
-            current, current_bytes = [], 0
-        current.append(name)
-        current_bytes += size(t)
-    shards.append(current)
-    stem = path.name.removesuffix(".safetensors")
-    names = [path.name] if len(shards) == 1 else \
-        [f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    split = split_state_dict_into_shards_factory(
+        tensors, get_storage_size=size, max_shard_size=shard_bytes or float("inf"),
+        filename_pattern=path.name.replace(".safetensors", "{suffix}.safetensors"))
     with tqdm(total=len(tensors), desc=f"Writing {path.name}", unit="tensor", file=sys.stderr) as bar:
-        for file_name, keys in zip(names, shards):
+        for file_name, keys in split.filename_to_tensors.items():
             # copies: safetensors refuses tensors that share memory (the q/k/v views of one qkv weight)
             shard = {k: tensors[k].to(dtype=dtype or tensors[k].dtype, copy=True).contiguous() for k in keys}
             save_file(shard, str(path.parent / file_name), metadata={"format": "pt"})
             bar.update(len(keys))
             del shard
-    if len(shards) > 1:
-        weight_map = {k: file_name for file_name, keys in zip(names, shards) for k in keys}
-        save_json({"metadata": {"total_size": sum(size(t) for t in tensors.values())}, "weight_map": weight_map},
+    if split.is_sharded:
+        save_json({"metadata": split.metadata, "weight_map": split.tensor_to_filename},
                   path.parent / f"{path.name}.index.json")
 
 

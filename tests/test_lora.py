@@ -1,0 +1,151 @@
+"""`littune finetune lora`: litgpt's LoRA on the one shared loop, driven through the CLI on the tiny GPT-NeoX and real
+Alpaca records (conftest's `small_checkpoint` / `alpaca64`)."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import read_metrics
+from littune.cli import main
+from littune.methods.lora import METHOD, TARGETS
+
+ADAPTER_FILE = METHOD.adapter_file
+ALL_TARGETS = "[" + ", ".join(TARGETS) + "]"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models gain nothing from a second thread; on a busy 2-core machine it only slows every op."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def finetune(checkpoint, data, out_dir, *flags) -> dict:
+    args = ["finetune", "lora", "--checkpoint_dir", str(checkpoint), "--data_dir", str(data), "--out_dir",
+            str(out_dir), "--eval_iters", "1", "--micro_batch_size", "4", "--batch_size", "4", *map(str, flags)]
+    assert main(args) == 0
+    return torch.load(out_dir / ADAPTER_FILE, weights_only=True)
+
+
+def lora_model(checkpoint: Path, targets=TARGETS, seed: int = 0):
+    """The LoRA model with the checkpoint's base weights (litgpt renames them while loading)."""
+    from littune.checkpoints import load_model_config
+
+    torch.manual_seed(seed)
+    model = METHOD.build_model(load_model_config(checkpoint), METHOD.args(lora_targets=list(targets)))
+    missing, unexpected = model.load_state_dict(torch.load(checkpoint / "lit_model.pth", weights_only=True),
+                                                strict=False)
+    assert unexpected == [] and all(METHOD.is_trainable(k) for k in missing)
+    return model
+
+
+@pytest.fixture(scope="module")
+def run(small_checkpoint, alpaca64, tmp_path_factory) -> Path:
+    """Two steps on every target, evaluated and saved after each step."""
+    out = tmp_path_factory.mktemp("lora") / "run"
+    finetune(small_checkpoint, alpaca64, out, "--max_steps", 2, "--warmup_steps", 0, "--weight_decay", 0,
+             "--learning_rate", 0.01, "--eval_interval", 1, "--save_interval", 1, "--lora_targets", ALL_TARGETS)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------- tests
+
+
+def test_every_trainable_parameter_gets_a_gradient(small_checkpoint):
+    """With B non-zero (after a first step) every A and B of every target gets a gradient; nothing else does."""
+    model = lora_model(small_checkpoint).train()
+    for name, p in model.named_parameters():
+        p.requires_grad = METHOD.is_trainable(name)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_(0, 0.02)
+    model(torch.randint(0, 500, (2, 16))).sum().backward()
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    # every target: qkv (query, key, value), attention projection, both MLP matrices, the head
+    assert {n.rsplit(".", 2)[-2] for n in trainable} == {"qkv", "proj", "fc", "lm_head"}
+    assert [n for n, p in trainable.items() if p.grad is None or not p.grad.abs().sum() > 0] == []
+    assert all(p.grad is None for n, p in model.named_parameters() if not p.requires_grad)
+
+
+def test_lora_run_saves_only_lora_weights_and_every_one_moves(run, small_checkpoint):
+    import lightning as L
+
+    from littune.checkpoints import load_model_config
+
+    adapter = torch.load(run / ADAPTER_FILE, weights_only=True)
+    # the loop's initialisation: the same seed, then the model built the same way
+    L.seed_everything(1337, verbose=False)
+    init = {k: v for k, v in METHOD.build_model(load_model_config(small_checkpoint),
+                                                METHOD.args(lora_targets=list(TARGETS))).state_dict().items()
+            if METHOD.is_trainable(k)}
+    assert set(adapter) == set(init) and all(k.endswith(("lora_A", "lora_B")) for k in adapter)
+    # B starts at 0 (A gets no gradient in step 1); after step 2 every tensor moved (no weight decay here)
+    assert all(not init[k].any() for k in init if k.endswith("lora_B"))
+    assert [k for k in adapter if torch.equal(adapter[k], init[k])] == []
+    hparams = yaml.safe_load((run / "hyperparameters.yaml").read_text())
+    assert hparams["method"] == "lora" and hparams["lora_targets"] == list(TARGETS)
+    assert (hparams["lora_r"], hparams["lora_alpha"], hparams["lora_dropout"]) == (8, 16, 0.05)
+    assert [int(r["step"]) for r in read_metrics(run)] == [1, 2]
+    assert (run / "best" / ADAPTER_FILE).is_file() and (run / "step-000001" / "training_state.pt").is_file()
+    assert (run / "prompt_style.yaml").is_file()
+
+
+def test_resume_continues_the_same_run_bit_for_bit(run, small_checkpoint, alpaca64, tmp_path):
+    """From the step-1 state (dropout's RNG included), step 2 gives the uninterrupted run's LoRA weights."""
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run / "step-000001", resumed / "step-000001")
+    again = finetune(small_checkpoint, alpaca64, resumed, "--max_steps", 2, "--warmup_steps", 0, "--weight_decay", 0,
+                     "--learning_rate", 0.01, "--eval_interval", 1, "--save_interval", 1, "--lora_targets",
+                     ALL_TARGETS, "--resume", "auto")
+    final = torch.load(run / ADAPTER_FILE, weights_only=True)
+    assert all(torch.equal(again[k], final[k]) for k in final)
+    # the resumed folder's metrics.csv starts at step 2 (metrics.csv of step 1 was not copied)
+    assert [r["train_loss"] for r in read_metrics(resumed)] == [read_metrics(run)[1]["train_loss"]]
+
+
+def test_generate_loads_the_lora_run(run, small_checkpoint, capsys):
+    assert main(["generate", "--prompt", "Name a color.", "--checkpoint_dir", str(small_checkpoint),
+                 "--adapter_path", str(run), "--max_new_tokens", "3", "--temperature", "0"]) == 0
+
+
+def test_fsdp_load_order_every_base_weight_equals_the_checkpoint(small_checkpoint):
+    """Under FSDP the model is built on the meta device and materialised with random values before the weights are
+    loaded; litgpt's LoRA model renames the base weights (qkv.weight -> qkv.linear.weight) while loading."""
+    from littune.model import load_model
+
+    class FSDPLikeFabric:
+        def init_module(self, empty_init: bool):
+            return torch.device("meta") if empty_init else torch.device("cpu")
+
+        def setup_module(self, module):
+            module.to_empty(device="cpu")
+            for submodule in module.modules():
+                if hasattr(submodule, "reset_parameters"):
+                    submodule.reset_parameters()
+            return module
+
+    model = load_model(FSDPLikeFabric(), small_checkpoint, METHOD, METHOD.args(lora_targets=list(TARGETS)),
+                       trainable=True, sharded=True)
+    state = model.state_dict()
+    checkpoint = torch.load(small_checkpoint / "lit_model.pth", weights_only=True)
+    for name, value in checkpoint.items():
+        ours = state.get(name, state.get(name.rsplit(".", 1)[0] + ".linear." + name.rsplit(".", 1)[1]))
+        assert ours is not None and torch.equal(ours, value), name
+
+
+def test_bad_lora_flags_give_one_line(small_checkpoint, alpaca64, tmp_path, capsys):
+    for flags, fragment in ((["--lora_targets", "[]"], "--lora_targets is empty"),
+                            (["--lora_r", "0"], "--lora_r 0: must be >= 1"),
+                            (["--lora_dropout", "1.0"], "--lora_dropout 1.0: must be >= 0 and < 1")):
+        capsys.readouterr()
+        code = main(["finetune", "lora", "--checkpoint_dir", str(small_checkpoint), "--data_dir", str(alpaca64),
+                     "--out_dir", str(tmp_path / "out"), *flags])
+        err = capsys.readouterr().err
+        assert code == 1 and fragment in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
