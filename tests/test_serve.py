@@ -1,0 +1,420 @@
+"""`littune serve`: OpenAI-compatible answers equal `littune generate`'s, batching, limits, errors, keys, shutdown.
+
+The real command runs in a subprocess (`littune serve ...`, started with the first test so that its start-up
+overlaps the others, stopped with Ctrl-C by the last); the answers are checked on servers in this process (uvicorn
+on a thread over the same app), where the engine can also be looked into.
+"""
+
+import functools
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+
+from littune import generate as generate_module
+from littune import serve as serve_module
+from littune.cli import main
+
+KEY = "sk-test-3f1a9c"  # must never appear in the server's output
+PROMPTS = ["Give three tips for staying healthy.", "What is the capital of France?",
+           "Write a haiku about the sea, please.", "Name a color."]
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+          "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+MAX_TOKENS = 16
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(base: str, process=None, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"littune serve exited: {process.stderr.read()[-3000:]}")
+        try:
+            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError("the server did not come up")
+
+
+@functools.cache  # each call loads the model: the tests ask for some answers more than once
+def greedy(checkpoint, prompt, adapter_path=None) -> str:
+    """`littune generate --temperature 0`'s answer."""
+    return generate_module.generate(prompt=prompt, checkpoint_dir=checkpoint, adapter_path=adapter_path,
+                                    temperature=0, max_new_tokens=MAX_TOKENS)[0]
+
+
+def client_for(base: str, key: str = KEY) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0, timeout=120)
+
+
+def chat(client, content, stream=False, **kwargs):
+    """(answer text, finish reason, usage) through the official client, streamed or not."""
+    messages = content if isinstance(content, list) else [{"role": "user", "content": content}]
+    kwargs.setdefault("temperature", 0)
+    kwargs.setdefault("max_tokens", MAX_TOKENS)
+    if not stream:
+        response = client.chat.completions.create(model="m", messages=messages, **kwargs)
+        return response.choices[0].message.content, response.choices[0].finish_reason, response.usage
+    pieces, reason, usage = [], None, None
+    for chunk in client.chat.completions.create(model="m", messages=messages, stream=True,
+                                                stream_options={"include_usage": True}, **kwargs):
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            pieces.append(choice.delta.content or "")
+            reason = choice.finish_reason or reason
+    return "".join(pieces), reason, usage
+
+
+# ------------------------------------------------------------------------------------------------ servers
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cli_server(small_checkpoint):
+    """`littune serve` in a subprocess, the key from LITTUNE_API_KEY; stopped with Ctrl-C (SIGINT) by the last test.
+    Tests call `up(cli_server)` once they need it."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "littune.cli", "serve", "--checkpoint_dir", str(small_checkpoint), "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "LITTUNE_API_KEY": KEY, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        yield f"http://127.0.0.1:{port}", process
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def up(cli_server) -> str:
+    base, process = cli_server
+    wait_healthy(base, process)
+    return base
+
+
+@contextmanager
+def in_process_server(checkpoint, adapter_path=None, **kwargs):
+    """The same app served by uvicorn on a thread of this process: (base URL, the Service)."""
+    service = serve_module.load_service(checkpoint, adapter_path, **kwargs)
+    sock = serve_module.bind_socket("127.0.0.1", 0)
+    server = serve_module.make_server(serve_module.build_app(service), service, log_level="warning")
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    try:
+        wait_healthy(base)
+        yield base, service
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
+        assert not service.engine.thread.is_alive()
+
+
+@pytest.fixture(scope="module")
+def server(small_checkpoint):
+    """The base model with the default limits and a key."""
+    with in_process_server(small_checkpoint, api_key=KEY) as (base, _):
+        yield base
+
+
+@pytest.fixture(scope="module")
+def chat_checkpoint(small_checkpoint, tmp_path_factory) -> Path:
+    """A copy of the tiny checkpoint with a ChatML chat template."""
+    folder = tmp_path_factory.mktemp("chat") / "tiny-chat"
+    shutil.copytree(small_checkpoint, folder)
+    config_path = folder / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "chat_template": CHATML}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def adapter_run(small_checkpoint, alpaca64, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("run") / "out"
+    assert main(["finetune", "adapter_v2", "--checkpoint_dir", str(small_checkpoint), "--data_dir", str(alpaca64),
+                 "--out_dir", str(out), "--max_steps", "2", "--batch_size", "4", "--micro_batch_size", "4",
+                 "--learning_rate", "0.03", "--warmup_steps", "0", "--eval_interval", "100",
+                 "--save_interval", "100"]) == 0
+    return out
+
+
+# -------------------------------------------------------------------------------------- answers and sampling
+
+
+def test_answers_equal_littune_generate_streamed_or_not(server, small_checkpoint):
+    expected = greedy(small_checkpoint, PROMPTS[0])
+    assert expected  # the tiny model says something within MAX_TOKENS
+    client = client_for(server)
+    text, reason, usage = chat(client, PROMPTS[0])
+    assert text == expected
+    streamed, stream_reason, stream_usage = chat(client, PROMPTS[0], stream=True)
+    assert streamed == expected and stream_reason == reason
+    assert usage.prompt_tokens == stream_usage.prompt_tokens > 10  # the Alpaca-formatted prompt
+    assert usage.completion_tokens == stream_usage.completion_tokens <= MAX_TOKENS
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+    # /v1/completions continues the raw text: given the text littune generate prompts with, its answer
+    from litgpt.prompts import Alpaca
+
+    raw = client.completions.create(model="m", prompt=Alpaca().apply(PROMPTS[1]), max_tokens=MAX_TOKENS,
+                                    temperature=0)
+    assert raw.choices[0].text == greedy(small_checkpoint, PROMPTS[1]) != expected
+    pieces = [c.choices[0].text for c in client.completions.create(
+        model="m", prompt=Alpaca().apply(PROMPTS[1]), max_tokens=MAX_TOKENS, temperature=0, stream=True)]
+    assert "".join(pieces) == raw.choices[0].text
+
+    models = client.models.list().data
+    assert [m.id for m in models] == [small_checkpoint.name]
+
+
+def test_four_concurrent_requests_are_batched_and_each_equals_its_own_answer(server, small_checkpoint):
+    expected = [greedy(small_checkpoint, p) for p in PROMPTS]
+    client = client_for(server)
+    with ThreadPoolExecutor(4) as pool:  # different prompt lengths: rows at different positions in one batch
+        answers = list(pool.map(lambda i: chat(client, PROMPTS[i], stream=i % 2 == 1)[0], range(4)))
+    assert answers == expected
+
+
+def test_temperature_top_p_top_k_and_seed(server, small_checkpoint):
+    """A seeded sampled answer equals `littune generate --seed` with the same settings (the same draws); temperature
+    omitted is 1.0, as OpenAI's API (litgpt's server reads 0 as unset, littune does not)."""
+    client = client_for(server)
+    settings = dict(temperature=0.9, top_p=0.9, top_k=50, seed=7)
+    expected = generate_module.generate(prompt=PROMPTS[0], checkpoint_dir=small_checkpoint,
+                                        max_new_tokens=MAX_TOKENS, **settings)[0]
+    sampled = chat(client, PROMPTS[0], temperature=0.9, top_p=0.9, seed=7, extra_body={"top_k": 50})[0]
+    assert sampled == expected != greedy(small_checkpoint, PROMPTS[0])
+    assert chat(client, PROMPTS[0], stream=True, temperature=0.9, top_p=0.9, seed=7,
+                extra_body={"top_k": 50})[0] == expected
+
+    default_temperature = generate_module.generate(prompt=PROMPTS[0], checkpoint_dir=small_checkpoint,
+                                                   max_new_tokens=MAX_TOKENS, temperature=1.0, top_k=None, seed=3)[0]
+    response = client.chat.completions.create(model="m", messages=[{"role": "user", "content": PROMPTS[0]}],
+                                              max_tokens=MAX_TOKENS, seed=3)
+    assert response.choices[0].message.content == default_temperature
+
+    # stop strings end the text before them
+    full = greedy(small_checkpoint, PROMPTS[2])
+    stop = full[len(full) // 2:][:3]
+    assert stop and len(full) >= 4
+    cut, reason, _ = chat(client, PROMPTS[2], stop=[stop])
+    assert cut == full[:full.index(stop)] and reason == "stop"
+    assert chat(client, PROMPTS[2], stream=True, stop=stop)[0] == cut
+
+
+# ----------------------------------------------------------------------------------- chat template, adapter
+
+
+def test_chat_template_renders_conversations_and_key_is_required(chat_checkpoint, capsys):
+    import lightning as L
+    from littune.data import style_by_name
+    from littune.model import load_for_inference
+    from littune.sampling import generate_tokens
+
+    with in_process_server(chat_checkpoint, api_key=KEY, max_concurrency=1, max_queue=1) as (base, service):
+        client = client_for(base)
+        expected = greedy(chat_checkpoint, PROMPTS[3])  # generate picks the chat template too
+        assert chat(client, PROMPTS[3])[0] == chat(client, PROMPTS[3], stream=True)[0] == expected
+
+        conversation = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi."},
+                        {"role": "assistant", "content": "Hello."}, {"role": "user", "content": PROMPTS[1]}]
+        style = style_by_name("chat", chat_checkpoint)
+        text = style.render(conversation, add_generation_prompt=True)
+        assert text.count("<|im_start|>") == 5 and text.endswith("<|im_start|>assistant\n")
+        model, tokenizer, _ = load_for_inference(L.Fabric(devices=1, accelerator="cpu", precision="32-true"),
+                                                 chat_checkpoint)
+        prompt_ids = tokenizer.encode(text)
+        tokens = list(generate_tokens(model, prompt_ids, MAX_TOKENS, temperature=0.0,
+                                      stop_tokens=style.stop_tokens(tokenizer)))
+        answer, _, usage = chat(client, conversation)
+        assert answer == tokenizer.decode(torch.tensor(tokens)) and usage.prompt_tokens == len(prompt_ids)
+
+        # the key: 401 without it or with another one, everywhere but /health
+        for bad in (None, "sk-wrong"):
+            headers = {"Authorization": f"Bearer {bad}"} if bad else {}
+            for method, path in (("GET", "/v1/models"), ("POST", "/v1/chat/completions"),
+                                 ("POST", "/v1/completions")):
+                response = httpx.request(method, base + path, headers=headers, json={"prompt": "x"})
+                assert response.status_code == 401, (bad, path)
+                assert response.json()["error"]["code"] == "invalid_api_key"
+        with pytest.raises(openai.AuthenticationError):
+            chat(client_for(base, "sk-wrong"), PROMPTS[3])
+        assert httpx.get(base + "/health").status_code == 200
+    assert KEY not in capsys.readouterr().err
+
+
+def test_adapter_run_is_served_with_its_prompt_style(small_checkpoint, adapter_run):
+    with in_process_server(small_checkpoint, adapter_run) as (base, service):
+        client = client_for(base, "anything")  # no key set: any key is accepted
+        expected = greedy(small_checkpoint, PROMPTS[0], adapter_path=adapter_run)
+        assert chat(client, PROMPTS[0])[0] == chat(client, PROMPTS[0], stream=True)[0] == expected
+        assert expected != greedy(small_checkpoint, PROMPTS[0])  # the adapter is really applied
+        assert client.models.list().data[0].id == f"{small_checkpoint.name}+{adapter_run.name}"
+        # the run's style is Alpaca: one instruction, no conversation
+        with pytest.raises(openai.BadRequestError, match="chat template"):
+            chat(client, [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                          {"role": "user", "content": "c"}])
+
+
+# ------------------------------------------------------------------------- limits, disconnects, bad requests
+
+
+def test_queue_limit_429_and_disconnects_free_their_place(chat_checkpoint):
+    """max_concurrency 1, max_queue 1: one running, one waiting, the third gets 429 with Retry-After; clients that
+    disconnect (one running, one waiting) leave the batch at once and the server keeps answering."""
+    with in_process_server(chat_checkpoint, max_concurrency=1, max_queue=1) as (base, service):
+        jobs = []
+        submit = service.engine.submit
+
+        def recording_submit(job):  # record what the engine is asked to do and what it sends back
+            events, emit = [], job.emit
+            job.emit = lambda event: (events.append(event), emit(event))
+            jobs.append((job, events))
+            submit(job)
+
+        service.engine.submit = recording_submit
+        long = {"messages": [{"role": "user", "content": PROMPTS[0]}], "temperature": 0, "stream": True,
+                "ignore_eos": True}  # no max_tokens: the whole context
+        with httpx.Client(base_url=base, timeout=60) as first, httpx.Client(base_url=base, timeout=60) as second:
+            with first.stream("POST", "/v1/chat/completions", json=long) as running:
+                lines = running.iter_lines()
+                assert running.status_code == 200
+                assert '"content": ""' in next(line for line in lines if line)  # the role chunk
+                assert '"content"' in next(line for line in lines if line)  # a first piece of the answer
+                with second.stream("POST", "/v1/chat/completions", json=long) as waiting:
+                    assert waiting.status_code == 200
+                    refused = httpx.post(base + "/v1/chat/completions", json={**long, "stream": False})
+                    assert refused.status_code == 429 and refused.headers["Retry-After"] == "1"
+                    assert refused.json()["error"]["type"] == "rate_limit_error"
+        # both clients have gone mid-answer: the engine drops them without finishing
+        deadline = time.monotonic() + 10
+        while (service.engine.rows or service.engine.pending or service.in_flight) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not service.engine.rows and service.in_flight == 0
+        assert len(jobs) == 2 and all(job.cancelled for job, _ in jobs)
+        assert not any(event[0] == "end" for _, events in jobs for event in events)  # neither ran to its end
+        room = service.context - jobs[0][0].prompt.numel()
+        assert sum(event[0] == "text" for event in jobs[0][1]) < room
+        # and the next client is answered as if nothing had happened
+        assert chat(client_for(base), PROMPTS[3])[0] == greedy(chat_checkpoint, PROMPTS[3])
+
+
+def test_bad_requests_get_openai_errors_never_500(cli_server, small_checkpoint):
+    base = up(cli_server)  # the real command
+    headers = {"Authorization": f"Bearer {KEY}"}
+    user = [{"role": "user", "content": "hi"}]
+    cases = [  # (path, raw body or JSON, param expected in the error or None)
+        ("/v1/chat/completions", b'{"messages": [', None),
+        ("/v1/chat/completions", b"\xff\xfe not utf-8", None),
+        ("/v1/chat/completions", b"[" * 100000, None),
+        ("/v1/chat/completions", [1, 2], None),
+        ("/v1/chat/completions", {"model": "m"}, "messages"),
+        ("/v1/chat/completions", {"messages": "hi"}, "messages"),
+        ("/v1/chat/completions", {"messages": []}, "messages"),
+        ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+         "messages[0].content"),
+        ("/v1/chat/completions", {"messages": user, "max_tokens": "5"}, "max_tokens"),
+        ("/v1/chat/completions", {"messages": user, "max_tokens": 0}, "max_tokens"),
+        ("/v1/chat/completions", {"messages": user, "max_tokens": 1.5}, "max_tokens"),
+        ("/v1/chat/completions", {"messages": user, "max_tokens": 10 ** 6}, "max_tokens"),
+        ("/v1/chat/completions", {"messages": user, "max_completion_tokens": -1}, "max_completion_tokens"),
+        ("/v1/chat/completions", {"messages": user, "temperature": "hot"}, "temperature"),
+        ("/v1/chat/completions", {"messages": user, "temperature": 7}, "temperature"),
+        ("/v1/chat/completions", {"messages": user, "top_p": 1.5}, "top_p"),
+        ("/v1/chat/completions", {"messages": user, "top_k": 0}, "top_k"),
+        ("/v1/chat/completions", {"messages": user, "seed": "x"}, "seed"),
+        ("/v1/chat/completions", {"messages": user, "stream": "yes"}, "stream"),
+        ("/v1/chat/completions", {"messages": user, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ("/v1/chat/completions", {"messages": user, "stop": [""]}, "stop"),
+        ("/v1/chat/completions", {"messages": user, "n": 2}, "n"),
+        ("/v1/chat/completions", {"messages": user, "model": 3}, "model"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                                               {"role": "user", "content": "c"}]}, "messages"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "word " * 400}]}, "messages"),
+        ("/v1/completions", {"model": "m"}, "prompt"),
+        ("/v1/completions", {"prompt": 42}, "prompt"),
+        ("/v1/completions", {"prompt": ["a", "b"]}, "prompt"),
+        ("/v1/completions", {"prompt": "a", "echo": True}, "echo"),
+        ("/v1/completions", {"prompt": "a", "max_tokens": -3}, "max_tokens"),
+    ]
+    with httpx.Client(base_url=base, headers=headers, timeout=60) as http:
+        for path, body, param in cases:
+            if isinstance(body, bytes):
+                response = http.post(path, content=body, headers={"Content-Type": "application/json"})
+            else:
+                response = http.post(path, json=body)
+            assert response.status_code in (400, 422), (body if len(str(body)) < 200 else param, response.text)
+            error = response.json()["error"]
+            assert set(error) == {"message", "type", "param", "code"} and error["message"], error
+            assert error["param"] == param, (param, error)
+        for method, path, status in (("GET", "/nowhere", 404), ("GET", "/v1/chat/completions", 405)):
+            response = http.request(method, path)
+            assert response.status_code == status and "error" in response.json()
+        assert http.get("/health").json()["status"] == "ok"  # still serving
+    assert chat(client_for(base), PROMPTS[3])[0] == greedy(small_checkpoint, PROMPTS[3])
+
+
+def test_setup_errors_are_one_line(cli_server, tmp_path, capsys, monkeypatch):
+    base = up(cli_server)
+    port = int(base.rsplit(":", 1)[1])
+    missing = tmp_path / "nowhere"
+    monkeypatch.delenv("LITTUNE_API_KEY", raising=False)
+    # the port is taken (by the server above)
+    assert main(["serve", "--checkpoint_dir", str(missing), "--port", str(port)]) == 1
+    err = capsys.readouterr().err
+    assert "cannot listen on 127.0.0.1:" in err and "another --port" in err and len(err.strip().splitlines()) == 1
+    # every network, no key: a warning (then the missing checkpoint's error)
+    assert main(["serve", "--checkpoint_dir", str(missing), "--host", "0.0.0.0", "--port", str(free_port())]) == 1
+    err = capsys.readouterr().err
+    assert "warning: --host 0.0.0.0" in err and "no API key" in err
+    monkeypatch.setenv("LITTUNE_API_KEY", KEY)
+    assert main(["serve", "--checkpoint_dir", str(missing), "--host", "0.0.0.0", "--port", str(free_port())]) == 1
+    err = capsys.readouterr().err
+    assert "warning" not in err and KEY not in err
+    # flag ranges, and the server packages named in one line when missing
+    assert main(["serve", "--checkpoint_dir", str(missing), "--port", "0"]) == 1
+    assert "--port 0: must be >= 1 and <= 65535" in capsys.readouterr().err
+    monkeypatch.setattr(serve_module, "_importable", lambda name: name != "uvicorn")
+    assert main(["serve", "--checkpoint_dir", str(missing)]) == 1
+    assert "littune serve needs uvicorn: pip install 'littune[serve]'" in capsys.readouterr().err
+
+
+def test_ctrl_c_stops_the_server_cleanly_mid_answer(cli_server):
+    """Last in this file: Ctrl-C while an answer streams ends that answer and the process, exit code 0."""
+    base, process = up(cli_server), cli_server[1]
+    long = {"messages": [{"role": "user", "content": PROMPTS[0]}], "stream": True, "ignore_eos": True}
+    with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as http:
+        with http.stream("POST", "/v1/chat/completions", json=long) as response:
+            lines = response.iter_lines()
+            next(line for line in lines if '"content": "' in line and '"content": ""' not in line)
+            process.send_signal(signal.SIGINT)
+            rest = [line for line in lines if line]  # the stream ends (an error event for the cut answer)
+    assert rest[-1] == "data: [DONE]" and any("shutting down" in line for line in rest)
+    out, err = process.communicate(timeout=30)
+    assert process.returncode == 0, err[-3000:]
+    assert "Traceback" not in err and "littune serve: stopped" in err
+    assert KEY not in out + err
