@@ -37,7 +37,7 @@ from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Callable, Iterator, Optional
+from typing import Annotated, Any, Callable, Iterator, Literal, Optional
 
 from littune.common import Check, UserError, checked, first_line
 from littune.model import Precision
@@ -62,7 +62,7 @@ def serve(
     max_queue: Annotated[int, Check(ge=0)] = 64,
     prompt_style: Optional[str] = None,
     system: Optional[str] = None,
-    log_level: str = "info",
+    log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info",
 ) -> None:
     """Serve the model (and adapter) over HTTP with OpenAI's API: /v1/chat/completions, /v1/completions, /v1/models.
 
@@ -77,7 +77,7 @@ def serve(
         max_queue: Requests that may wait for a place; beyond them a request gets 429 with Retry-After.
         prompt_style: The prompt template for chat messages: chat (the model's own chat template) or a litgpt style name (default: the one saved with the adapter, else chat where the model has a template, else alpaca).
         system: A default system message for the chat prompt style (a request's own system message replaces it).
-        log_level: uvicorn's log level: critical, error, warning, info, debug or trace (info logs each request, never the key).
+        log_level: uvicorn's log level (info logs each request, never the key).
     """
     key = resolve_api_key(api_key)
     require_server_packages()
