@@ -115,6 +115,23 @@ def _umask() -> int:
     return mask
 
 
+def replace_outputs(folder: Path, outputs: list[Path], overwrite: bool, what: str, instead: str = "",
+                    remove: bool = True) -> None:
+    """An output folder that holds an earlier command's outputs is refused, unless --overwrite: then those outputs
+    (and only those: the folder may hold other files of the user's) are removed first, where `remove` (a command
+    that replaces each of its files atomically anyway passes False, so a failed run leaves the old ones)."""
+    import shutil
+
+    if not outputs:
+        return
+    if not overwrite:
+        names = ", ".join(sorted(p.name for p in outputs)[:4])
+        raise UserError(f"{folder}: holds {what} ({names}); pass --overwrite to replace it{instead}, or choose "
+                        f"another folder")
+    for path in outputs if remove else []:
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+
+
 def write_torch(obj: Any, path: Path) -> None:
     """torch.save through a file object: given a path, torch.save names the archive's inner folder after the file
     name, so saving to a random temporary name would make two saves of the same object differ in bytes."""

@@ -38,8 +38,8 @@ import yaml
 from tqdm import tqdm
 
 import littune
-from littune.common import (UserError, atomic_path, first_line, load_torch, save_json, save_text, sha256_file,
-                            write_torch)
+from littune.common import (UserError, atomic_path, first_line, load_torch, replace_outputs, save_json, save_text,
+                            sha256_file, write_torch)
 from littune.metrics import detect_labels
 
 FIELDS = ("instruction", "input", "output")
@@ -72,6 +72,7 @@ def prepare(
     system: Optional[str] = None,
     columns: Optional[dict[str, str]] = None,
     output_values: Optional[dict[str, str]] = None,
+    overwrite: bool = False,
 ) -> None:
     """Tokenise instruction files with a checkpoint's tokenizer into train.pt, val.pt and test.pt.
 
@@ -95,6 +96,7 @@ def prepare(
         system: With --prompt_style chat: a system message before every prompt.
         columns: Where each field comes from, as FIELD: COLUMN, or FIELD: =TEXT for the same fixed text in every record, e.g. {"instruction": "=Classify the sentiment.", "input": "text", "output": "label"}; unnamed fields come from the column of the same name.
         output_values: Replace whole output values, e.g. {"1": "positive", "0": "negative"}; an output not listed is an error.
+        overwrite: Replace the prepared data already in --destination_path.
     """
     data_file, checkpoint_dir = Path(data_file), Path(checkpoint_dir)
     test_file = Path(test_file) if test_file is not None else None
@@ -102,6 +104,8 @@ def prepare(
     sources = parse_columns(columns)
     check_style_name(prompt_style, system)
     check_split_arguments(test_split_fraction, test_size, val_size, test_file)
+    existing = [destination_path / name for name in ("train.pt", "val.pt", "test.pt", STYLE_FILE, "prepare.json")]
+    replace_outputs(destination_path, [p for p in existing if p.exists()], overwrite, "prepared data", remove=False)
 
     # the training file's records first, then the test file's: one tokenizer pass over both
     instructions, inputs, outputs = read_fields(data_file, sources, output_values)

@@ -103,7 +103,7 @@ def real_demo(workdir: Path, model_source: str, train_records: int, test_records
     train_file, test_file = write_demo_files(workdir / "data_files", train_records, test_records, seed)
     prepare_flags = dict(data_file=train_file, test_file=test_file, checkpoint_dir=checkpoint_dir,
                          destination_path=data_dir, columns=SST2_COLUMNS, output_values=SST2_VALUES,
-                         prompt_style="chat", mask_inputs=True, seed=seed)
+                         prompt_style="chat", mask_inputs=True, seed=seed, overwrite=True)
     _step(f"2. Prepare {train_records} SST-2 training sentences and {test_records} dev sentences (the test split), "
           f"in the model's chat template", "prepare", **prepare_flags)
     prepare(**prepare_flags)
@@ -118,6 +118,7 @@ def real_demo(workdir: Path, model_source: str, train_records: int, test_records
         timings[f"evaluate_base_{scoring}"] = time.perf_counter() - start
 
     train_flags = dict(checkpoint_dir=checkpoint_dir, data_dir=data_dir, out_dir=out_dir, epochs=1, seed=seed,
+                       overwrite=True,
                        **({"max_steps": max_steps} if max_steps else {}))
     _step("4. Fine-tune an adapter (adapter_v2)", "finetune adapter_v2", **train_flags)
     start = time.perf_counter()
@@ -280,13 +281,14 @@ def tiny_demo(workdir: Path, max_steps: int, seed: int) -> None:
     _step("1. Convert it to Lit-GPT format", "convert", checkpoint_dir=checkpoint_dir)
     convert(checkpoint_dir)
 
-    _step("2. Tokenise the instructions, split train/test", "prepare", data_file=data_file,
-          checkpoint_dir=checkpoint_dir, destination_path=data_dir, seed=seed, test_size=8)
-    prepare(data_file=data_file, checkpoint_dir=checkpoint_dir, destination_path=data_dir, seed=seed, test_size=8)
+    prepare_flags = dict(data_file=data_file, checkpoint_dir=checkpoint_dir, destination_path=data_dir, seed=seed,
+                         test_size=8, overwrite=True)
+    _step("2. Tokenise the instructions, split train/val/test", "prepare", **prepare_flags)
+    prepare(**prepare_flags)
 
     train_flags = dict(checkpoint_dir=checkpoint_dir, data_dir=data_dir, out_dir=out_dir, max_steps=max_steps,
                        batch_size=8, micro_batch_size=8, learning_rate=0.1, warmup_steps=5, eval_interval=25,
-                       eval_iters=2, save_interval=50, seed=seed)
+                       eval_iters=2, save_interval=50, seed=seed, overwrite=True)
     _step("3. Fine-tune with adapter_v2", "finetune adapter_v2", **train_flags)
     command("adapter_v2")(**train_flags)
 

@@ -429,8 +429,21 @@ def test_failed_write_leaves_nothing_behind(pythia, tmp_path, capsys):
     destination = tmp_path / "out"
     (destination / "test.pt").mkdir(parents=True)  # test.pt cannot be written: a folder is in the way
     code, _, err = prepare(ALPACA_335, pythia, destination, capsys=capsys)
+    assert code == 1 and "holds prepared data (test.pt)" in err and "--overwrite" in err  # refused before reading
+    code, _, err = prepare(ALPACA_335, pythia, destination, "--overwrite", "true", capsys=capsys)
     assert code == 1 and "cannot write" in err
     assert not (destination / "train.pt").exists() and not (destination / "prepare.json").exists()
+
+
+def test_existing_destination_is_refused_unless_overwrite(pythia, tmp_path, capsys):
+    destination = tmp_path / "data"
+    assert prepare(ALPACA_335, pythia, destination, "--test_size", "5", "--seed", "1")[0] == 0
+    before = {name: (destination / name).read_bytes() for name in OUTPUTS}
+    code, _, err = prepare(ALPACA_335, pythia, destination, "--test_size", "5", "--seed", "2", capsys=capsys)
+    assert code == 1 and "holds prepared data" in err and len(err.strip().splitlines()) == 1
+    assert {name: (destination / name).read_bytes() for name in OUTPUTS} == before  # untouched
+    assert prepare(ALPACA_335, pythia, destination, "--test_size", "5", "--seed", "2", "--overwrite", "true")[0] == 0
+    assert (destination / "train.pt").read_bytes() != before["train.pt"]
 
 
 def test_cli_subprocess_error_is_one_line(tmp_path):
@@ -541,7 +554,7 @@ def test_val_size_zero_removes_a_stale_val_file(pythia, tmp_path):
     data_file = write(tmp_path / "data.json", json.dumps(GOOD))
     assert prepare(data_file, pythia, tmp_path / "out")[0] == 0
     assert validation_split_name(tmp_path / "out") == "val"
-    assert prepare(data_file, pythia, tmp_path / "out", "--val_size", "0")[0] == 0
+    assert prepare(data_file, pythia, tmp_path / "out", "--val_size", "0", "--overwrite", "true")[0] == 0
     assert not (tmp_path / "out" / "val.pt").exists() and validation_split_name(tmp_path / "out") == "test"
     with pytest.raises(UserError, match="no val.pt: prepared without a validation split"):
         load_split(tmp_path / "out", "val")

@@ -315,3 +315,27 @@ def test_bad_input_gives_one_clear_line(checkpoint, alpaca_data, tmp_path, capsy
     short_context = small_vocab_checkpoint(tmp_path / "short-context", block_size=64)
     assert "block size 64" in run(ckpt=short_context)
     assert not (tmp_path / "out" / ADAPTER_FILE).exists()
+
+
+def test_an_out_dir_with_another_run_is_refused_unless_overwrite_or_resume(checkpoint, alpaca_data, tmp_path,
+                                                                         capsys):
+    out = tmp_path / "run"
+    flags = ["--max_steps", 2, "--batch_size", 4, "--micro_batch_size", 4, "--warmup_steps", 0]
+    args = ["finetune", "adapter_v2", "--checkpoint_dir", str(checkpoint), "--data_dir", str(alpaca_data),
+            "--out_dir", str(out), "--eval_interval", "1", "--eval_iters", "1", "--save_interval", "1",
+            *map(str, flags)]
+    assert main(args) == 0
+    (out / "eval").mkdir()
+    (out / "eval" / "metrics.json").write_text("{}")
+    (out / "notes.txt").write_text("mine")  # a file of the user's
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "holds another run" in err and "--overwrite" in err and "--resume auto" in err
+    assert len(err.strip().splitlines()) == 1
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # nothing touched
+    assert main([*args, "--max_steps", "1", "--overwrite", "true"]) == 0
+    assert sorted(p.name for p in out.glob("step-*")) == ["step-000001"]  # the old run's step 2 is gone
+    assert not (out / "eval").exists() and (out / "notes.txt").read_text() == "mine"
+    assert [r["step"] for r in read_metrics(out)] == ["1"]

@@ -69,13 +69,15 @@ class TrainArgs:
     """Stop after this many evaluations without a better validation loss."""
     resume: Optional[str] = None
     """Continue a run: `auto` (the newest complete state in out_dir) or a step-NNNNNN folder."""
+    overwrite: bool = False
+    """Start over in an out_dir that holds another run: its checkpoints, best/, eval folders and logs are removed."""
     logger: list[Literal["csv", "tensorboard", "mlflow"]] = field(default_factory=lambda: ["csv"])
     """Where metrics go besides out_dir/metrics.csv: csv, tensorboard (out_dir/tensorboard), mlflow."""
     mlflow_tracking_uri: Optional[str] = None
     """MLflow tracking URI (default: a local out_dir/mlruns store)."""
 
 
-NOT_HYPERPARAMETERS = {"resume"}  # how this invocation starts, not what the run is
+NOT_HYPERPARAMETERS = {"resume", "overwrite"}  # how this invocation starts, not what the run is
 
 
 def hyperparameters(method_name: str, args: TrainArgs, method_args) -> dict:

@@ -13,6 +13,7 @@ named; the flags are declared in `args.py`, the batch order and learning rate in
 """
 
 import math
+import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -21,7 +22,7 @@ import torch
 import yaml
 
 from littune.checkpoints import load_model_config
-from littune.common import UserError, save_json, save_text, save_torch
+from littune.common import UserError, replace_outputs, save_json, save_text, save_torch
 from littune.data import load_prepare_json, load_split, validation_split_name
 from littune.finetune.args import TrainArgs, hyperparameters, resolve_defaults, same_run_values, total_steps
 from littune.finetune.logs import keep_metrics_until, log_row, make_loggers, make_progress
@@ -54,6 +55,9 @@ def finetune(method: Method, args: TrainArgs, method_args) -> Path:
     if args.warmup_steps >= steps:
         print(f"note: --warmup_steps {args.warmup_steps} >= the run's {steps} steps: it never reaches its peak "
               f"learning rate {args.learning_rate:g}; lower --warmup_steps or train longer")
+    if args.resume is None and launching_process():  # other ranks would see rank 0's fresh files
+        replace_outputs(args.out_dir, run_outputs(args.out_dir), args.overwrite, "another run",
+                        " (its checkpoints, best/, eval/ and logs are removed) or --resume auto to continue it")
     resume_dir = find_resume_state(args.out_dir, args.resume) if args.resume else None
     fabric = L.Fabric(accelerator="auto", devices=args.devices, num_nodes=args.num_nodes, precision=args.precision,
                       strategy=fabric_strategy(args.strategy, world, method))
@@ -162,6 +166,19 @@ def fit(fabric, method: Method, method_args, args: TrainArgs, train: list, val: 
                  f"{elapsed_before + seconds:.1f}s ({session_tokens / max(seconds, 1e-9):,.0f} tokens/s), "
                  f"peak memory {peak_memory_gb(fabric.device):.2f} GB. Weights: {out_dir / method.adapter_file}")
     return out_dir / method.adapter_file
+
+
+def run_outputs(out_dir: Path) -> list[Path]:
+    """What a fine-tuning run writes into its out_dir (and evaluate into its eval folders)."""
+    names = ["hyperparameters.yaml", "prompt_style.yaml", "metrics.csv", "best", "tensorboard", "mlruns"]
+    patterns = ["step-*", ".step-*", "eval", "eval-*", "*_finetuned.pth"]
+    return [p for p in (out_dir / n for n in names) if p.exists()] + \
+        [p for pattern in patterns for p in sorted(out_dir.glob(pattern))]
+
+
+def launching_process() -> bool:
+    """True in the process a user (or their scheduler's rank 0) started; False in the other ranks."""
+    return all(os.environ.get(k, "0") == "0" for k in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK"))
 
 
 def train_step(fabric, model, optimizer, method: Method, data: list, step_batches: list, ignore_index: int,
