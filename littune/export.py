@@ -693,8 +693,9 @@ def _gguf_metadata(gguf, writer, config, checkpoint_dir: Path, tokenizer: dict, 
     writer.add_head_count_kv(config.n_query_groups)
     writer.add_rope_freq_base(float(config.rope_base))
     writer.add_layer_norm_rms_eps(config.norm_eps)
-    writer.add_key_length(config.head_size)
-    writer.add_value_length(config.head_size)
+    if config.head_size != config.n_embd // config.n_head:  # llama.cpp derives it otherwise
+        writer.add_key_length(config.head_size)
+        writer.add_value_length(config.head_size)
     writer.add_file_type(file_type)
     writer.add_vocab_size(config.padded_vocab_size)
     writer.add_rope_dimension_count(config.rope_n_elem)

@@ -227,6 +227,7 @@ def test_hf_export_of_a_base_model_stays_tied_and_converts_back_to_the_same_weig
 # ------------------------------------------------------------------------------------------------------- peft
 
 
+@pytest.mark.filterwarnings("ignore:Model has `tie_word_embeddings=True`")  # PEFT: a LoRA on Falcon's tied head
 @pytest.mark.parametrize("arch", ["gpt_neox", "falcon", "llama"])
 def test_peft_adapter_on_the_original_model_gives_littunes_logits(models, arch, tmp_path):
     import transformers
