@@ -1,45 +1,62 @@
-"""Evaluate: test loss, greedy predictions and (for label tasks) classification metrics on a prepared split.
+"""Evaluate: test loss, predictions and (for label tasks) classification metrics on a prepared split.
 
     littune evaluate --checkpoint_dir checkpoints/EleutherAI/pythia-160m --adapter_path out/adapter_v2/sst2 \
         --data_dir data/sst2
 
+Two ways to predict (--scoring):
+- likelihood (the default for a label task): every label is scored by the log-probability the model gives its
+  tokens after the prompt, and the most likely label is the prediction, as lm-evaluation-harness scores a
+  multiple-choice task (`littune.scoring`). Every record gets a label; accuracy_norm ranks by log-probability per
+  byte of the label instead.
+- generate (open-ended outputs): batched greedy answers (`littune.sampling.batched_greedy`: the tokens `littune
+  generate --temperature 0` gives one prompt at a time), compared with the expected outputs as text.
+The label set: --labels, else the one prepare recorded in prepare.json, else detected from the expected outputs
+(`littune.metrics`). The test loss (mean cross-entropy over the target tokens, masked as in training) comes from the
+same forward passes as the likelihood scores.
+
 Writes to OUT_DIR (default: the adapter's run folder /eval, or out/eval/<data folder name> for the base model):
-    predictions.jsonl     one line per record, in the split's order: instruction, input, expected, predicted
-    metrics.json          exact_match, test_loss, perplexity; accuracy, f1_macro, f1_micro, mcc, per_class,
-                          confusion_matrix, labels, not_a_label for label tasks (null otherwise)
+    predictions.jsonl     one line per record, in the split's order: instruction, input, expected, predicted,
+                          prompt (the text), prompt_ids (the ids fed to the model); with likelihood scoring also
+                          predicted_norm and choices: {label: {"ids", "logprob"}}, prompt_ids + ids being exactly the
+                          sequence scored
+    metrics.json          scoring, precision, exact_match, test_loss, perplexity; accuracy, accuracy_norm
+                          (likelihood), f1_macro, f1_micro, mcc, per_class, confusion_matrix, labels, not_a_label for
+                          label tasks (null otherwise)
     confusion_matrix.png  label tasks only
     loss.png              training/validation loss over steps, when the run folder has metrics.csv
-
-Generation is greedy and batched (`littune.sampling.batched_greedy`: the tokens `littune generate --temperature 0`
-gives one prompt at a time). Label tasks and their metrics: `littune.metrics`.
 """
 
 import csv
 import json
 import math
 import sys
+import time
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import torch
 
-from littune.common import UserError, atomic_path, save_json, save_text
+from littune.common import Check, UserError, atomic_path, checked, save_json, save_text
 from littune.metrics import (OTHER, check_expected_in_labels, classification_metrics, detect_labels, exact_match,
-                             parse_labels)
+                             normalize, parse_labels)
+from littune.model import Precision
 
 SPLITS = ("test", "val", "train")
-LOSS_TOKENS_PER_FORWARD = 4096  # caps B x T of one teacher-forced forward: its logits are B x T x vocab floats
+SCORINGS = ("likelihood", "generate")
 
 
+@checked
 def evaluate(
     checkpoint_dir: Path,
     data_dir: Path,
     adapter_path: Optional[Path] = None,
     split: str = "test",
-    batch_size: int = 16,
-    max_new_tokens: int = 32,
+    batch_size: Annotated[int, Check(ge=1)] = 16,
+    max_new_tokens: Annotated[int, Check(ge=1)] = 32,
     out_dir: Optional[Path] = None,
     labels: Optional[str] = None,
+    scoring: Optional[str] = None,
+    precision: Optional[Precision] = None,
 ) -> dict:
     """Evaluate a fine-tuned adapter (or the base model) on a prepared split: loss, predictions, metrics, plots.
 
@@ -48,25 +65,29 @@ def evaluate(
         data_dir: The prepared data (from `littune prepare`); its prompt style formats the prompts.
         adapter_path: An adapter file, or a run folder (its final adapter). Without it, the base model is evaluated.
         split: The prepared split to evaluate: test, val or train.
-        batch_size: Records per batch, for generation and for the test loss.
-        max_new_tokens: Most tokens to generate per record (generation also stops at EOS / the prompt style's stop tokens).
+        batch_size: Records per batch, for scoring, generation and the test loss.
+        max_new_tokens: With --scoring generate: most tokens to generate per record (generation also stops at EOS / the prompt style's stop tokens).
         out_dir: Where predictions, metrics and plots go (default: RUN_FOLDER/eval with an adapter, else out/eval/<data folder name>; eval-train for --split train).
-        labels: The label set of a classification task, comma-separated, e.g. positive,negative (default: detected from the expected outputs).
+        labels: The label set of a classification task, comma-separated, e.g. positive,negative (default: the one prepare recorded, else detected from the expected outputs); ties in likelihood scoring go to the first label.
+        scoring: likelihood (the most likely label after the prompt, like lm-evaluation-harness; needs a label set) or generate (greedy answers compared as text). Default: likelihood when the label set is known, else generate.
+        precision: 32-true, bf16-true, bf16-mixed, 16-true or 16-mixed (default: as littune finetune's: bf16-true on GPUs with bfloat16, 32-true on CPU).
     """
     checkpoint_dir, data_dir = Path(checkpoint_dir), Path(data_dir)
     if split not in SPLITS:
         raise UserError(f"--split {split!r}: unknown split; choose one of {', '.join(SPLITS)}")
-    if batch_size < 1:
-        raise UserError(f"--batch_size must be >= 1, got {batch_size}")
-    if max_new_tokens < 1:
-        raise UserError(f"--max_new_tokens must be >= 1, got {max_new_tokens}")
+    if scoring is not None and scoring not in SCORINGS:
+        raise UserError(f"--scoring {scoring!r}: choose likelihood (score each label) or generate (greedy answers)")
     label_list = parse_labels(labels) if labels is not None else None
     from littune.checkpoints import load_model_config
     from littune.data import load_prepare_json, load_split, load_style_file
     from littune.generate import check_fits
-    from littune.model import check_data_fits_model, default_precision, load_for_inference, resolve_adapter
+    from littune.model import (check_data_fits_model, check_precision, default_precision, load_for_inference,
+                               resolve_adapter)
     from littune.sampling import batched_greedy
+    from littune.scoring import label_requests, label_result, label_texts, loss_terms, token_logprobs, with_loss
 
+    precision = precision or default_precision()
+    check_precision(precision)
     run_dir = resolve_adapter(adapter_path)[1] if adapter_path is not None else None
     if out_dir is None:
         folder = "eval" if split == "test" else f"eval-{split}"
@@ -76,28 +97,54 @@ def evaluate(
     records = load_split(data_dir, split)
     meta = load_prepare_json(data_dir)
     expected = [r["output"] for r in records]
-    if label_list is not None:
-        check_expected_in_labels(expected, label_list)
-    else:
-        label_list = detect_labels(expected)
+    label_list = label_set(label_list, meta, expected)
+    scoring = scoring or ("likelihood" if label_list is not None else "generate")
+    if scoring == "likelihood" and label_list is None:
+        raise UserError(f"--scoring likelihood needs a label set, and the expected outputs of {data_dir} are free "
+                        f"text (no labels in prepare.json, none detected); give --labels, or use --scoring generate")
 
     config = load_model_config(checkpoint_dir)
     check_data_fits_model(data_dir, meta, records, checkpoint_dir, config)
-    longest_prompt = max(records, key=lambda r: len(r["input_ids_no_response"]))["input_ids_no_response"]
-    check_fits(longest_prompt, max_new_tokens, config.block_size)
+    if scoring == "generate":
+        longest_prompt = max(records, key=lambda r: len(r["input_ids_no_response"]))["input_ids_no_response"]
+        check_fits(longest_prompt, max_new_tokens, config.block_size)
 
     import lightning as L
 
-    fabric = L.Fabric(devices=1, precision=default_precision(), accelerator="auto")
+    fabric = L.Fabric(devices=1, precision=precision, accelerator="auto")
     model, tokenizer, _ = load_for_inference(fabric, checkpoint_dir, adapter_path)
     style = load_style_file(data_dir)
     ignore_index = int(meta.get("ignore_index", -100))
 
-    loss = teacher_forced_loss(model, records, batch_size, ignore_index, fabric.device, progress=True)
-    prompts = [r["input_ids_no_response"] for r in records]
-    generated = batched_greedy(model, prompts, max_new_tokens, style.stop_tokens(tokenizer), batch_size,
-                               fabric.device, progress=True)
-    predicted = [tokenizer.decode(torch.tensor(ids, dtype=torch.int64)) for ids in generated]
+    started = time.perf_counter()
+    if scoring == "likelihood":
+        texts = label_texts(expected, label_list)
+        requests = label_requests(tokenizer, style, records, texts, config.block_size)
+    else:
+        requests = [{"prompt": style.apply(r["instruction"], input=r["input"]),
+                     "context": r["input_ids_no_response"].tolist(), "continuations": []} for r in records]
+    # one pass gives the label scores and the test loss: the loss's targets ride along as continuations/positions
+    scored, plans = with_loss(requests, records, ignore_index)
+    results = token_logprobs(model, scored, batch_size, progress=True,
+                             desc="Scoring labels" if scoring == "likelihood" else "Test loss")
+    loss_sum, targets = loss_terms(scored, results, plans)
+    if targets == 0:
+        raise UserError("no target tokens in the split (every label is --ignore_index); nothing to compute a loss on")
+    loss = loss_sum / targets
+
+    if scoring == "likelihood":
+        rows = [label_result(request, result, label_list, texts) for request, result in zip(requests, results)]
+        predicted = [row["predicted"] for row in rows]
+    else:
+        prompts = [r["input_ids_no_response"] for r in records]
+        generated = batched_greedy(model, prompts, max_new_tokens, style.stop_tokens(tokenizer), batch_size,
+                                   fabric.device, progress=True)
+        predicted = [tokenizer.decode(torch.tensor(ids, dtype=torch.int64)) for ids in generated]
+        rows = [{"prompt": request["prompt"], "prompt_ids": request["context"], "predicted": p}
+                for request, p in zip(requests, predicted)]
+    seconds = time.perf_counter() - started
+    print(f"{scoring} scoring and test loss: {len(records)} records in {seconds:.1f}s "
+          f"({len(records) / max(seconds, 1e-9):.1f} records/s), precision {precision}", file=sys.stderr)
 
     metrics = {
         "split": split,
@@ -105,16 +152,20 @@ def evaluate(
         "checkpoint_dir": str(checkpoint_dir),
         "adapter_path": None if adapter_path is None else str(adapter_path),
         "data_dir": str(data_dir),
-        "max_new_tokens": max_new_tokens,
+        "scoring": scoring,
+        "precision": precision,
+        "max_new_tokens": max_new_tokens if scoring == "generate" else None,
         "test_loss": loss,
         "perplexity": math.exp(loss) if loss < 700 else float("inf"),
         "exact_match": exact_match(expected, predicted),
         **classification_metrics(expected, predicted, label_list),
+        "accuracy_norm": (classification_metrics(expected, [row["predicted_norm"] for row in rows],
+                                                 label_list)["accuracy"] if scoring == "likelihood" else None),
     }
     lines = [
-        json.dumps({"instruction": r["instruction"], "input": r["input"], "expected": r["output"], "predicted": p},
+        json.dumps({"instruction": r["instruction"], "input": r["input"], "expected": r["output"], **row},
                    ensure_ascii=False)
-        for r, p in zip(records, predicted)
+        for r, row in zip(records, rows)
     ]
     save_text("".join(line + "\n" for line in lines), out_dir / "predictions.jsonl")
     save_json(metrics, out_dir / "metrics.json")
@@ -130,53 +181,32 @@ def evaluate(
     return metrics
 
 
-# ---------------------------------------------------------------------------------------------- model passes
-
-
-@torch.no_grad()
-def teacher_forced_loss(model, records: list, batch_size: int, ignore_index: int, device, progress: bool = False
-                        ) -> float:
-    """Mean next-token cross-entropy over all target tokens of the records (teacher forcing, masked as in training)."""
-    from tqdm import tqdm
-
-    from littune.model import collate, count_targets, sequence_length, token_cross_entropy_sum
-
-    lengths = [len(r["input_ids"]) for r in records]
-    loss_sum, targets = 0.0, 0
-    with sequence_length(model, max(lengths)) as module, tqdm(total=len(records), desc="Test loss", unit="rec",
-                                                      file=sys.stderr, dynamic_ncols=True,
-                                                      disable=not progress) as bar:
-        for indices in loss_batches(lengths, batch_size):
-            input_ids, labels = collate(records, indices, ignore_index, device)
-            loss_sum += token_cross_entropy_sum(module(input_ids), labels, ignore_index).double().item()
-            targets += count_targets(records, indices, ignore_index)
-            bar.update(len(indices))
-    if targets == 0:
-        raise UserError("no target tokens in the split (every label is --ignore_index); nothing to compute a loss on")
-    return loss_sum / targets
-
-
-def loss_batches(lengths: list[int], batch_size: int, max_tokens: int = LOSS_TOKENS_PER_FORWARD) -> list[list[int]]:
-    """Indices by length, in batches of at most batch_size records and (unless one record is longer) max_tokens
-    padded tokens, so that one forward's logits stay a bounded size."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    batches, current = [], []
-    for i in order:
-        if current and (len(current) == batch_size or (len(current) + 1) * lengths[i] > max_tokens):
-            batches.append(current)
-            current = []
-        current.append(i)
-    return batches + [current] if current else batches
+def label_set(given: Optional[list[str]], meta: dict, expected: list[str]) -> Optional[list[str]]:
+    """--labels (every expected output must be one); else prepare.json's "labels" where they cover the split's
+    expected outputs; else the label set detected from the expected outputs, or None (free text)."""
+    if given is not None:
+        check_expected_in_labels(expected, given)
+        return given
+    recorded = meta.get("labels")
+    if isinstance(recorded, list) and len(recorded) >= 2:
+        known = {normalize(label) for label in recorded}
+        if all(normalize(e) in known for e in expected):
+            return [normalize(label) for label in recorded]
+    return detect_labels(expected)
 
 
 # ------------------------------------------------------------------------------------------------------ metrics
 
 
 def format_table(metrics: dict) -> str:
-    rows = [("records", f"{metrics['records']}"), ("test loss", f"{metrics['test_loss']:.4f}"),
-            ("perplexity", f"{metrics['perplexity']:.3f}"), ("exact match", f"{metrics['exact_match']:.4f}")]
+    rows = [("records", f"{metrics['records']}"), ("scoring", metrics.get("scoring") or "generate"),
+            ("test loss", f"{metrics['test_loss']:.4f}"), ("perplexity", f"{metrics['perplexity']:.3f}"),
+            ("exact match", f"{metrics['exact_match']:.4f}")]
     if metrics["labels"] is not None:
-        rows += [("accuracy", f"{metrics['accuracy']:.4f}"), ("F1 macro", f"{metrics['f1_macro']:.4f}"),
+        rows.append(("accuracy", f"{metrics['accuracy']:.4f}"))
+        if metrics.get("accuracy_norm") is not None:
+            rows.append(("accuracy (per byte)", f"{metrics['accuracy_norm']:.4f}"))
+        rows += [("F1 macro", f"{metrics['f1_macro']:.4f}"),
                  ("F1 micro", f"{metrics['f1_micro']:.4f}"), ("MCC", f"{metrics['mcc']:.4f}"),
                  ("not a label", f"{metrics['not_a_label']}")]
     width = max(len(name) for name, _ in rows)

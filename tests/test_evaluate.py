@@ -1,7 +1,9 @@
-"""`littune evaluate`: batched greedy == one-by-one greedy, metrics == scikit-learn's, files and pictures, errors.
+"""`littune evaluate`: likelihood scoring (the default for label tasks) and generation scoring through the real CLI,
+batched greedy == one-by-one greedy, metrics == scikit-learn's, the test loss, files and pictures, precision, errors.
 
 One tiny GPT-NeoX (real Pythia tokenizer), 120 real SST-2 sentences prepared with `--columns`, a short adapter
-run, then the real CLI. The adapter is trained just long enough to answer with a label word.
+run, then the real CLI. The adapter is trained just long enough to answer with a label word. The scoring functions
+themselves are tested in test_scoring.py.
 """
 
 import json
@@ -14,7 +16,6 @@ import pytest
 import torch
 
 from conftest import ALPACA_335, SST2_TRAIN, assert_clean_error, make_hf_checkpoint, run_cli
-from littune import evaluate as ev
 from littune import metrics as label_metrics
 from littune import sampling
 from littune.cli import main
@@ -66,10 +67,20 @@ def run_dir(checkpoint, sst2, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def evaluation(checkpoint, sst2, run_dir) -> Path:
-    """`littune evaluate` with the default out_dir; batch size 7 does not divide the 40 test records."""
+    """`littune evaluate --scoring generate` with the default out_dir; batch size 7 does not divide the 40 test
+    records."""
     assert main(["evaluate", "--checkpoint_dir", str(checkpoint), "--adapter_path", str(run_dir),
-                 "--data_dir", str(sst2), "--batch_size", "7", "--max_new_tokens", "1"]) == 0
+                 "--data_dir", str(sst2), "--batch_size", "7", "--max_new_tokens", "1", "--scoring", "generate"]) == 0
     return run_dir / "eval"
+
+
+@pytest.fixture(scope="module")
+def likelihood(checkpoint, sst2, run_dir, tmp_path_factory) -> Path:
+    """`littune evaluate` with the default scoring (likelihood: the label set is known), batch size 7."""
+    out = tmp_path_factory.mktemp("likelihood")
+    assert main(["evaluate", "--checkpoint_dir", str(checkpoint), "--adapter_path", str(run_dir),
+                 "--data_dir", str(sst2), "--batch_size", "7", "--out_dir", str(out)]) == 0
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -168,15 +179,6 @@ def test_label_set_detection_and_parsing():
         label_metrics.parse_labels("positive,")
     with pytest.raises(UserError, match="given twice"):
         label_metrics.parse_labels("yes,YES")
-
-
-def test_loss_batches_cover_every_record_once_within_limits():
-    lengths = [5, 300, 17, 17, 64, 1, 2000, 40] * 3
-    batches = ev.loss_batches(lengths, batch_size=4, max_tokens=600)
-    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
-    for b in batches:
-        assert len(b) <= 4
-        assert len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 600
 
 
 # ------------------------------------------------------------------------------------------- batched generation
@@ -284,7 +286,8 @@ def test_cli_writes_predictions_metrics_and_pictures(evaluation, sst2):
     predictions = read_jsonl(evaluation / "predictions.jsonl")
     assert [(p["instruction"], p["input"], p["expected"]) for p in predictions] == \
         [(r["instruction"], r["input"], r["output"]) for r in test]  # the split's order, every record
-    assert all(set(p) == {"instruction", "input", "expected", "predicted"} for p in predictions)
+    assert all(set(p) == {"instruction", "input", "expected", "predicted", "prompt", "prompt_ids"} for p in predictions)
+    assert [p["prompt_ids"] for p in predictions] == [r["input_ids_no_response"].tolist() for r in test]
     metrics = json.loads((evaluation / "metrics.json").read_text())
     assert metrics["labels"] == ["negative", "positive"] and metrics["records"] == 40
     for key in ("exact_match", "accuracy", "f1_macro", "f1_micro", "mcc", "per_class", "confusion_matrix",
@@ -296,6 +299,55 @@ def test_cli_writes_predictions_metrics_and_pictures(evaluation, sst2):
         assert image.shape[0] > 200 and image.shape[1] > 250, (name, image.shape)
         assert image[..., :3].std() > 0.05, name  # not a blank canvas
     assert not list(evaluation.glob("*.tmp")) and not list(evaluation.glob(".*"))
+
+
+def test_cli_likelihood_scores_every_label_after_the_prompt(likelihood, inference, sst2):
+    """predictions.jsonl under likelihood scoring: prompt_ids + a label's ids is exactly the sequence scored (checked
+    with a plain forward of the adapter model), the prediction is the argmax, and metrics.json agrees."""
+    from littune.data import load_prepared
+
+    model, tokenizer, style = inference
+    _, test, _ = load_prepared(sst2)
+    predictions = read_jsonl(likelihood / "predictions.jsonl")
+    metrics = json.loads((likelihood / "metrics.json").read_text())
+    assert metrics["scoring"] == "likelihood" and metrics["precision"] == "32-true"
+    assert metrics["labels"] == ["negative", "positive"] and metrics["not_a_label"] == 0
+    assert metrics["max_new_tokens"] is None
+    for record, p in zip(test, predictions, strict=True):
+        assert set(p) == {"instruction", "input", "expected", "predicted", "predicted_norm", "prompt", "prompt_ids",
+                          "choices"}
+        assert p["prompt"] == style.apply(record["instruction"], input=record["input"])
+        assert p["prompt_ids"] == record["input_ids_no_response"].tolist()
+        assert list(p["choices"]) == ["negative", "positive"]
+        for label, choice in p["choices"].items():
+            sequence = p["prompt_ids"] + choice["ids"]
+            assert sequence == tokenizer.encode(p["prompt"] + label).tolist() + [tokenizer.eos_id]
+            with torch.no_grad():
+                logits = model(torch.tensor([sequence[:-1]]))[0]
+            logprobs = torch.log_softmax(logits, dim=-1)[len(p["prompt_ids"]) - 1:]
+            direct = float(logprobs.gather(1, torch.tensor(choice["ids"])[:, None]).sum())
+            assert choice["logprob"] == pytest.approx(direct, abs=1e-4)
+        logprobs = {label: c["logprob"] for label, c in p["choices"].items()}
+        assert p["predicted"] == max(logprobs, key=logprobs.get)
+    expected = [p["expected"] for p in predictions]
+    assert metrics["accuracy"] == sum(p["predicted"] == p["expected"] for p in predictions) / 40
+    assert metrics["accuracy_norm"] == sum(p["predicted_norm"] == p["expected"] for p in predictions) / 40
+    assert_sklearn_parity(metrics, *sklearn_view(expected, [p["predicted"] for p in predictions], metrics["labels"]),
+                          metrics["labels"])
+
+
+def test_cli_bf16_on_cpu(checkpoint, sst2, run_dir, likelihood, tmp_path):
+    out = tmp_path / "bf16"
+    assert main(["evaluate", "--checkpoint_dir", str(checkpoint), "--adapter_path", str(run_dir),
+                 "--data_dir", str(sst2), "--precision", "bf16-true", "--out_dir", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    reference = json.loads((likelihood / "metrics.json").read_text())
+    assert metrics["precision"] == "bf16-true" and metrics["scoring"] == "likelihood"
+    assert metrics["test_loss"] == pytest.approx(reference["test_loss"], rel=0.05)
+    for got, want in zip(read_jsonl(out / "predictions.jsonl"), read_jsonl(likelihood / "predictions.jsonl")):
+        assert got["prompt_ids"] == want["prompt_ids"]
+        for label in want["choices"]:
+            assert got["choices"][label]["logprob"] == pytest.approx(want["choices"][label]["logprob"], abs=0.3)
 
 
 def test_cli_predictions_equal_one_by_one_generate(evaluation, inference, sst2):
@@ -321,10 +373,13 @@ def test_metrics_json_equals_sklearn_on_the_runs_predictions(evaluation):
                                          for e, p in zip(expected, predicted)) / 40
 
 
-def test_test_loss_is_the_mean_over_target_tokens(evaluation, inference, sst2):
-    """Recomputed record by record with a plain forward pass: sum of token losses / target tokens."""
+@pytest.mark.parametrize("scoring", ["generate", "likelihood"])
+def test_test_loss_is_the_mean_over_target_tokens(scoring, request, inference, sst2):
+    """Recomputed record by record with a plain forward pass: sum of token losses / target tokens (under likelihood
+    scoring the loss comes from the label pass)."""
     from littune.data import load_prepared
 
+    evaluation = request.getfixturevalue({"generate": "evaluation", "likelihood": "likelihood"}[scoring])
     model, _, _ = inference
     _, test, meta = load_prepared(sst2)
     total, targets = 0.0, 0
@@ -350,7 +405,8 @@ def test_explicit_labels_and_free_text_task_without_adapter(checkpoint, sst2, tm
     # --labels in its own order, one label nobody expects; explicit --out_dir; no run folder, so no loss.png
     out = tmp_path / "labels3"
     assert main(["evaluate", "--checkpoint_dir", str(checkpoint), "--data_dir", str(sst2), "--out_dir", str(out),
-                 "--labels", "positive,negative,neutral", "--max_new_tokens", "5", "--batch_size", "16"]) == 0
+                 "--labels", "positive,negative,neutral", "--max_new_tokens", "5", "--batch_size", "16",
+                 "--scoring", "generate"]) == 0
     # the base model's answers (several tokens, many different) are the ones littune generate gives one by one
     from litgpt.prompts import Alpaca
 
@@ -384,6 +440,7 @@ def test_explicit_labels_and_free_text_task_without_adapter(checkpoint, sst2, tm
     for key in ("labels", "accuracy", "f1_macro", "f1_micro", "mcc", "per_class", "confusion_matrix"):
         assert metrics[key] is None, key
     assert metrics["records"] == 5 and math.isfinite(metrics["test_loss"]) and metrics["exact_match"] == 0.0
+    assert metrics["scoring"] == "generate" and metrics["accuracy_norm"] is None  # free text: generation
     assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "predictions.jsonl"]
 
 
@@ -402,12 +459,22 @@ def test_bad_input_gives_one_clear_line(checkpoint, sst2, run_dir, tmp_path, cap
     empty.mkdir()
     assert_clean_error(run(data=empty), str(empty), "test.pt", "littune prepare")
     assert_clean_error(run("--split", "validation"), "--split 'validation'", "test, val, train")
-    assert_clean_error(run("--batch_size", 0), "--batch_size must be >= 1")
+    assert_clean_error(run("--batch_size", 0), "--batch_size 0: must be >= 1")
+    assert_clean_error(run("--max_new_tokens", 0), "--max_new_tokens 0: must be >= 1")
+    assert_clean_error(run("--scoring", "loglik"), "--scoring 'loglik'", "likelihood", "generate")
+    assert_clean_error(run("--precision", "16-true"), "--precision 16-true needs a CUDA GPU")
     assert_clean_error(run("--labels", "positive"), "at least 2 labels")
     assert_clean_error(run("--labels", "good,bad"), "not one of the labels")
     assert_clean_error(run("--adapter_path", tmp_path / "nope.pth"), "nope.pth", "no such file")
     assert_clean_error(run("--adapter_path", empty), "must hold the final adapter")
-    assert_clean_error(run("--max_new_tokens", 1000), "exceeds", "256")
+    assert_clean_error(run("--max_new_tokens", 1000, "--scoring", "generate"), "exceeds", "256")
+    free_text = tmp_path / "alpaca12"
+    (tmp_path / "alpaca12.json").write_text(json.dumps(json.loads(ALPACA_335.read_text())[:12]))
+    assert main(["prepare", "--data_file", str(tmp_path / "alpaca12.json"), "--checkpoint_dir", str(checkpoint),
+                 "--destination_path", str(free_text), "--test_size", "4", "--max_seq_length", "200"]) == 0
+    capsys.readouterr()
+    assert_clean_error(run("--scoring", "likelihood", data=free_text), "--scoring likelihood needs a label set",
+                       "--labels")
     assert not (tmp_path / "out").exists()
 
     # and in a real process: exit code 1, one line, no traceback
