@@ -123,6 +123,9 @@ def explain_parse_error(message: str, argv: list[str], components: dict) -> str:
         close = difflib.get_close_matches(typed.lstrip("-"), list(flags), n=2, cutoff=0.6)
         hint = f"did you mean {' or '.join('--' + c for c in close)}?" if close else f"see littune {command} --help"
         return f"{where}unknown flag {typed}; {hint}"
+    if "parsing config" in message and "--config" in argv[:-1]:  # a --config file that is not YAML
+        config = argv[argv.index("--config") + 1]
+        return f"{where}--config {config}: {' '.join(message.split(': ', 1)[-1].split())[:250]}"
     key = re.match(r'Parser key "([\w.]+)":\s*(.*)', message, flags=re.DOTALL)
     if key:
         return f"{where}--{key.group(1).split('.')[-1]}: {' '.join(key.group(2).split())[:300]}"

@@ -158,15 +158,20 @@ def save_text(text: str, path: Path) -> None:
 
 def load_torch(path: Path, what: str = "file") -> Any:
     """torch.load with weights_only=True (a .pt from elsewhere must not run code), errors as UserError."""
+    import zipfile
+
     import torch
 
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: {what} not found")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is damaged or another format
+        state = "empty" if path.stat().st_size == 0 else "truncated or not a PyTorch file"
+        raise UserError(f"{path}: cannot read {what}: the file is {state}; write it again")
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # truncated, not a torch file, or holds objects weights_only refuses
-        raise UserError(f"{path}: cannot read {what} ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+    except Exception as e:  # damaged inside, or holds objects weights_only refuses
+        raise UserError(f"{path}: cannot read {what} ({type(e).__name__}: {first_line(e)})") from e
 
 
 def first_line(error: Exception) -> str:

@@ -29,7 +29,7 @@ import sys
 from array import array
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Annotated, Any, Iterator, Optional
 
 import jinja2
 import jinja2.ext
@@ -38,8 +38,8 @@ import yaml
 from tqdm import tqdm
 
 import littune
-from littune.common import (UserError, atomic_path, first_line, load_torch, replace_outputs, save_json, save_text,
-                            sha256_file, write_torch)
+from littune.common import (Check, UserError, atomic_path, checked, first_line, load_torch, replace_outputs,
+                            save_json, save_text, sha256_file, write_torch)
 from littune.metrics import detect_labels
 
 FIELDS = ("instruction", "input", "output")
@@ -56,16 +56,17 @@ STYLE_FILE = "prompt_style.yaml"
 # ----------------------------------------------------------------------------------------------------- command
 
 
+@checked
 def prepare(
     data_file: Path,
     checkpoint_dir: Path,
     destination_path: Optional[Path] = None,
     test_file: Optional[Path] = None,
     seed: int = 42,
-    test_split_fraction: float = 0.03865,
-    test_size: Optional[int] = None,
-    val_size: Optional[int] = None,
-    max_seq_length: Optional[int] = None,
+    test_split_fraction: Annotated[float, Check(gt=0, lt=1)] = 0.03865,
+    test_size: Optional[Annotated[int, Check(ge=1)]] = None,
+    val_size: Optional[Annotated[int, Check(ge=0)]] = None,
+    max_seq_length: Optional[Annotated[int, Check(ge=1)]] = None,
     mask_inputs: bool = False,
     ignore_index: int = -100,
     prompt_style: str = "alpaca",
@@ -103,7 +104,7 @@ def prepare(
     destination_path = Path(destination_path) if destination_path is not None else Path("data") / data_file.stem
     sources = parse_columns(columns)
     check_style_name(prompt_style, system)
-    check_split_arguments(test_split_fraction, test_size, val_size, test_file)
+    check_split_arguments(test_size, test_file)
     existing = [destination_path / name for name in ("train.pt", "val.pt", "test.pt", STYLE_FILE, "prepare.json")]
     replace_outputs(destination_path, [p for p in existing if p.exists()], overwrite, "prepared data", remove=False)
 
@@ -125,8 +126,6 @@ def prepare(
     style = style_by_name(prompt_style, checkpoint_dir, system, tokenizer=tokenizer)
     identity = tokenizer_identity_of(tokenizer, checkpoint_dir)
     max_seq_length = max_seq_length if max_seq_length is not None else model_block_size(checkpoint_dir)
-    if max_seq_length < 1:
-        raise UserError(f"--max_seq_length must be >= 1, got {max_seq_length}")
 
     prompt_ids, full_ids, truncated = tokenize(tokenizer, style, instructions, inputs, outputs, max_seq_length)
     # Labels copy the full ids with the first `masked` positions set to ignore_index (Lit-GPT's rule); a record whose
@@ -335,17 +334,10 @@ def check_style_name(name: str, system: Optional[str]) -> None:
                         f"text")
 
 
-def check_split_arguments(
-    test_split_fraction: float, test_size: Optional[int], val_size: Optional[int], test_file: Optional[Path]
-) -> None:
+def check_split_arguments(test_size: Optional[int], test_file: Optional[Path]) -> None:
+    """The combination of flags (each flag's own range is declared with it)."""
     if test_file is not None and test_size is not None:
         raise UserError("--test_size and --test_file exclude each other: the test file is the whole test split")
-    if test_file is None and test_size is None and not 0 < test_split_fraction < 1:
-        raise UserError(f"--test_split_fraction must be between 0 and 1 (exclusive), got {test_split_fraction}")
-    if test_size is not None and test_size < 1:
-        raise UserError(f"--test_size must be >= 1, got {test_size}")
-    if val_size is not None and val_size < 0:
-        raise UserError(f"--val_size must be >= 0 (0: no validation split), got {val_size}")
 
 
 def split_sizes(

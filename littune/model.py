@@ -115,7 +115,7 @@ def load_state(model, state: dict, sharded: bool) -> tuple[list, list]:
 
 def load_for_inference(fabric, checkpoint_dir: Path, adapter_path: Optional[Path] = None):
     """(model in eval mode, tokenizer, run folder or None) for a base checkpoint plus an optional trained adapter."""
-    from litgpt import Tokenizer
+    from littune.data import load_tokenizer
 
     method = method_args = adapter = run_dir = None
     if adapter_path is not None:
@@ -123,7 +123,7 @@ def load_for_inference(fabric, checkpoint_dir: Path, adapter_path: Optional[Path
         adapter = load_torch(adapter_file, "adapter weights")
         check_adapter_fits(adapter, adapter_file, checkpoint_dir, method, method_args)
     model = load_model(fabric, checkpoint_dir, method, method_args, adapter=adapter)
-    return model.eval(), Tokenizer(checkpoint_dir), run_dir
+    return model.eval(), load_tokenizer(Path(checkpoint_dir)), run_dir
 
 
 # ------------------------------------------------------------------------------------------------- run folders

@@ -13,7 +13,7 @@ torch is imported inside the functions that use it, so that commands that fail e
 
 from pathlib import Path
 
-from littune.common import UserError
+from littune.common import UserError, first_line
 
 
 def load_model_config(checkpoint_dir: Path):
@@ -22,7 +22,12 @@ def load_model_config(checkpoint_dir: Path):
 
     checkpoint_dir = Path(checkpoint_dir)
     check_checkpoint_dir(checkpoint_dir)
-    return Config.from_file(checkpoint_dir / "model_config.yaml")
+    path = checkpoint_dir / "model_config.yaml"
+    try:
+        return Config.from_file(path)
+    except Exception as e:  # invalid YAML, not a mapping, or keys litgpt's Config does not have
+        raise UserError(f"{path}: not a Lit-GPT model config ({type(e).__name__}: {first_line(e)}); convert the "
+                        f"checkpoint again: littune convert --checkpoint_dir {checkpoint_dir}") from e
 
 
 def check_checkpoint_dir(checkpoint_dir: Path) -> None:

@@ -23,7 +23,7 @@ import yaml
 
 from littune.checkpoints import load_model_config
 from littune.common import UserError, replace_outputs, save_json, save_text, save_torch
-from littune.data import load_prepare_json, load_split, validation_split_name
+from littune.data import load_prepare_json, load_split, load_tokenizer, validation_split_name
 from littune.finetune.args import TrainArgs, hyperparameters, resolve_defaults, same_run_values, total_steps
 from littune.finetune.logs import keep_metrics_until, log_row, make_loggers, make_progress
 from littune.finetune.schedule import learning_rate_at, make_optimizer, steps_from
@@ -68,10 +68,8 @@ def finetune(method: Method, args: TrainArgs, method_args) -> Path:
 
 def fit(fabric, method: Method, method_args, args: TrainArgs, train: list, val: list, meta: dict, run_fingerprint: dict,
         steps: int, resume_dir=None) -> Path:
-    from litgpt import Tokenizer
-
     out_dir, rank, sharded = Path(args.out_dir), fabric.global_rank, is_sharded(fabric)
-    fabric.seed_everything(args.seed)  # the same seed in every process: identical initialisation of the method
+    fabric.seed_everything(args.seed, verbose=False)  # the same seed everywhere: the same initial weights
     model = load_model(fabric, args.checkpoint_dir, method, method_args, trainable=True, sharded=sharded)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     fabric.print(f"{method.name}: {trainable:,} trainable parameters, "
@@ -98,7 +96,7 @@ def fit(fabric, method: Method, method_args, args: TrainArgs, train: list, val: 
             experiment_logger.log_hyperparams(hparams)
         progress.mlflow_run_id = getattr(experiment_logger, "run_id", progress.mlflow_run_id)
 
-    tokenizer = Tokenizer(args.checkpoint_dir)
+    tokenizer = load_tokenizer(Path(args.checkpoint_dir))
     ignore_index = int(meta.get("ignore_index", -100))
     batches = steps_from([len(r["input_ids"]) for r in train], args.batch_size, args.micro_batch_size,
                          fabric.world_size, args.seed, args.group_by_length, progress.epoch, progress.step_in_epoch)

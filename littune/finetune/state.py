@@ -135,6 +135,8 @@ def load_training_state(folder: Path, model, optimizer, method, fingerprint: dic
     import numpy as np
 
     saved = load_torch(folder / STATE_FILE, "training state")
+    if not isinstance(saved, dict) or not {"counters", "fingerprint", "optimizer", "rng"} <= saved.keys():
+        raise UserError(f"{folder / STATE_FILE}: not a littune training state; resume from another step folder")
     adapter = load_torch(folder / method.adapter_file, "adapter weights")
     differing = sorted(k for k in set(fingerprint) | set(saved.get("fingerprint", {}))
                        if saved["fingerprint"].get(k) != fingerprint.get(k))
