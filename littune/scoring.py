@@ -196,8 +196,14 @@ def token_logprobs(model, requests: list[dict], batch_size: int = 16, progress: 
                                                             file=sys.stderr, dynamic_ncols=True,
                                                             disable=not progress) as bar:
         for batch in length_batches([len(r["context"]) for r in requests], batch_size, max_tokens):
-            for i, result in zip(batch, _score_batch(module, [requests[i] for i in batch], prefixes, device)):
-                results[i] = result
+            # a continuation given twice is scored once: equal ids get equal log-probabilities, ties stay ties
+            unique = [dict(requests[i], continuations=[list(ids) for ids in dict.fromkeys(
+                map(tuple, requests[i]["continuations"]))]) for i in batch]
+            for i, request, result in zip(batch, unique, _score_batch(module, unique, prefixes, device)):
+                where = {tuple(ids): j for j, ids in enumerate(request["continuations"])}
+                results[i] = {"context": result["context"],
+                              "continuations": [list(result["continuations"][where[tuple(ids)]])
+                                                for ids in requests[i]["continuations"]]}
             bar.update(len(batch))
     return results
 
@@ -230,8 +236,13 @@ def _score_batch(module, requests: list[dict], prefixes: dict, device) -> list[d
     rows = len(requests)
     # every row keeps at least its last context token out of the shared prefix: its logits score the first label token
     prefix = min(common_prefix_length(contexts), min(lengths) - 1)
+    # each row's longest continuation extends its context in the context pass itself; the others get rows of their
+    # own: a forward over a few tokens per row costs about as much as reading the weights and the copied caches
+    folded = [max(range(len(r["continuations"])), key=lambda c: len(r["continuations"][c]), default=None)
+              for r in requests]
+    extension = [r["continuations"][f][:-1] if f is not None else [] for r, f in zip(requests, folded)]
     continuation_rows = [(row, c) for row, r in enumerate(requests) for c, ids in enumerate(r["continuations"])
-                         if len(ids) > 1]
+                         if len(ids) > 1 and c != folded[row]]
     span = max(n + max((len(c) - 1 for c in r["continuations"]), default=0) for n, r in zip(lengths, requests))
     module.set_kv_cache(batch_size=max(rows, min(len(continuation_rows), CONTINUATION_ROWS)), max_seq_length=span,
                         device=device)
@@ -249,31 +260,37 @@ def _score_batch(module, requests: list[dict], prefixes: dict, device) -> list[d
             cache.k[:rows, :, :prefix] = k
             cache.v[:rows, :, :prefix] = v
 
-    # 2. the rest of every context, batched and right-padded, at positions prefix, prefix + 1, ...
-    width = max(lengths) - prefix
+    # 2. the rest of every context and its folded continuation, batched and right-padded, at positions prefix, ...
+    width = max(n + len(e) for n, e in zip(lengths, extension)) - prefix
     idx = torch.zeros((rows, width), dtype=torch.int64)
-    for row, context in enumerate(contexts):
-        idx[row, :len(context) - prefix] = torch.tensor(context[prefix:])
     gather_rows, gather_cols, gather_targets = [], [], []
-    for row, row_targets in enumerate(targets):
+    for row, (context, row_targets, ext) in enumerate(zip(contexts, targets, extension)):
+        idx[row, :len(context) + len(ext) - prefix] = torch.tensor(context[prefix:] + ext)
         for t in row_targets:
             if t > prefix:
                 gather_rows.append(row)
                 gather_cols.append(t - 1 - prefix)
-                gather_targets.append(contexts[row][t])
+                gather_targets.append(context[t])
+        n = len(context)
+        gather_rows += [row] * len(ext)
+        gather_cols += range(n - prefix, n - prefix + len(ext))
+        gather_targets += requests[row]["continuations"][folded[row]][1:] if ext else []
     last = len(gather_rows)  # then the last context position of each row
     gather_rows += range(rows)
     gather_cols += [n - 1 - prefix for n in lengths]
     logits = _forward(module, idx.to(device), torch.arange(prefix, prefix + width, device=device), prefix + width,
                       gather_rows, gather_cols)[0]
-    target_lp = iter(_target_logprobs(logits[:last], gather_targets))
+    gathered = iter(_target_logprobs(logits[:last], gather_targets))
     first_lp = torch.log_softmax(logits[last:].float(), dim=-1)  # rows x vocab: each continuation's first token
-    context_lp = [[(shared["tokens"][t - 1] if t < prefix else float(shared["last"][contexts[row][t]]))
-                   if t <= prefix else next(target_lp) for t in row_targets] for row, row_targets in enumerate(targets)]
-    continuation_lp = [[[float(first_lp[row, ids[0]])] for ids in r["continuations"]]
-                       for row, r in enumerate(requests)]
+    context_lp, continuation_lp = [], []
+    for row, (context, row_targets, r) in enumerate(zip(contexts, targets, requests)):
+        context_lp.append([(shared["tokens"][t - 1] if t < prefix else float(shared["last"][context[t]]))
+                           if t <= prefix else next(gathered) for t in row_targets])
+        continuation_lp.append([[float(first_lp[row, ids[0]])] for ids in r["continuations"]])
+        if extension[row]:
+            continuation_lp[row][folded[row]] += [next(gathered) for _ in extension[row]]
 
-    # 3. the continuations' other tokens: each a row with a copy of its record's KV cache
+    # 3. the other continuations' other tokens: each a row with a copy of its record's KV cache
     if continuation_rows:
         saved = [(cache.k[:rows, :, :max(lengths)].clone(), cache.v[:rows, :, :max(lengths)].clone())
                  for cache in caches]
