@@ -65,10 +65,11 @@ def _find_check(hint) -> Optional[Check]:
 
 
 def check_flags(checks: dict[str, Check], values: dict) -> None:
-    """A UserError naming the first flag whose value its Check refuses (None means "not given" and passes)."""
+    """A UserError naming the first flag whose value its Check refuses. None ("not given") and words (the other
+    choices of a flag such as `--eval_iters all`, already checked by the parser) pass."""
     for name, check in checks.items():
         value = values.get(name)
-        if value is not None and not check.allows(value):
+        if value is not None and not isinstance(value, str) and not check.allows(value):
             raise UserError(f"--{name} {value}: must be {check.describe()}")
 
 

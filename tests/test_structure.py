@@ -100,7 +100,7 @@ def test_each_finetune_flag_is_declared_once_and_drives_help_checks_and_hyperpar
                                                                                          tmp_path, capsys):
     from littune.common import Check
     from littune.finetune import command
-    from littune.finetune.args import TrainArgs
+    from littune.finetune.args import NOT_HYPERPARAMETERS, TrainArgs
     from littune.methods import METHODS, get_method
 
     for name in METHODS:
@@ -126,6 +126,6 @@ def test_each_finetune_flag_is_declared_once_and_drives_help_checks_and_hyperpar
                  "--out_dir", str(out), "--max_steps", "1", "--micro_batch_size", "2", "--eval_interval", "1",
                  "--eval_iters", "1"]) == 0
     saved = yaml.safe_load((out / "hyperparameters.yaml").read_text())
-    assert set(saved) == {"method"} | {f.name for f in fields(TrainArgs)} - {"resume"}
+    assert set(saved) == {"method"} | {f.name for f in fields(TrainArgs)} - NOT_HYPERPARAMETERS
     # defaults resolved for this data: 53 training records, micro-batch 2 -> batch 52; warmup 10% of 1 step -> 1
     assert saved["batch_size"] == 52 and saved["warmup_steps"] == 1 and saved["precision"] == "32-true"

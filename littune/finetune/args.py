@@ -8,7 +8,7 @@ import inspect
 import math
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Literal, Optional, Union
 
 from littune.common import Check, UserError
 from littune.model import Precision
@@ -58,15 +58,17 @@ class TrainArgs:
     group_by_length: bool = same_run(True)
     """Put records of similar length in the same micro-batch (less padding; batches stay shuffled)."""
     eval_interval: Annotated[int, Check(ge=1)] = 100
-    """Steps between evaluations on the validation split (loss, and one sample answer)."""
-    eval_iters: Annotated[int, Check(ge=1)] = 100
-    """Validation micro-batches per evaluation."""
+    """Steps between evaluations on the validation split: loss, task metrics (label tasks), one sample answer."""
+    eval_iters: Union[Annotated[int, Check(ge=1)], Literal["all"]] = 100
+    """Validation micro-batches per evaluation (the first ones, the same each time), or all: the whole split."""
+    best_metric: Optional[Literal["val_loss", "val_accuracy", "val_f1_macro", "val_mcc"]] = same_run(None)
+    """What best/ and early stopping follow (default: val_mcc for label tasks, val_loss for open-ended outputs)."""
     save_interval: Annotated[int, Check(ge=1)] = 100
     """Steps between resumable checkpoints (out_dir/step-NNNNNN/)."""
     log_interval: Annotated[int, Check(ge=1)] = 1
     """Steps between rows of metrics.csv."""
     early_stopping_patience: Optional[Annotated[int, Check(ge=1)]] = None
-    """Stop after this many evaluations without a better validation loss."""
+    """Stop after this many evaluations without a better --best_metric."""
     resume: Optional[str] = None
     """Continue a run: `auto` (the newest complete state in out_dir) or a step-NNNNNN folder."""
     overwrite: bool = False
@@ -77,6 +79,7 @@ class TrainArgs:
     """MLflow tracking URI (default: a local out_dir/mlruns store)."""
 
 
+DEFAULT_TASK_METRIC = "val_mcc"  # see README: which checkpoint is best
 NOT_HYPERPARAMETERS = {"resume", "overwrite"}  # how this invocation starts, not what the run is
 
 
@@ -101,8 +104,10 @@ def total_steps(n_train: int, batch_size: int, epochs: Optional[int], max_steps:
     return max_steps if epochs is None else min(max_steps, by_epochs)
 
 
-def resolve_defaults(args: TrainArgs, method_name: str, n_train: int, default_precision: str) -> TrainArgs:
-    """The flags left to littune, decided for this run and data: out_dir, precision, batch size, warmup."""
+def resolve_defaults(args: TrainArgs, method_name: str, n_train: int, default_precision: str,
+                     label_task: bool) -> TrainArgs:
+    """The flags left to littune, decided for this run and data: out_dir, precision, batch size, warmup, the metric
+    that picks the best checkpoint."""
     world = args.devices * args.num_nodes
     per_step = args.micro_batch_size * world
     batch_size = args.batch_size
@@ -113,10 +118,15 @@ def resolve_defaults(args: TrainArgs, method_name: str, n_train: int, default_pr
             f"--batch_size {batch_size} must be divisible by --micro_batch_size {args.micro_batch_size} x devices "
             f"{world} (gradient accumulation = batch_size / (micro_batch_size * devices))"
         )
+    best_metric = args.best_metric or (DEFAULT_TASK_METRIC if label_task else "val_loss")
+    if best_metric != "val_loss" and not label_task:
+        raise UserError(f"--best_metric {best_metric}: {args.data_dir} is not a label task (prepare.json has no label "
+                        f"set: its outputs are free text); use --best_metric val_loss")
     steps = total_steps(n_train, batch_size, args.epochs, args.max_steps)
     warmup = args.warmup_steps if args.warmup_steps is not None else min(100, math.ceil(0.1 * steps))
     return replace(
         args, batch_size=batch_size, warmup_steps=warmup, precision=args.precision or default_precision,
+        best_metric=best_metric,
         epochs=args.epochs if args.epochs is not None or args.max_steps is not None else 1,
         out_dir=Path(args.out_dir) if args.out_dir is not None else Path("out") / method_name / Path(args.data_dir).name,
     )

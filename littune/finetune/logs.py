@@ -9,7 +9,9 @@ from typing import Optional
 
 from littune.common import UserError, atomic_path
 
-METRIC_COLUMNS = ["step", "epoch", "train_loss", "learning_rate", "val_loss", "tokens", "tokens_per_sec", "elapsed_sec"]
+TASK_METRICS = ["val_accuracy", "val_f1_macro", "val_mcc"]  # label tasks: likelihood-scored validation records
+METRIC_COLUMNS = ["step", "epoch", "train_loss", "learning_rate", "val_loss", *TASK_METRICS, "tokens",
+                  "tokens_per_sec", "elapsed_sec", "eval_sec"]
 
 
 def make_progress(fabric, total: int, done: int = 0):

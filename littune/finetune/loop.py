@@ -17,15 +17,16 @@ import os
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Optional
 
 import torch
 import yaml
 
 from littune.checkpoints import load_model_config
 from littune.common import UserError, replace_outputs, save_json, save_text, save_torch
-from littune.data import load_prepare_json, load_split, load_tokenizer, validation_split_name
+from littune.data import load_prepare_json, load_split, load_style_file, load_tokenizer, validation_split_name
 from littune.finetune.args import TrainArgs, hyperparameters, resolve_defaults, same_run_values, total_steps
-from littune.finetune.logs import keep_metrics_until, log_row, make_loggers, make_progress
+from littune.finetune.logs import TASK_METRICS, keep_metrics_until, log_row, make_loggers, make_progress
 from littune.finetune.schedule import learning_rate_at, make_optimizer, steps_from
 from littune.finetune.state import (Progress, StopRequest, find_resume_state, fingerprint, load_training_state,
                                     remove_stale_temporaries, save_training_state, step_folder, trained_state)
@@ -43,15 +44,20 @@ def finetune(method: Method, args: TrainArgs, method_args) -> Path:
     train, val = load_split(data_dir, "train"), load_split(data_dir, validation_split_name(data_dir))
     meta = load_prepare_json(data_dir)
     check_data_fits_model(data_dir, meta, train, Path(args.checkpoint_dir), config)
-    args = resolve_defaults(args, method.name, len(train), default_precision(training=True))
-    check_precision(args.precision)
-    world = args.devices * args.num_nodes
     if args.strategy == "fsdp" and not torch.cuda.is_available():
         raise UserError("--strategy fsdp needs GPUs (FSDP shards the model over CUDA devices); on CPU use "
                         "--strategy ddp")
+    if args.strategy == "fsdp" and args.best_metric not in (None, "val_loss"):
+        raise UserError(f"--best_metric {args.best_metric}: task metrics are not scored under --strategy fsdp (every "
+                        f"rank would have to take part in each forward); use --best_metric val_loss")
+    label_task = meta.get("labels") is not None and args.strategy != "fsdp"
+    args = resolve_defaults(args, method.name, len(train), default_precision(training=True), label_task)
+    check_precision(args.precision)
+    world = args.devices * args.num_nodes
     steps = total_steps(len(train), args.batch_size, args.epochs, args.max_steps)
     print(f"{steps} steps of {args.batch_size} records ({len(train):,} training records), warmup {args.warmup_steps} "
-          f"steps to learning rate {args.learning_rate:g}, {args.lr_schedule} after, precision {args.precision}")
+          f"steps to learning rate {args.learning_rate:g}, {args.lr_schedule} after, precision {args.precision}; "
+          f"best/ by {args.best_metric}")
     if args.warmup_steps >= steps:
         print(f"note: --warmup_steps {args.warmup_steps} >= the run's {steps} steps: it never reaches its peak "
               f"learning rate {args.learning_rate:g}; lower --warmup_steps or train longer")
@@ -98,6 +104,10 @@ def fit(fabric, method: Method, method_args, args: TrainArgs, train: list, val: 
 
     tokenizer = load_tokenizer(Path(args.checkpoint_dir))
     ignore_index = int(meta.get("ignore_index", -100))
+    scored = val if args.eval_iters == "all" else val[:args.eval_iters * args.micro_batch_size]
+    task = None  # a label task: (tokenizer, prompt style, labels) for likelihood-scored task metrics
+    if meta.get("labels") is not None and not sharded:
+        task = (tokenizer, load_style_file(Path(args.data_dir)), meta["labels"])
     batches = steps_from([len(r["input_ids"]) for r in train], args.batch_size, args.micro_batch_size,
                          fabric.world_size, args.seed, args.group_by_length, progress.epoch, progress.step_in_epoch)
     patience = args.early_stopping_patience
@@ -119,25 +129,28 @@ def fit(fabric, method: Method, method_args, args: TrainArgs, train: list, val: 
             progress = replace(progress, step=step, epoch=epoch, step_in_epoch=step_in_epoch,
                                tokens_seen=progress.tokens_seen + tokens, elapsed=elapsed_before + seconds)
 
-            val_loss = None
+            evaluation = {}
             if step % args.eval_interval == 0 or step == steps:
-                val_loss = validate(fabric, model, method, val, args.micro_batch_size, args.eval_iters, ignore_index)
-                improved = val_loss < progress.best_val_loss
+                evaluation = evaluate_now(fabric, model, method, scored, args.micro_batch_size, ignore_index, task)
+                value = evaluation[args.best_metric]
+                improved = progress.best_value is None or better(value, progress.best_value, args.best_metric)
                 progress.evals_since_best = 0 if improved else progress.evals_since_best + 1
                 if improved:
-                    progress.best_val_loss, progress.best_step = val_loss, step
+                    progress.best_value, progress.best_step = value, step
                     save_weights(fabric, model, method, out_dir / "best", run_files,
-                                 info={"step": step, "val_loss": val_loss})
+                                 info={"metric": args.best_metric, "value": value, "step": step,
+                                       **{k: v for k, v in evaluation.items() if k != "eval_sec"}})
                 if rank == 0:  # FSDP would need every rank in each forward: no sample answer there
                     answer = sample_response(model, method, val[0], tokenizer) if not sharded else "(FSDP: none)"
-                    bar.write(f"step {step}: val loss {val_loss:.4f}{' (best)' if improved else ''} | "
-                              f"{val[0]['instruction'][:60]!r} -> {answer!r}")
+                    figures = ", ".join(f"{k} {v:.4f}" for k, v in evaluation.items() if k != "eval_sec")
+                    bar.write(f"step {step}: {figures}{' (best)' if improved else ''}, {len(scored)} records in "
+                              f"{evaluation['eval_sec']:.1f}s | {val[0]['instruction'][:50]!r} -> {answer!r}")
                 stopped_early = patience is not None and progress.evals_since_best >= patience
-            if rank == 0 and (step % args.log_interval == 0 or step == steps or val_loss is not None):
+            if rank == 0 and (step % args.log_interval == 0 or step == steps or evaluation):
                 log_row(metrics_path, loggers, {
-                    "step": step, "epoch": epoch, "train_loss": loss, "learning_rate": lr,
-                    "val_loss": "" if val_loss is None else val_loss, "tokens": progress.tokens_seen,
-                    "tokens_per_sec": session_tokens / max(seconds, 1e-9), "elapsed_sec": progress.elapsed})
+                    "step": step, "epoch": epoch, "train_loss": loss, "learning_rate": lr, **evaluation,
+                    "tokens": progress.tokens_seen, "tokens_per_sec": session_tokens / max(seconds, 1e-9),
+                    "elapsed_sec": progress.elapsed})
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{session_tokens / max(seconds, 1e-9):,.0f}")
             bar.update(1)
             stop.agree(fabric)
@@ -149,8 +162,8 @@ def fit(fabric, method: Method, method_args, args: TrainArgs, train: list, val: 
                 raise UserError(f"stopped by {stop.requested} after step {step}; the state is saved in "
                                 f"{out_dir / step_folder(step)}. Resume with the same command plus --resume auto")
         if stopped_early:
-            fabric.print(f"Early stopping: no better validation loss in {patience} evaluations "
-                         f"(best {progress.best_val_loss:.4f} at step {progress.best_step}, in {out_dir / 'best'})")
+            fabric.print(f"Early stopping: no better {args.best_metric} in {patience} evaluations (best "
+                         f"{progress.best_value:.4f} at step {progress.best_step}, in {out_dir / 'best'})")
         status = "success"
     finally:  # whichever way the loop ends: signal handlers back, logs flushed and marked
         stop.restore()
@@ -211,16 +224,49 @@ def train_step(fabric, model, optimizer, method: Method, data: list, step_batche
     return loss_sum.item() / max(step_targets, 1), step_tokens
 
 
+def evaluate_now(fabric, model, method: Method, records: list, micro_batch_size: int, ignore_index: int,
+                 task: Optional[tuple]) -> dict:
+    """val_loss of the records; for a label task also val_accuracy, val_f1_macro and val_mcc, the labels scored by
+    likelihood (`littune.scoring`, as `littune evaluate --scoring likelihood` scores them). Rank 0 scores; every rank
+    gets its figures, since every rank decides best/ and early stopping. eval_sec: how long it all took."""
+    started = time.perf_counter()
+    evaluation = {"val_loss": validate(fabric, model, method, records, micro_batch_size, ignore_index)}
+    if task is not None:
+        figures = torch.zeros(len(TASK_METRICS), dtype=torch.float64, device=fabric.device)
+        if fabric.global_rank == 0:
+            figures[:] = torch.tensor(task_metrics(model, method, records, *task), dtype=torch.float64)
+        if fabric.world_size > 1:
+            figures = fabric.broadcast(figures, src=0)
+        evaluation.update(zip(TASK_METRICS, figures.tolist()))
+    return {**evaluation, "eval_sec": time.perf_counter() - started}
+
+
+def task_metrics(model, method: Method, records: list, tokenizer, style, labels: list) -> list[float]:
+    """[accuracy, macro F1, MCC] of the records' labels predicted by likelihood."""
+    from littune.metrics import classification_metrics
+    from littune.scoring import score_labels
+
+    model.eval()
+    method.before_forward(unwrap(model))
+    predicted = [r["predicted"] for r in score_labels(model, tokenizer, style, records, labels)]
+    method.before_forward(unwrap(model))
+    model.train()
+    metrics = classification_metrics([r["output"] for r in records], predicted, labels)
+    return [metrics["accuracy"], metrics["f1_macro"], metrics["mcc"]]
+
+
+def better(value: float, best: float, metric: str) -> bool:
+    return value < best if metric == "val_loss" else value > best
+
+
 @torch.no_grad()
-def validate(fabric, model, method: Method, records: list, micro_batch_size: int, eval_iters: int,
-             ignore_index: int) -> float:
-    """Mean token loss over the first eval_iters micro-batches of the validation split (fixed order: comparable
-    evaluations). Every rank runs the same number of forwards (FSDP gathers weights in each), the extra ones with
-    weight 0."""
+def validate(fabric, model, method: Method, records: list, micro_batch_size: int, ignore_index: int) -> float:
+    """Mean token loss over the records, in a fixed order (comparable evaluations). Every rank runs the same number
+    of forwards (FSDP gathers weights in each), the extra ones with weight 0."""
     model.eval()
     world, rank = fabric.world_size, fabric.global_rank
     batches = [list(range(i, min(i + micro_batch_size, len(records))))
-               for i in range(0, len(records), micro_batch_size)][:eval_iters]
+               for i in range(0, len(records), micro_batch_size)]
     mine = batches[rank::world]
     loss_sum = torch.zeros((), device=fabric.device, dtype=torch.float64)
     targets = torch.zeros((), device=fabric.device, dtype=torch.float64)

@@ -2,7 +2,6 @@
 everything an exact resume needs (the trained weights, optimizer moments, counters, the place in the data, every
 RNG state). Also the signal handling that turns Ctrl-C / SIGTERM into "finish the step, save, stop"."""
 
-import math
 import os
 import shutil
 import signal
@@ -29,7 +28,7 @@ class Progress:
     step_in_epoch: int = 0  # steps done in that epoch
     tokens_seen: int = 0
     elapsed: float = 0.0  # seconds of training, over all sessions of the run
-    best_val_loss: float = math.inf
+    best_value: Optional[float] = None  # of the run's best_metric
     best_step: int = 0
     evals_since_best: int = 0
     mlflow_run_id: Optional[str] = None  # a resumed run goes on logging into the same MLflow run
