@@ -8,6 +8,13 @@ Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET 
 with the prompt style `littune generate` would use (the adapter run's, else the model's chat template, else alpaca):
 a conversation of several turns needs a chat template. /v1/completions continues the raw prompt text.
 
+Request fields: messages (text content; OpenAI's text parts are joined) or prompt (one string), max_tokens
+(max_completion_tokens; default: the rest of the context), temperature (default 1.0, as OpenAI's API; 0 = greedy),
+top_p, seed, stop (up to 4 strings), stream, stream_options.include_usage; two extensions, named as vLLM names
+them: top_k and ignore_eos. Fields littune cannot honour (n > 1, penalties, logit_bias, logprobs, echo, best_of,
+suffix) are refused with 400 rather than ignored; other unknown fields are ignored. usage counts the prompt's
+tokens and the tokens generated, a stop token included.
+
 Why FastAPI + uvicorn directly and not LitServe (measured on the 2-core development machine, alternating rounds of
 the same tiny model behind both, one request at a time): requests/s and latency were within the run-to-run noise
 of each other, while LitServe ran 5 processes and 1.7 GB of resident memory (0.5 GB here, one process), was still
@@ -15,12 +22,15 @@ running 20 s after Ctrl-C, and its OpenAI spec serves only /v1/chat/completions:
 LitAPI, i.e. a second inference process holding a second copy of the model.
 
 How requests are answered: one engine thread owns the model and decodes every admitted request together, one token
-per step for all of them (continuous batching): a new request is prefilled alone (exactly as `littune generate`
-prefills) and joins the batch at the next step, a finished or abandoned one leaves it. Each row keeps its own
-positions, so a row attends only to its own tokens, as in `littune.sampling.batched_greedy`. Up to
---max_concurrency requests are in the batch; further ones wait in order; beyond --max_queue waiting ones a request
-gets 429 with Retry-After. Sampling follows litgpt's `sample` (temperature 0 = greedy, top_k, top_p) with a random
-generator of the request's own, so a `seed` gives the same answer whatever else the server is doing.
+per step for all of them (continuous batching): a new request is prefilled alone, as `littune generate` prefills
+(only the last position goes through the vocabulary projection), and joins the batch at the next step; a finished
+or abandoned one leaves it. Each row keeps its own positions, so a row attends only to its own tokens, as in
+`littune.sampling.batched_greedy`. Up to --max_concurrency requests are in the batch; further ones wait in order;
+beyond --max_queue waiting ones a request gets 429 with Retry-After. Sampling follows litgpt's `sample`
+(temperature 0 = greedy, top_k, top_p) with a random generator of the request's own, so a `seed` gives the same
+draws whatever else the server is doing. Greedy answers equal `littune generate`'s on CPU in float32 (the tests;
+scripts/bench_serve.py on SmolLM2, four at once included); on a GPU in bfloat16 a batch's other matrix shapes round
+differently and can part an answer from generate's where two tokens are about equally likely.
 """
 
 import asyncio
@@ -315,8 +325,8 @@ class Engine:
         self._reset()
 
     def _prefill(self, job: Job) -> None:
-        """The prompt alone through the model, on a fresh one-row cache (exactly `littune generate`'s prefill), then
-        that cache joins the batch's."""
+        """The prompt alone through the model, on a fresh one-row cache (as `littune generate` prefills), then that
+        cache joins the batch's."""
         import torch
 
         blocks = self.module.transformer.h
@@ -765,8 +775,8 @@ def build_app(service: Service):
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": service.model_id, "running": len(service.engine.rows),
-                "waiting": service.engine.waiting}
+        # no key needed (load balancers probe it), so it names nothing: the model's name is behind the key
+        return {"status": "ok", "running": len(service.engine.rows), "waiting": service.engine.waiting}
 
     @app.get("/v1/models")
     async def models(request: Request):

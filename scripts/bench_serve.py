@@ -152,7 +152,8 @@ def start_server(checkpoint_dir: Path, precision, max_concurrency: int) -> tuple
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint_dir", type=Path, help="a converted checkpoint (default: build SmolLM2 from --gguf)")
+    parser.add_argument("--checkpoint_dir", type=Path,
+                        help="a converted checkpoint (default: build SmolLM2 from --gguf)")
     parser.add_argument("--gguf", type=Path, default=GGUF, help="the SmolLM2-135M-Instruct GGUF file to convert")
     parser.add_argument("--workdir", type=Path, default=Path("bench-serve"), help="where the converted model goes")
     parser.add_argument("--max_tokens", type=int, default=64, help="most new tokens per answer")
