@@ -18,16 +18,20 @@ The rule (lm-evaluation-harness's loglikelihood requests):
 The text scored for a label is its spelling in the data (`label_texts`): "Positive" when the training answers say
 "Positive", though the label set compares lowercased.
 
-How it is computed, in `token_logprobs` (one forward per batch of records, not one per label):
-1. records are sorted by context length and cut into batches;
-2. the longest context prefix the batch's records share (a system prompt, the instruction) runs once, as one row, and
-   its keys/values are copied into every row of the KV cache;
-3. the rest of each record's context runs in one batched forward, right-padded, at the positions after the prefix;
-   the vocabulary projection runs only where a log-probability is needed (the last context position, and the
-   positions of loss targets when a test loss is asked for);
-4. every distinct continuation of every record (the labels' ids, the record's own response for the test loss)
-   becomes a row whose KV cache is a copy of its record's, and all of them run in one forward with per-row positions.
-So a record's context is computed once, whatever the number of labels, and a shared prefix once per batch. In
+How it is computed, in `token_logprobs` (a record's context runs once, whatever the number of labels):
+1. records are sorted by context length and cut into batches (--batch_size records, at most TOKENS_PER_FORWARD
+   padded tokens);
+2. the longest context prefix a batch's records share (a system prompt, the instruction) runs once, as one row, and
+   its keys/values are copied into every row of the KV cache; the next batch with the same prefix reuses them;
+3. the rest of each record's context, followed by one of its continuations (the longest), runs in one batched
+   forward, right-padded, at the positions after the prefix; the vocabulary projection runs only where a
+   log-probability is needed (the last context position, which scores every label's first token, the continuation,
+   and the positions of loss targets when a test loss is asked for);
+4. each other continuation with more than one token (a label's ids end with EOS) becomes a row whose KV cache is a
+   copy of its record's, all rows of one length in one forward with per-row positions (with two one-token labels:
+   one such row per record).
+Measured on SmolLM2-135M (2-core CPU, float32): a forward over a few tokens per row costs about as much as reading
+the weights and the copied caches, hence step 3 carries one continuation and step 4 runs once per batch. In
 float32 the log-probabilities equal a plain forward over context + continuation to about 1e-5 (other kernels, other
 rounding); under bf16 the logits themselves are rounded to bf16 first.
 """
@@ -129,7 +133,8 @@ def label_result(request: dict, result: dict, labels: list[str], texts: list[str
 
 def with_loss(requests: list[dict], records: list[dict], ignore_index: int) -> tuple[list[dict], list[Optional[dict]]]:
     """Requests that also give each record's teacher-forced loss terms (its `labels` that are not ignore_index, as in
-    training), and per record where they are: {"request", "continuation", "mask"} or None (no target).
+    training), and per record where they are: {"request": index, "continuation": index, "targets": its context target
+    positions, "mask": which continuation tokens are targets}, or None (no target).
 
     Where the record's `input_ids` start with its request's context (the usual case), its response becomes one more
     continuation of that request (or is one already: the label it answers), and its targets inside the prompt (data

@@ -1,26 +1,33 @@
-"""Benchmark `littune evaluate`'s batched greedy generation against one-by-one `littune generate`, side by side.
+"""Benchmark `littune evaluate`: likelihood scoring against generation scoring, on a real model, side by side.
 
-    python scripts/bench_evaluate.py                       # 64 SST-2 dev records, batch size 16, 32 new tokens
-    python scripts/bench_evaluate.py --max_new_tokens 4    # the short answers of a trained classifier
-    python scripts/bench_evaluate.py --threads 1           # one torch thread (faster on a busy shared machine)
+    python scripts/bench_evaluate.py                                   # SmolLM2-135M-Instruct, all 872 SST-2 dev records
+    python scripts/bench_evaluate.py --records 128 --rounds 2          # a quicker look, alternating twice
+    python scripts/bench_evaluate.py --threads 1                       # one torch thread (a busy shared machine)
+    python scripts/bench_evaluate.py --adapter_path out/adapter_v2/sst2 --precision bf16-true
 
-The model is a random-init GPT-NeoX (the Pythia architecture: hidden 256, 4 layers, 8 heads, the real Pythia
-tokenizer and its 50K vocabulary: 29M parameters, most of them in the embedding and the output layer), written with `transformers`' save_pretrained and converted
-by `littune convert`. The records are the first SST-2 dev sentences as instruction records, prepared by the real
-`littune prepare --columns`. Both sides run the same model on the same prompts in the same process, alternating
-round by round (a shared machine's load hits both alike); wall clock and process CPU seconds are printed.
-An untrained model seldom says EOS, so nearly every record generates all --max_new_tokens tokens, on both sides.
-The one-by-one side is `littune.sampling.generate_tokens` (litgpt's KV-cached generate_fn, temperature 0), what
-`littune generate --temperature 0` runs per prompt; the batched side is `littune.sampling.batched_greedy`.
-Both must give the same tokens for every record; the script checks it.
+The model: SmolLM2-135M-Instruct, converted by `littune convert` from the Q4_1 GGUF in ../shared/data/models (or
+--checkpoint_dir: a converted checkpoint). The records: SST-2 dev (the first --records of 872) as the test split of
+`littune prepare --test_file ... --prompt_style chat` (the model's own ChatML template; a 64-sentence slice of
+train.tsv as the training file), the sentence as the input of a fixed instruction, "positive"/"negative" as the
+answer. Cached in --workdir.
+
+Each side is the whole `littune evaluate` command (the function the CLI calls, in this process): loading the model,
+the test loss, the predictions, metrics.json, predictions.jsonl and the plots.
+- likelihood: `--scoring likelihood`: the two labels scored after every prompt, the test loss from the same pass;
+- generate: `--scoring generate --max_new_tokens N`: the test loss, then batched greedy answers compared as text.
+Rounds alternate the order (ABBA...) so drifting load from other processes hits both sides alike; wall clock and
+process CPU seconds (all threads) are printed, the best round of each side is compared. On a CPU shared with other
+busy processes, wall clock says more about them than about littune: watch the CPU seconds, and try --threads 1
+(two threads waiting on each other on a busy 2-core machine make every small op several times slower).
 """
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,92 +39,82 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from littune.checkpoints import convert  # noqa: E402
-from littune.data import load_prepared, prepare  # noqa: E402
-from littune.model import load_for_inference  # noqa: E402
-from littune.sampling import batched_greedy, generate_tokens  # noqa: E402
+from littune.data import prepare  # noqa: E402
+from littune.evaluate import evaluate  # noqa: E402
 
 SHARED_DATA = Path(os.environ.get("LITTUNE_SHARED_DATA", REPO.parent / "shared" / "data"))
-SST2_DEV = SHARED_DATA / "classification" / "sst2" / "dev.tsv"
-PYTHIA_TOKENIZER = SHARED_DATA / "tokenizers" / "pythia"
-COLUMNS = {"instruction": "=Is the sentiment of this movie review positive or negative?", "input": "text",
+SST2 = SHARED_DATA / "classification" / "sst2"
+GGUF = SHARED_DATA / "models" / "smollm2-135m-instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+COLUMNS = {"instruction": "=Is the sentiment of this review positive or negative?", "input": "text",
            "output": "label"}
 OUTPUT_VALUES = {"1": "positive", "0": "negative"}
 
 
-def main(records: int, batch_size: int, max_new_tokens: int, rounds: int, workdir: Path) -> None:
-    import lightning as L
+def main(args) -> None:
+    workdir = args.workdir.resolve()
+    checkpoint_dir = args.checkpoint_dir or converted_smollm2(workdir)
+    data_dir = prepared_sst2(workdir, checkpoint_dir, args.records)
+    print(f"{args.records} SST-2 dev records, {checkpoint_dir.name}"
+          f"{' + adapter ' + str(args.adapter_path) if args.adapter_path else ''}, precision "
+          f"{args.precision or 'default'}, batch size {args.batch_size}, {os.cpu_count()} CPU cores, "
+          f"{torch.get_num_threads()} torch threads, torch {torch.__version__}; load average now "
+          f"{', '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
-    checkpoint_dir = make_checkpoint(workdir / "pythia-bench")
-    data_dir = make_data(workdir, checkpoint_dir, records)
-    fabric = L.Fabric(devices=1, accelerator="cpu", precision="32-true")
-    from litgpt.prompts import Alpaca
+    sides = {"likelihood": {"scoring": "likelihood"},
+             "generate": {"scoring": "generate", "max_new_tokens": args.max_new_tokens}}
+    runs: dict[str, list] = {name: [] for name in sides}
+    for round_index in range(args.rounds):
+        order = list(sides) if round_index % 2 == 0 else list(reversed(sides))
+        for name in order:
+            out = workdir / "eval" / name
+            log = io.StringIO()
+            with contextlib.redirect_stdout(log):  # evaluate's table; its progress bars stay on stderr
+                metrics, wall, cpu = timed(lambda: evaluate(
+                    checkpoint_dir=checkpoint_dir, data_dir=data_dir, adapter_path=args.adapter_path,
+                    batch_size=args.batch_size, precision=args.precision, out_dir=out, **sides[name]))
+            runs[name].append((wall, cpu, metrics))
+            print(f"round {round_index + 1} {name}: {wall:.1f}s wall, {cpu:.1f}s CPU", flush=True)
 
-    model, tokenizer, _ = load_for_inference(fabric, checkpoint_dir)
-    style = Alpaca()
-    test = load_prepared(data_dir)[1]
-    prompts = [r["input_ids_no_response"] for r in test]
-    stops = style.stop_tokens(tokenizer)
-    lengths = sorted(len(p) for p in prompts)
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"{len(prompts)} SST-2 dev records (prompts of {lengths[0]}-{lengths[-1]} tokens, median "
-          f"{lengths[len(lengths) // 2]}), GPT-NeoX {n_params / 1e6:.1f}M parameters, float32, "
-          f"max_new_tokens {max_new_tokens}, {os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads, "
-          f"torch {torch.__version__}")
-
-    def one_by_one():
-        return [list(generate_tokens(model, p, max_new_tokens, temperature=0.0, stop_tokens=stops)) for p in prompts]
-
-    def batched():
-        return batched_greedy(model, prompts, max_new_tokens, stops, batch_size=batch_size)
-
-    # warm-up: first-call allocations and kernels, for both sides alike
-    batched_greedy(model, prompts[:batch_size], 2, stops, batch_size=batch_size)
-    [list(generate_tokens(model, p, 2, temperature=0.0, stop_tokens=stops)) for p in prompts[:2]]
-    times = {"one-by-one": [], "batched": []}
-    outputs = {}
-    for _ in range(rounds):
-        for name, fn in (("one-by-one", one_by_one), ("batched", batched)):
-            result, wall, cpu = timed(fn)
-            times[name].append((wall, cpu))
-            outputs[name] = result
-    same = sum(a == b for a, b in zip(outputs["one-by-one"], outputs["batched"]))
-    new_tokens = sum(len(o) for o in outputs["batched"])
-
-    print(f"\n{'':<24}{'records/s':>10}{'new tokens/s':>14}{'wall s':>9}{'CPU s':>8}   (best of {rounds})")
+    print(f"\n{'':<34}{'records/s':>10}{'rec/CPU-s':>10}{'wall s':>8}{'CPU s':>8}{'accuracy':>10}"
+          f"{'not a label':>13}{'test loss':>11}   (best of {args.rounds})")
     best = {}
-    for name, label in (("one-by-one", "one-by-one (generate)"), ("batched", f"batched (batch {batch_size})")):
-        wall, cpu = min(times[name])
-        best[name] = wall
-        print(f"{label:<24}{len(prompts) / wall:>10.2f}{new_tokens / wall:>14.1f}{wall:>9.2f}{cpu:>8.2f}")
-    print(f"\nbatched / one-by-one: {best['one-by-one'] / best['batched']:.2f}x records/s; identical tokens for "
-          f"{same}/{len(prompts)} records; {new_tokens} new tokens in all")
-    if same != len(prompts):
-        sys.exit("batched and one-by-one generation differ")
+    for name, label in (("likelihood", "likelihood (--scoring likelihood)"),
+                        ("generate", f"generate ({args.max_new_tokens} new tokens)")):
+        wall, cpu, metrics = min(runs[name], key=lambda run: run[0])
+        best[name] = (wall, cpu)
+        print(f"{label:<34}{args.records / wall:>10.2f}{args.records / cpu:>10.2f}{wall:>8.1f}{cpu:>8.1f}"
+              f"{metrics['accuracy']:>10.4f}{metrics['not_a_label']:>13}{metrics['test_loss']:>11.4f}")
+    likelihood = runs["likelihood"][0][2]
+    print(f"\nlikelihood / generate: {best['generate'][0] / best['likelihood'][0]:.2f}x records/s (wall), "
+          f"{best['generate'][1] / best['likelihood'][1]:.2f}x per CPU second; likelihood accuracy_norm "
+          f"{likelihood['accuracy_norm']:.4f}, MCC {likelihood['mcc']:.4f}; every run's whole evaluate command, model "
+          f"loading and files included")
 
 
-def make_checkpoint(folder: Path) -> Path:
-    import transformers
-
-    torch.manual_seed(0)
-    config = transformers.GPTNeoXConfig(
-        vocab_size=50304, hidden_size=256, num_hidden_layers=4, num_attention_heads=8, intermediate_size=1024,
-        rotary_pct=0.25, max_position_embeddings=2048, use_parallel_residual=True, tie_word_embeddings=False,
-    )
-    transformers.GPTNeoXForCausalLM(config).save_pretrained(folder)
-    for source in PYTHIA_TOKENIZER.glob("*.json"):
-        shutil.copyfile(source, folder / source.name)
-    convert(folder)
+def converted_smollm2(workdir: Path) -> Path:
+    folder = workdir / "checkpoints" / "HuggingFaceTB" / "SmolLM2-135M-Instruct"
+    if not (folder / "lit_model.pth").is_file():
+        if not GGUF.is_file():
+            sys.exit(f"{GGUF} not found: pass --checkpoint_dir (a converted SmolLM2-135M-Instruct) or set "
+                     f"LITTUNE_SHARED_DATA")
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(GGUF, folder / GGUF.name)
+        convert(folder)
     return folder
 
 
-def make_data(workdir: Path, checkpoint_dir: Path, records: int) -> Path:
-    """The first records+16 dev sentences through `littune prepare --columns`; `records` of them are the test split."""
-    lines = SST2_DEV.read_text(encoding="utf-8").splitlines(keepends=True)[:records + 17]  # header + rows
-    tsv = workdir / "sst2_dev.tsv"
-    tsv.write_text("".join(lines), encoding="utf-8")
-    destination = workdir / "sst2"
-    prepare(data_file=tsv, checkpoint_dir=checkpoint_dir, destination_path=destination, test_size=records,
-            columns=COLUMNS, output_values=OUTPUT_VALUES)
+def prepared_sst2(workdir: Path, checkpoint_dir: Path, records: int) -> Path:
+    destination = workdir / "data" / f"sst2-dev{records}-{checkpoint_dir.name}"
+    if (destination / "prepare.json").is_file():
+        return destination
+    train_lines = (SST2 / "train.tsv").read_text(encoding="utf-8").splitlines(keepends=True)[:65]
+    dev_lines = (SST2 / "dev.tsv").read_text(encoding="utf-8").splitlines(keepends=True)[:records + 1]
+    (workdir / "data").mkdir(parents=True, exist_ok=True)
+    train, dev = workdir / "data" / "sst2_train64.tsv", workdir / "data" / f"sst2_dev{records}.tsv"
+    train.write_text("".join(train_lines), encoding="utf-8")
+    dev.write_text("".join(dev_lines), encoding="utf-8")
+    prepare(data_file=train, test_file=dev, checkpoint_dir=checkpoint_dir, destination_path=destination,
+            columns=COLUMNS, output_values=OUTPUT_VALUES, prompt_style="chat")
     return destination
 
 
@@ -128,16 +125,23 @@ def timed(fn):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--records", type=int, default=64)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--checkpoint_dir", type=Path, default=None,
+                        help="a converted SmolLM2-135M-Instruct (default: converted from the shared GGUF into WORKDIR)")
+    parser.add_argument("--adapter_path", type=Path, default=None, help="evaluate an adapter instead of the base model")
+    parser.add_argument("--workdir", type=Path, default=Path("bench_evaluate_work"))
+    parser.add_argument("--records", type=int, default=872, help="the first N of the 872 SST-2 dev records")
     parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--max_new_tokens", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=1, help="timed rounds per side (the best is reported)")
+    parser.add_argument("--max_new_tokens", type=int, default=32, help="generation side (evaluate's default)")
+    parser.add_argument("--precision", default=None, help="default: littune's (32-true on CPU)")
+    parser.add_argument("--rounds", type=int, default=1, help="timed runs per side, alternating (the best is reported)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    if not SST2_DEV.is_file():
-        sys.exit(f"{SST2_DEV} not found (set LITTUNE_SHARED_DATA)")
-    with tempfile.TemporaryDirectory(prefix="bench_evaluate_") as tmp:
-        main(args.records, args.batch_size, args.max_new_tokens, args.rounds, Path(tmp))
+    if not 1 <= args.records <= 872:
+        sys.exit("--records must be 1..872")
+    if not SST2.is_dir():
+        sys.exit(f"{SST2} not found (set LITTUNE_SHARED_DATA)")
+    main(args)
