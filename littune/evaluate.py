@@ -24,6 +24,7 @@ Writes to OUT_DIR (default: the adapter's run folder /eval, or out/eval/<data fo
                           label tasks (null otherwise)
     confusion_matrix.png  label tasks only
     loss.png              training/validation loss over steps, when the run folder has metrics.csv
+    curves.png            the loss and the task metrics logged while training (label tasks), against the step
 """
 
 import csv
@@ -176,6 +177,8 @@ def evaluate(
     metrics_csv = find_metrics_csv(run_dir)
     if metrics_csv is not None and plot_loss(metrics_csv, out_dir / "loss.png"):
         written.append("loss.png")
+    if metrics_csv is not None and plot_curves(metrics_csv, out_dir / "curves.png"):
+        written.append("curves.png")
     print(format_table(metrics))
     print(f"Wrote {', '.join(written)} to {out_dir}", file=sys.stderr)
     return metrics
@@ -273,34 +276,68 @@ def find_metrics_csv(run_dir: Optional[Path]) -> Optional[Path]:
     return None
 
 
-def plot_loss(metrics_csv: Path, path: Path) -> bool:
-    """Training and validation loss over steps from a run's metrics.csv; False (no picture) when it has no rows."""
-    train, val = ([], []), ([], [])
+def read_curves(metrics_csv: Path) -> dict[str, tuple[list, list]]:
+    """column -> (steps, values) of every numeric column of a run's metrics.csv (rows without it are skipped)."""
+    curves: dict[str, tuple[list, list]] = {}
     with open(metrics_csv, newline="", encoding="utf-8") as f:
         for row in csv.DictReader(f):
             try:
                 step = int(row["step"])
             except (KeyError, TypeError, ValueError):
                 continue
-            for column, series in (("train_loss", train), ("val_loss", val)):
-                if _is_number(row.get(column)):
-                    series[0].append(step)
-                    series[1].append(float(row[column]))
-    if not train[0] and not val[0]:
+            for column, value in row.items():
+                if column != "step" and _is_number(value):
+                    steps, values = curves.setdefault(column, ([], []))
+                    steps.append(step)
+                    values.append(float(value))
+    return curves
+
+
+TASK_CURVES = {"val_accuracy": "accuracy", "val_f1_macro": "macro F1", "val_mcc": "MCC"}
+
+
+def plot_loss(metrics_csv: Path, path: Path) -> bool:
+    """Training and validation loss over steps from a run's metrics.csv; False (no picture) when it has no rows."""
+    curves = read_curves(metrics_csv)
+    if "train_loss" not in curves and "val_loss" not in curves:
         return False
     figure = _figure(7, 4.2)
-    axes = figure.add_subplot()
-    if train[0]:
-        axes.plot(*train, label="training loss", linewidth=1.2)
-    if val[0]:
-        axes.plot(*val, "o-", label="validation loss", linewidth=1.5)
+    _loss_axes(figure.add_subplot(), curves, f"{metrics_csv.parent.name}: loss over training")
+    _save_png(figure, path)
+    return True
+
+
+def plot_curves(metrics_csv: Path, path: Path) -> bool:
+    """The loss and each task metric logged while training (label tasks), against the step, side by side; False
+    (no picture) when the run logged no task metric."""
+    curves = read_curves(metrics_csv)
+    if not any(column in curves for column in TASK_CURVES):
+        return False
+    figure = _figure(12, 4.2)
+    _loss_axes(figure.add_subplot(1, 2, 1), curves, "loss")
+    axes = figure.add_subplot(1, 2, 2)
+    for column, name in TASK_CURVES.items():
+        if column in curves:
+            axes.plot(*curves[column], "o-", label=f"validation {name}", linewidth=1.5)
     axes.set_xlabel("optimizer step")
-    axes.set_ylabel("loss (mean token cross-entropy)")
-    axes.set_title(f"{metrics_csv.parent.name}: loss over training")
+    axes.set_ylabel("validation metric (likelihood scoring)")
+    axes.set_title(f"{metrics_csv.parent.name}: task metrics over training")
     axes.grid(alpha=0.3)
     axes.legend()
     _save_png(figure, path)
     return True
+
+
+def _loss_axes(axes, curves: dict, title: str) -> None:
+    if "train_loss" in curves:
+        axes.plot(*curves["train_loss"], label="training loss", linewidth=1.2)
+    if "val_loss" in curves:
+        axes.plot(*curves["val_loss"], "o-", label="validation loss", linewidth=1.5)
+    axes.set_xlabel("optimizer step")
+    axes.set_ylabel("loss (mean token cross-entropy)")
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    axes.legend()
 
 
 def _is_number(value) -> bool:

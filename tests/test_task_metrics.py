@@ -69,6 +69,11 @@ def test_logged_task_metrics_equal_evaluate_on_the_saved_adapter_and_best_is_the
         assert float(row["val_accuracy"]) == pytest.approx(metrics["accuracy"], abs=1e-6)
         assert float(row["val_f1_macro"]) == pytest.approx(metrics["f1_macro"], abs=1e-6)
         assert float(row["val_mcc"]) == pytest.approx(metrics["mcc"], abs=1e-5)
+    # evaluate plots the curves the run logged: loss and each task metric against the step
+    from matplotlib.image import imread
+
+    image = imread(tmp_path / f"eval-{rows[-1]['step']}" / "curves.png")
+    assert image.shape[1] > 2 * image.shape[0] * 0.9 and image[..., :3].std() > 0.05
     # best/: the default metric of a label task, its first maximum over the evaluations
     info = json.loads((out / "best" / "adapter_info.json").read_text())
     values = [float(r["val_mcc"]) for r in rows]
