@@ -24,7 +24,6 @@ busy processes, wall clock says more about them than about littune: watch the CP
 import argparse
 import contextlib
 import io
-import json
 import os
 import shutil
 import sys
@@ -69,9 +68,9 @@ def main(args) -> None:
             out = workdir / "eval" / name
             log = io.StringIO()
             with contextlib.redirect_stdout(log):  # evaluate's table; its progress bars stay on stderr
-                metrics, wall, cpu = timed(lambda: evaluate(
-                    checkpoint_dir=checkpoint_dir, data_dir=data_dir, adapter_path=args.adapter_path,
-                    batch_size=args.batch_size, precision=args.precision, out_dir=out, **sides[name]))
+                metrics, wall, cpu = timed(evaluate, checkpoint_dir=checkpoint_dir, data_dir=data_dir,
+                                           adapter_path=args.adapter_path, batch_size=args.batch_size,
+                                           precision=args.precision, out_dir=out, **sides[name])
             runs[name].append((wall, cpu, metrics))
             print(f"round {round_index + 1} {name}: {wall:.1f}s wall, {cpu:.1f}s CPU", flush=True)
 
@@ -118,9 +117,9 @@ def prepared_sst2(workdir: Path, checkpoint_dir: Path, records: int) -> Path:
     return destination
 
 
-def timed(fn):
+def timed(fn, **kwargs):
     wall, cpu = time.perf_counter(), time.process_time()
-    result = fn()
+    result = fn(**kwargs)
     return result, time.perf_counter() - wall, time.process_time() - cpu
 
 
