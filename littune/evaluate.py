@@ -16,7 +16,8 @@ same forward passes as the likelihood scores.
 
 Writes to OUT_DIR (default: the adapter's run folder /eval, or out/eval/<data folder name> for the base model):
     predictions.jsonl     one line per record, in the split's order: instruction, input, expected, predicted,
-                          prompt (the text), prompt_ids (the ids fed to the model); with likelihood scoring also
+                          prompt (the text tokenised; a tokenizer that adds BOS adds it), prompt_ids (the ids fed
+                          to the model); with likelihood scoring also
                           predicted_norm and choices: {label: {"ids", "logprob"}}, prompt_ids + ids being exactly the
                           sequence scored
     metrics.json          scoring, precision, exact_match, test_loss, perplexity; accuracy, accuracy_norm
