@@ -69,7 +69,7 @@ def prepare(
     max_seq_length: Optional[Annotated[int, Check(ge=1)]] = None,
     mask_inputs: bool = False,
     ignore_index: int = -100,
-    prompt_style: str = "alpaca",
+    prompt_style: Optional[str] = None,
     system: Optional[str] = None,
     columns: Optional[dict[str, str]] = None,
     output_values: Optional[dict[str, str]] = None,
@@ -93,7 +93,7 @@ def prepare(
         max_seq_length: Truncate records to this many tokens (default: the model's block size, from model_config.yaml or config.json).
         mask_inputs: Set the labels of the prompt tokens to --ignore_index, so only the response is learned.
         ignore_index: The label value the loss ignores.
-        prompt_style: How instruction and input become a prompt: chat (the model's own chat template from tokenizer_config.json), or a litgpt prompt style name (alpaca, flan, longform, ...).
+        prompt_style: How instruction and input become a prompt: chat (the model's own chat template from tokenizer_config.json), or a litgpt prompt style name (alpaca, flan, longform, ...). Default: chat where the model has a chat template, else alpaca.
         system: With --prompt_style chat: a system message before every prompt.
         columns: Where each field comes from, as FIELD: COLUMN, or FIELD: =TEXT for the same fixed text in every record, e.g. {"instruction": "=Classify the sentiment.", "input": "text", "output": "label"}; unnamed fields come from the column of the same name.
         output_values: Replace whole output values, e.g. {"1": "positive", "0": "negative"}; an output not listed is an error.
@@ -103,6 +103,7 @@ def prepare(
     test_file = Path(test_file) if test_file is not None else None
     destination_path = Path(destination_path) if destination_path is not None else Path("data") / data_file.stem
     sources = parse_columns(columns)
+    prompt_style = prompt_style or default_style_name(checkpoint_dir)
     check_style_name(prompt_style, system)
     check_split_arguments(test_size, test_file)
     existing = [destination_path / name for name in ("train.pt", "val.pt", "test.pt", STYLE_FILE, "prepare.json")]
@@ -872,6 +873,11 @@ def chat_style(checkpoint_dir: Path, system: Optional[str], tokenizer=None):
 def has_chat_template(checkpoint_dir: Path) -> bool:
     checkpoint_dir = Path(checkpoint_dir)
     return read_chat_template(checkpoint_dir, read_tokenizer_config(checkpoint_dir))[0] is not None
+
+
+def default_style_name(checkpoint_dir: Path) -> str:
+    """The prompt style when none is asked for: an instruction model answers best in its own chat template."""
+    return CHAT_STYLE if has_chat_template(checkpoint_dir) else "alpaca"
 
 
 def read_tokenizer_config(checkpoint_dir: Path) -> dict:

@@ -93,14 +93,14 @@ def generate(
 def choose_prompt_style(name: Optional[str], run_dir: Optional[Path], checkpoint_dir: Path, system: Optional[str]):
     """--prompt_style; else the style the adapter was trained with (saved in its run folder, or in a folder made by
     `littune merge`); else the model's chat template where it has one; else alpaca."""
-    from littune.data import STYLE_FILE, has_chat_template, load_style_file, style_by_name
+    from littune.data import STYLE_FILE, default_style_name, load_style_file, style_by_name
 
     if name:
         return style_by_name(name, checkpoint_dir, system)
     for folder in (run_dir, Path(checkpoint_dir)):
         if folder is not None and (folder / STYLE_FILE).is_file():
             return load_style_file(folder)
-    return style_by_name("chat" if has_chat_template(checkpoint_dir) else "alpaca", checkpoint_dir, system)
+    return style_by_name(default_style_name(checkpoint_dir), checkpoint_dir, system)
 
 
 def check_fits(prompt_ids: torch.Tensor, max_new_tokens: int, block_size: int) -> None:

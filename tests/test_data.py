@@ -375,7 +375,7 @@ def bad_files(tmp: Path, pythia: Path) -> dict:
         "missing test file": (good, pythia, ["--test_file", str(tmp / "nope.tsv")], ["nope.tsv: no such file"]),
         "test_size with test_file": (good, pythia, ["--test_file", str(good), "--test_size", "3"],
                                      ["--test_size and --test_file exclude each other"]),
-        "negative val_size": (good, pythia, ["--val_size", "-1"], ["--val_size must be >= 0"]),
+        "negative val_size": (good, pythia, ["--val_size", "-1"], ["--val_size -1: must be >= 0"]),
         "val split as large as training data": (good, pythia, ["--val_size", "19"],
                                                 ["good.json: --val_size 19", "of the 19 usable training records",
                                                  "none to train on"]),
