@@ -108,6 +108,19 @@ def pytest_configure(config):
                                 f"folder holding alpaca/, classification/ and tokenizers/")
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from a second intra-op thread, and on a busy 2-core machine two threads waiting on
+    each other make every small op several times slower (test_evaluate took 145 s with 2 threads, 40-60 s with 1).
+    A test module opts in with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     return SHARED_DATA

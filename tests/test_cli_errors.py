@@ -3,7 +3,6 @@ the CLI runs them. Each case asserts a non-zero exit, a single line on stderr wi
 changed file in the folders the command would write to."""
 
 import inspect
-import json
 import shutil
 from pathlib import Path
 

@@ -25,14 +25,7 @@ SST2_COLUMNS = json.dumps({"instruction": "=Is the sentiment of this review posi
 SST2_VALUES = json.dumps({"1": "positive", "0": "negative"})
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models gain nothing from a second intra-op thread, and on a busy 2-core machine two threads waiting on
-    each other make every small op several times slower (this file took 145 s with 2 threads, 40-60 s with 1)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
