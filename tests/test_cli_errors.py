@@ -3,6 +3,7 @@ the CLI runs them. Each case asserts a non-zero exit, a single line on stderr wi
 changed file in the folders the command would write to."""
 
 import inspect
+import json
 import shutil
 from pathlib import Path
 
@@ -192,3 +193,47 @@ def test_bad_files_of_every_kind_give_one_line(workspace, tmp_path, capsys, monk
     (tmp_path / "bad.yaml").write_text("learning_rate: [")
     run_bad(capsys, tmp_path, [*train, "--config", tmp_path / "bad.yaml"], "bad.yaml", code=2)
     assert cases >= 16
+
+
+def test_bad_inputs_of_download_convert_merge_export_serve_and_evaluate(workspace, tmp_path, capsys, monkeypatch):
+    checkpoint, data = workspace
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    run_bad(capsys, tmp_path, ["download", "--repo_id", "not-a-repo-id"], "expected ORG/NAME")
+    run_bad(capsys, tmp_path, ["convert", "--checkpoint_dir", empty], "no weight files")
+    folder = tmp_path / "hf-folder"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"\x08\x00")
+    (folder / "config.json").write_text("{")
+    run_bad(capsys, tmp_path, ["convert", "--checkpoint_dir", folder], "config.json", "invalid JSON")
+    (folder / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "hidden_size": 64,
+                                                    "num_attention_heads": 4, "num_hidden_layers": 2,
+                                                    "vocab_size": 100, "intermediate_size": 128,
+                                                    "hidden_act": "silu"}))
+    run_bad(capsys, tmp_path, ["convert", "--checkpoint_dir", folder], "model.safetensors", "truncated")
+    # an adapter_v2 run cannot be merged or exported (its prefix does not fold into the weights)
+    assert main(["finetune", "adapter_v2", "--checkpoint_dir", str(checkpoint), "--data_dir", str(data), "--out_dir",
+                 str(out), "--max_steps", "1", "--micro_batch_size", "2", "--eval_interval", "1", "--eval_iters",
+                 "1"]) == 0
+    run_bad(capsys, tmp_path, ["merge", "--checkpoint_dir", checkpoint, "--adapter_path", out, "--out_dir",
+                               tmp_path / "merged"], "finetune lora")
+    run_bad(capsys, tmp_path, ["export", "--checkpoint_dir", checkpoint, "--adapter_path", out, "--format", "hf",
+                               "--out_dir", tmp_path / "hf"], "finetune lora")
+    run_bad(capsys, tmp_path, ["export", "--checkpoint_dir", empty, "--format", "hf", "--out_dir",
+                               tmp_path / "hf"], str(empty))
+    run_bad(capsys, tmp_path, ["export", "--checkpoint_dir", checkpoint, "--format", "gguf", "--out_dir",
+                               tmp_path / "gguf"], "gguf")
+    run_bad(capsys, tmp_path, ["export", "--checkpoint_dir", checkpoint, "--format", "peft", "--out_dir",
+                               tmp_path / "peft"], "peft")
+    run_bad(capsys, tmp_path, ["export", "--checkpoint_dir", checkpoint, "--format", "hf", "--out_dir", data],
+            "--overwrite")  # a non-empty folder
+    # serve: a folder that is not a checkpoint, refused before the server starts
+    run_bad(capsys, tmp_path, ["serve", "--checkpoint_dir", empty, "--port", "8765"], str(empty))
+    # evaluate: likelihood scoring of free-text outputs (no label set); a split the data does not have
+    run_bad(capsys, tmp_path, ["evaluate", "--checkpoint_dir", checkpoint, "--data_dir", data, "--scoring",
+                               "likelihood", "--out_dir", tmp_path / "ev"], "label")
+    (data / "val.pt").rename(tmp_path / "val.pt")
+    run_bad(capsys, tmp_path, ["evaluate", "--checkpoint_dir", checkpoint, "--data_dir", data, "--split", "val",
+                               "--out_dir", tmp_path / "ev"], "val.pt")

@@ -74,6 +74,9 @@ def convert(
         _convert_with_litgpt(checkpoint_dir, config, dtype)
         return
 
+    for weight_file in weight_files:  # a damaged file is named before any work starts
+        if weight_file.suffix == ".safetensors":
+            _SafetensorsFile(weight_file).close()
     copy_fn, state_dict = _copier(family, config)
     total = sum(f.stat().st_size for f in weight_files)
     print(f"Converting {checkpoint_dir} ({config.name}, {total / 1e6:.1f} MB) to Lit-GPT format", file=sys.stderr)
@@ -353,10 +356,15 @@ class _SafetensorsFile:
                 raise ValueError(f"header size {header_size}")
             self.header = json.loads(self.file.read(header_size))
             self.header.pop("__metadata__", None)
-        except (struct.error, ValueError, UnicodeDecodeError) as e:
+            data_end = max((info["data_offsets"][1] for info in self.header.values()), default=0)
+        except (struct.error, ValueError, UnicodeDecodeError, TypeError, KeyError, IndexError, AttributeError) as e:
             self.file.close()
             raise UserError(f"{path}: not a safetensors file or truncated ({e}); delete it and download again") from e
         self.data_start = 8 + header_size
+        if self.data_start + data_end > path.stat().st_size:  # found now, before any output is written
+            self.file.close()
+            raise UserError(f"{path}: truncated ({path.stat().st_size:,} of {self.data_start + data_end:,} bytes); "
+                            f"delete it and download again")
 
     def keys(self):
         return self.header.keys()
