@@ -62,7 +62,7 @@ def optimizer_state(model, optimizer, sharded: bool) -> dict:
         return optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    return get_optimizer_state_dict(unwrap(model), optimizer,
+    return get_optimizer_state_dict(unwrap(model), getattr(optimizer, "optimizer", optimizer),  # not Fabric's wrapper
                                     options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
@@ -151,7 +151,7 @@ def load_training_state(folder: Path, model, optimizer, method, fingerprint: dic
     if sharded:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        set_optimizer_state_dict(unwrap(model), optimizer, saved["optimizer"],
+        set_optimizer_state_dict(unwrap(model), getattr(optimizer, "optimizer", optimizer), saved["optimizer"],
                                  options=StateDictOptions(full_state_dict=True))
     else:
         optimizer.load_state_dict(saved["optimizer"])
