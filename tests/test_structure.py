@@ -127,5 +127,21 @@ def test_each_finetune_flag_is_declared_once_and_drives_help_checks_and_hyperpar
                  "--eval_iters", "1"]) == 0
     saved = yaml.safe_load((out / "hyperparameters.yaml").read_text())
     assert set(saved) == {"method"} | {f.name for f in fields(TrainArgs)} - NOT_HYPERPARAMETERS
-    # defaults resolved for this data: 53 training records, micro-batch 2 -> batch 52; warmup 10% of 1 step -> 1
-    assert saved["batch_size"] == 52 and saved["warmup_steps"] == 1 and saved["precision"] == "32-true"
+    # defaults resolved for this data: 53 training records, micro-batch 2 -> the smallest batch, 2 (27 steps an
+    # epoch); warmup 10% of the run's 1 step -> 1
+    assert saved["batch_size"] == 2 and saved["warmup_steps"] == 1 and saved["precision"] == "32-true"
+
+
+@pytest.mark.parametrize("records,batch,warmup,precision", [(100, 4, 3, "32-true"), (1900, 16, 12, "32-true"),
+                                                            (100_000, 64, 100, "bf16-true")])
+def test_defaults_fit_the_data_from_100_to_100000_records(records, batch, warmup, precision):
+    """A user who passes no flags gets about 100 steps an epoch (at most 64 records a step) and a warmup that ends
+    well inside the run; the precision is the machine's default (here given)."""
+    from littune.finetune.args import TrainArgs, resolve_defaults, total_steps
+
+    args = resolve_defaults(TrainArgs(checkpoint_dir=Path("c"), data_dir=Path("d")), "adapter_v2", records,
+                            precision, label_task=False)
+    steps = total_steps(records, args.batch_size, args.epochs, args.max_steps)
+    assert (args.batch_size, args.warmup_steps, args.precision, args.epochs) == (batch, warmup, precision, 1)
+    assert args.warmup_steps <= 0.1 * steps + 1 and steps >= 25
+    assert args.out_dir == Path("out/adapter_v2/d") and args.best_metric == "val_loss"

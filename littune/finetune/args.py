@@ -40,7 +40,7 @@ class TrainArgs:
     learning_rate: Annotated[float, Check(gt=0)] = same_run(3e-3)
     """Peak learning rate of AdamW."""
     batch_size: Optional[Annotated[int, Check(ge=1)]] = same_run(None)
-    """Records per optimizer step, over all devices (default: 64, or fewer for a smaller training set)."""
+    """Records per optimizer step, over all devices (default: about 100 steps per epoch, at most 64 records)."""
     micro_batch_size: Annotated[int, Check(ge=1)] = same_run(4)
     """Records per forward pass on one device; batch_size / (micro_batch_size x devices) are accumulated."""
     epochs: Optional[Annotated[int, Check(ge=1)]] = same_run(None)
@@ -111,8 +111,8 @@ def resolve_defaults(args: TrainArgs, method_name: str, n_train: int, default_pr
     world = args.devices * args.num_nodes
     per_step = args.micro_batch_size * world
     batch_size = args.batch_size
-    if batch_size is None:  # 64, but never more than the training set (rounded down to whole micro-batches)
-        batch_size = max(per_step, min(64, n_train) // per_step * per_step)
+    if batch_size is None:  # about 100 steps per epoch, in whole micro-batches per device, at most 64 records
+        batch_size = max(per_step, min(64, n_train // 100) // per_step * per_step)
     if batch_size % per_step:
         raise UserError(
             f"--batch_size {batch_size} must be divisible by --micro_batch_size {args.micro_batch_size} x devices "
