@@ -46,11 +46,14 @@ SMOLLM2 = {
 SST2_COLUMNS = {"instruction": "=Is the sentiment of this movie review positive or negative?", "input": "text",
                 "output": "label"}
 SST2_VALUES = {"1": "positive", "0": "negative"}
+# a label is one word: four new tokens tell a label from a sentence ("The sentiment of ..." is not a label) at a
+# fraction of the time of the default 32
+GENERATE_FLAGS = {"generate": {"max_new_tokens": 4}}
 
 
 @checked
 def demo(workdir: Path = Path("littune-demo"), model: Literal["smollm2", "tiny"] = "smollm2",
-         model_source: Literal["pypi", "hub"] = "pypi", train_records: Annotated[int, Check(ge=1, le=2000)] = 2000,
+         model_source: Literal["pypi", "hub"] = "pypi", train_records: Annotated[int, Check(ge=1, le=2000)] = 800,
          test_records: Annotated[int, Check(ge=1, le=872)] = 300,
          max_steps: Optional[Annotated[int, Check(ge=1)]] = None, seed: int = 42) -> None:
     """Run the whole workflow and show what fine-tuning changed: fetch, convert, prepare, evaluate, fine-tune, evaluate.
@@ -110,7 +113,7 @@ def real_demo(workdir: Path, model_source: str, train_records: int, test_records
     before = {}
     for scoring in ("likelihood", "generate"):
         flags = dict(checkpoint_dir=checkpoint_dir, data_dir=data_dir, scoring=scoring,
-                     out_dir=workdir / "out" / f"eval-base-{scoring}")
+                     out_dir=workdir / "out" / f"eval-base-{scoring}", **GENERATE_FLAGS.get(scoring, {}))
         _step(f"3. Evaluate the base model ({scoring} scoring)", "evaluate", **flags)
         start = time.perf_counter()
         before[scoring] = evaluate(**flags)
@@ -127,7 +130,7 @@ def real_demo(workdir: Path, model_source: str, train_records: int, test_records
     after = {}
     for scoring in ("likelihood", "generate"):
         flags = dict(checkpoint_dir=checkpoint_dir, data_dir=data_dir, adapter_path=out_dir, scoring=scoring,
-                     out_dir=out_dir / f"eval-{scoring}")
+                     out_dir=out_dir / f"eval-{scoring}", **GENERATE_FLAGS.get(scoring, {}))
         _step(f"5. Evaluate the fine-tuned adapter ({scoring} scoring)", "evaluate", **flags)
         start = time.perf_counter()
         after[scoring] = evaluate(**flags)
