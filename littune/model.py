@@ -246,3 +246,24 @@ def token_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, ignore_i
     return torch.nn.functional.cross_entropy(
         logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=ignore_index, reduction="sum"
     )
+
+
+def forward_loss_sum(model, input_ids: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """`token_cross_entropy_sum` of the model's logits, the vocabulary projected only where there is a target.
+
+    With masked inputs a classification record has a few target tokens among dozens of prompt tokens, and the
+    lm_head (49,152 x 576 for SmolLM2) on every position is about a fifth of a step's FLOPs and its largest
+    activation. As in `scoring`, a hook makes the final norm return only the target positions, so lm_head projects
+    those alone (litgpt's forward returns lm_head's output as it is). Where most positions are targets (unmasked
+    instruction data) gathering them would cost more than it saves: the logits are computed whole.
+    """
+    targets = torch.cat([labels[:, 1:], labels.new_full((labels.size(0), 1), ignore_index)], dim=1)
+    keep = targets != ignore_index
+    if int(keep.sum()) > keep.numel() // 2:
+        return token_cross_entropy_sum(model(input_ids), labels, ignore_index)
+    handle = unwrap(model).transformer.ln_f.register_forward_hook(lambda _, __, out: out[keep])
+    try:
+        logits = model(input_ids)
+    finally:
+        handle.remove()
+    return torch.nn.functional.cross_entropy(logits.float(), targets[keep], reduction="sum")

@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     parser.add_argument("--max_steps", type=int, default=4, help="optimizer steps per run")
     parser.add_argument("--skip_steps", type=int, default=1, help="first steps left out of the timing (warm-up)")
     parser.add_argument("--rounds", type=int, default=2, help="runs of each tool (alternating order)")
-    parser.add_argument("--precision", choices=["32-true", "bf16-true"], default="bf16-true",
+    parser.add_argument("--precision", choices=["32-true", "bf16-mixed", "bf16-true"], default="bf16-true",
                         help="the same for both tools (bf16-true: faster for littune, as fast for litgpt on this CPU)")
     parser.add_argument("--learning_rate", type=float, default=3e-3)
     parser.add_argument("--warmup_steps", type=int, default=100)
@@ -458,7 +458,7 @@ def labelled(name, fn):
             return fn(*a, **k)
     return wrapper
 
-for name in ("train_step", "collate", "token_cross_entropy_sum", "validate", "sample_response",
+for name in ("train_step", "collate", "forward_loss_sum", "validate", "sample_response",
              "save_training_state", "save_weights"):
     if hasattr(loop, name):
         setattr(loop, name, labelled(name, getattr(loop, name)))

@@ -211,6 +211,33 @@ def test_gradient_accumulation_equals_one_big_batch(checkpoint, alpaca_data, tmp
     assert abs(token_mean - mean_of_means) > 1e-4
 
 
+def test_loss_of_target_positions_only_equals_the_full_logits_loss(checkpoint, alpaca_data):
+    """forward_loss_sum projects only target positions onto the vocabulary when most are masked: same loss, same
+    adapter gradients as the loss of the whole logits; with mostly unmasked labels it takes the whole logits."""
+    from littune.model import collate, forward_loss_sum, token_cross_entropy_sum
+
+    train = torch.load(alpaca_data / "train.pt", weights_only=True)
+    model = adapter_model(checkpoint)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    input_ids, labels = collate(train, [0, 1, 2], -100, "cpu")
+    masked = labels.clone()
+    masked[:, : labels.size(1) - 3] = -100  # a few targets per row, as a classification record has
+    masked[2] = -100  # and a row with none
+    for case in (masked, input_ids.clone()):  # the second: every position a target
+        results = []
+        for loss_fn in (lambda: token_cross_entropy_sum(model(input_ids), case), lambda: forward_loss_sum(
+                model, input_ids, case)):
+            model.zero_grad()
+            METHOD.before_forward(model)
+            loss = loss_fn()
+            loss.backward()
+            results.append((loss.detach(), [p.grad.clone() for p in trainable]))
+        (full, full_grads), (gathered, gathered_grads) = results
+        assert gathered.item() == pytest.approx(full.item(), rel=1e-6)
+        for a, b in zip(full_grads, gathered_grads):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)  # float32 sums in another order
+
+
 def test_same_seed_same_adapter_other_seed_other_adapter(checkpoint, alpaca_data, tmp_path):
     flags = ["--max_steps", 2, "--batch_size", 4, "--micro_batch_size", 2, "--warmup_steps", 0]
     a = finetune(checkpoint, alpaca_data, tmp_path / "a", *flags, "--seed", 11)

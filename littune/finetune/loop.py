@@ -32,7 +32,7 @@ from littune.finetune.state import (Progress, StopRequest, find_resume_state, fi
                                     remove_stale_temporaries, save_training_state, step_folder, trained_state)
 from littune.methods import Method
 from littune.model import (check_data_fits_model, check_precision, collate, count_targets, default_precision,
-                           is_sharded, load_model, peak_memory_gb, token_cross_entropy_sum, unwrap)
+                           forward_loss_sum, is_sharded, load_model, peak_memory_gb, unwrap)
 
 
 def finetune(method: Method, args: TrainArgs, method_args) -> Path:
@@ -212,7 +212,7 @@ def train_step(fabric, model, optimizer, method: Method, data: list, step_batche
         input_ids, labels = collate(data, indices, ignore_index, fabric.device)
         with fabric.no_backward_sync(model, enabled=i < n_micro - 1):
             method.before_forward(unwrap(model))
-            token_loss_sum = token_cross_entropy_sum(model(input_ids), labels, ignore_index)
+            token_loss_sum = forward_loss_sum(model, input_ids, labels, ignore_index)
             # DDP averages gradients over ranks: scale by world size so the result is sum / step_targets
             fabric.backward(token_loss_sum * (weight * world / max(step_targets, 1)))
         loss_sum += token_loss_sum.detach() * weight
@@ -274,7 +274,7 @@ def validate(fabric, model, method: Method, records: list, micro_batch_size: int
         indices, weight = (mine[i], 1.0) if i < len(mine) else (batches[0], 0.0)
         input_ids, labels = collate(records, indices, ignore_index, fabric.device)
         method.before_forward(unwrap(model))
-        loss_sum += token_cross_entropy_sum(model(input_ids), labels, ignore_index).double() * weight
+        loss_sum += forward_loss_sum(model, input_ids, labels, ignore_index).double() * weight
         targets += count_targets(records, indices, ignore_index) * weight
     if world > 1:
         loss_sum, targets = fabric.all_reduce(loss_sum, reduce_op="sum"), fabric.all_reduce(targets, reduce_op="sum")
