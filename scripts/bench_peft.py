@@ -294,8 +294,8 @@ def print_table(results: list, args, checkpoint: Path, data: Path) -> None:
     for m, (_, trainable, frozen, _) in flop_counts.items():
         print(f"    {m}: trainable {trainable:,}, frozen {frozen:,}, layers {config.n_layer}, width "
               f"{config.n_head * config.head_size}")
-    header = (f"| run | real tokens/s | vs PEFT | peak RSS GB | vs PEFT | wall s (start-up) | step-1 loss | "
-              f"model GFLOP/s | MFU |")
+    header = ("| run | real tokens/s | vs PEFT | peak RSS GB | vs PEFT | wall s (start-up) | step-1 loss | "
+              "model GFLOP/s | MFU |")
     print("\n" + header + "\n|" + " --- |" * 9)
     peft = next((r for r in results if r["name"] == "peft-lora"), None)
     for r in results:

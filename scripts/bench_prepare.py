@@ -64,7 +64,7 @@ def main(rows: int | None, workdir: Path) -> None:
                                            test_split_fraction=TEST_SPLIT_FRACTION, max_seq_length=MAX_SEQ_LENGTH))
     baseline, baseline_cpu = timed(lambda: prepare_alpaca_baseline(data_file, checkpoint_dir, workdir / "baseline"))
 
-    print(f"\nwall clock (CPU seconds of this process in brackets: other load on the machine inflates the wall clock)")
+    print("\nwall clock (CPU seconds of this process in brackets: other load on the machine inflates the wall clock)")
     for label, wall, cpu in [("tokenizer only, encode_batch (2 threads)", batched, batched_cpu),
                              ("tokenizer only, one string at a time", single, single_cpu),
                              ("(a) littune prepare, end to end", ours, ours_cpu),

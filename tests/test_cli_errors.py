@@ -2,6 +2,7 @@
 the CLI runs them. Each case asserts a non-zero exit, a single line on stderr without a traceback, and no new or
 changed file in the folders the command would write to."""
 
+import collections
 import inspect
 import json
 import shutil
@@ -32,6 +33,16 @@ def required_flags(function, tmp_path: Path) -> list[str]:
     return args
 
 
+COVERED = collections.Counter()  # command -> bad inputs run through run_bad in this module
+
+
+@pytest.fixture(autouse=True, scope="module")
+def report_covered():
+    """Prints the table's bad inputs per command at the end of the module (`pytest -s` shows it)."""
+    yield
+    print("\nbad inputs per command: " + ", ".join(f"{c} {n}" for c, n in sorted(COVERED.items())))
+
+
 def snapshot(folder: Path) -> dict:
     return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
 
@@ -40,6 +51,8 @@ def run_bad(capsys, folder: Path, argv: list[str], *fragments: str, code: int = 
     """`littune ARGV` fails with one line naming the fragments, and writes nothing under `folder`."""
     before = snapshot(folder)
     capsys.readouterr()
+    words = [str(a) for a in argv if not str(a).startswith("-")][:2]
+    COVERED[" ".join(words[:2]) if words[:1] == ["finetune"] else (words or ["(none)"])[0]] += 1
     returned = main([str(a) for a in argv])
     err = capsys.readouterr().err
     assert returned == code, err

@@ -238,6 +238,12 @@ def test_record_whose_prompt_fills_the_window_is_dropped(pythia, tmp_path, capsy
     assert load(tmp_path / "unmasked")[2]["counts"]["dropped"] == 0
 
 
+def test_open_ended_data_is_not_masked_by_default(alpaca_unmasked):
+    train, _, meta = load(alpaca_unmasked)
+    assert meta["labels"] is None and meta["mask_inputs"] is False
+    assert all(torch.equal(r["labels"], r["input_ids"]) for r in train)
+
+
 def test_sst2_tsv_with_columns_and_output_values(pythia, tmp_path, capsys):
     data_file = write_sst2_subset(tmp_path / "sst2.tsv", rows=300)
     code, out, _ = prepare(data_file, pythia, tmp_path / "out", "--columns", SST2_COLUMNS,
@@ -246,6 +252,11 @@ def test_sst2_tsv_with_columns_and_output_values(pythia, tmp_path, capsys):
     train, test, meta = load(tmp_path / "out")
     assert len(test) == 30 and len(load_val(tmp_path / "out")) == 14 and len(train) == 256  # 14: 5% of 270
     assert meta["labels"] == ["negative", "positive"]
+    # a label task: by default only the label is learned (the prompt tokens masked)
+    assert meta["mask_inputs"] is True and "prompt tokens are masked" in out
+    for record in train + test:
+        n_prompt = len(record["input_ids_no_response"])
+        assert (record["labels"][:n_prompt] == -100).all() and (record["labels"][n_prompt:] != -100).all()
     with open(data_file, encoding="utf-8", newline="") as f:
         rows = {row["text"]: row["label"] for row in csv.DictReader(f, delimiter="\t")}
     for record in load_all(tmp_path / "out"):

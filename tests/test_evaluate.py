@@ -395,11 +395,16 @@ def test_explicit_labels_and_free_text_task_without_adapter(checkpoint, sst2, tm
     from littune.model import load_for_inference
     from littune.sampling import generate_tokens
 
-    # --labels in its own order, one label nobody expects; explicit --out_dir; no run folder, so no loss.png
+    from littune.evaluate import label_answer_tokens
+
+    # --labels in its own order, one label nobody expects; explicit --out_dir; no run folder, so no loss.png;
+    # --max_new_tokens left to its default for a label task: the longest label's tokens + 4
     out = tmp_path / "labels3"
     assert main(["evaluate", "--checkpoint_dir", str(checkpoint), "--data_dir", str(sst2), "--out_dir", str(out),
-                 "--labels", "positive,negative,neutral", "--max_new_tokens", "5", "--batch_size", "16",
-                 "--scoring", "generate"]) == 0
+                 "--labels", "positive,negative,neutral", "--batch_size", "16", "--scoring", "generate"]) == 0
+    answer_tokens = label_answer_tokens(checkpoint, ["positive", "negative", "neutral"])
+    assert json.loads((out / "metrics.json").read_text())["max_new_tokens"] == answer_tokens
+    assert 5 <= answer_tokens <= 12
     # the base model's answers (several tokens, many different) are the ones littune generate gives one by one
     from litgpt.prompts import Alpaca
 
@@ -407,7 +412,7 @@ def test_explicit_labels_and_free_text_task_without_adapter(checkpoint, sst2, tm
     style = Alpaca()
     predictions = read_jsonl(out / "predictions.jsonl")
     for record, p in zip(load_prepared(sst2)[1], predictions, strict=True):
-        alone = generate_tokens(model, record["input_ids_no_response"], 5, temperature=0.0,
+        alone = generate_tokens(model, record["input_ids_no_response"], answer_tokens, temperature=0.0,
                                 stop_tokens=style.stop_tokens(tokenizer))
         assert p["predicted"] == tokenizer.decode(torch.tensor(list(alone), dtype=torch.int64))
     assert len({p["predicted"] for p in predictions}) > 3
@@ -434,6 +439,7 @@ def test_explicit_labels_and_free_text_task_without_adapter(checkpoint, sst2, tm
         assert metrics[key] is None, key
     assert metrics["records"] == 5 and math.isfinite(metrics["test_loss"]) and metrics["exact_match"] == 0.0
     assert metrics["scoring"] == "generate" and metrics["accuracy_norm"] is None  # free text: generation
+    assert metrics["max_new_tokens"] == 3
     assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "predictions.jsonl"]
 
 

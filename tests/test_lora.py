@@ -16,13 +16,7 @@ ADAPTER_FILE = METHOD.adapter_file
 ALL_TARGETS = "[" + ", ".join(TARGETS) + "]"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models gain nothing from a second thread; on a busy 2-core machine it only slows every op."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def finetune(checkpoint, data, out_dir, *flags) -> dict:

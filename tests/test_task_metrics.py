@@ -19,12 +19,7 @@ VALUES = json.dumps({"1": "positive", "0": "negative"})
 ADAPTER = "lit_model_adapter_finetuned.pth"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
