@@ -68,7 +68,7 @@ def evaluate(
         adapter_path: An adapter file, or a run folder (its final adapter). Without it, the base model is evaluated.
         split: The prepared split to evaluate: test, val or train.
         batch_size: Records per batch, for scoring, generation and the test loss.
-        max_new_tokens: With --scoring generate: most tokens to generate per record (generation also stops at EOS / the prompt style's stop tokens). Default: for a label task the longest label's tokens + 4 (a longer answer, trimmed, is no label; an untrained model that answers in sentences costs minutes otherwise), else 32.
+        max_new_tokens: With --scoring generate: most tokens to generate per record (generation also stops at EOS / the prompt style's stop tokens). Default: for a label task the longest label's tokens + 4 (a longer answer, trimmed, is no label; a model that answers in sentences costs minutes otherwise), else 32.
         out_dir: Where predictions, metrics and plots go (default: RUN_FOLDER/eval with an adapter, else out/eval/<data folder name>; eval-train for --split train).
         labels: The label set of a classification task, comma-separated, e.g. positive,negative (default: the one prepare recorded, else detected from the expected outputs); ties in likelihood scoring go to the first label.
         scoring: likelihood (the most likely label after the prompt, like lm-evaluation-harness; needs a label set) or generate (greedy answers compared as text). Default: likelihood when the label set is known, else generate.
