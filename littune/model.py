@@ -234,6 +234,11 @@ def count_targets(data: list, indices: list, ignore_index: int = -100) -> int:
     return sum(int((data[i]["labels"][1:] != ignore_index).sum()) for i in indices)
 
 
+def shifted_targets(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """The target of each position: the next label (the last position predicts nothing: ignore_index)."""
+    return torch.cat([labels[:, 1:], labels.new_full((labels.size(0), 1), ignore_index)], dim=1)
+
+
 def token_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """Sum of next-token cross-entropies over the positions whose label is not ignore_index.
 
@@ -242,7 +247,7 @@ def token_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, ignore_i
     chunked lm_head + cross-entropy (litgpt's lm_head_chunk_size=128) saved 7% of peak RSS but cost 30% of the
     tokens/s on CPU bf16, so the logits are computed in one piece.
     """
-    targets = torch.cat([labels[:, 1:], labels.new_full((labels.size(0), 1), ignore_index)], dim=1)
+    targets = shifted_targets(labels, ignore_index)
     return torch.nn.functional.cross_entropy(
         logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=ignore_index, reduction="sum"
     )
@@ -257,7 +262,7 @@ def forward_loss_sum(model, input_ids: torch.Tensor, labels: torch.Tensor, ignor
     those alone (litgpt's forward returns lm_head's output as it is). Where most positions are targets (unmasked
     instruction data) gathering them would cost more than it saves: the logits are computed whole.
     """
-    targets = torch.cat([labels[:, 1:], labels.new_full((labels.size(0), 1), ignore_index)], dim=1)
+    targets = shifted_targets(labels, ignore_index)
     keep = targets != ignore_index
     if int(keep.sum()) > keep.numel() // 2:
         return token_cross_entropy_sum(model(input_ids), labels, ignore_index)
