@@ -108,7 +108,8 @@ def evaluate(
     config = load_model_config(checkpoint_dir)
     check_data_fits_model(data_dir, meta, records, checkpoint_dir, config)
     if scoring == "generate":
-        max_new_tokens = max_new_tokens or (label_answer_tokens(checkpoint_dir, label_list) if label_list else 32)
+        if max_new_tokens is None:
+            max_new_tokens = label_answer_tokens(checkpoint_dir, label_list) if label_list else 32
         longest_prompt = max(records, key=lambda r: len(r["input_ids_no_response"]))["input_ids_no_response"]
         check_fits(longest_prompt, max_new_tokens, config.block_size)
 
