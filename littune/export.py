@@ -54,6 +54,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
                    "generation_config.json")
 FAMILIES = "Llama/Mistral, Falcon and GPT-NeoX"
 # the HF name of the output layer, per family (left out of a transformers folder when it is tied to the embedding)
+# written into every export and merge folder: the files littune wrote there (what --overwrite may replace)
+OUTPUT_RECORD = "littune_export.json"
 HEAD_NAMES = {"llama": "lm_head.weight", "gpt_neox": "embed_out.weight", "falcon": "lm_head.weight"}
 
 
@@ -68,7 +70,7 @@ def merge(checkpoint_dir: Path, adapter_path: Path, out_dir: Path, overwrite: bo
         checkpoint_dir: The converted base model the run was trained on.
         adapter_path: A LoRA run folder (its final weights) or a LoRA weights file.
         out_dir: The folder to write (lit_model.pth, model_config.yaml, tokenizer files, prompt_style.yaml).
-        overwrite: Replace --out_dir if it exists and is not empty.
+        overwrite: Replace an earlier export or merge in --out_dir (a folder holding other files is refused).
     """
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
     config = load_model_config(checkpoint_dir)
@@ -76,7 +78,7 @@ def merge(checkpoint_dir: Path, adapter_path: Path, out_dir: Path, overwrite: bo
     check_out_dir(out_dir, overwrite, [checkpoint_dir, adapter["run_dir"]])
     base = load_base(checkpoint_dir, config)
     state = merged_state(config, base, adapter)
-    with building(out_dir) as tmp:
+    with building(out_dir, "merge") as tmp:
         print(f"Writing {out_dir / 'lit_model.pth'}", file=sys.stderr)
         save_torch(state, tmp / "lit_model.pth")
         shutil.copyfile(checkpoint_dir / "model_config.yaml", tmp / "model_config.yaml")
@@ -113,7 +115,7 @@ def export(
             and peft; float16 for gguf, as llama.cpp's converter).
         max_shard_size: hf: split model.safetensors into shards of at most this size (e.g. 5GB, 500MB), with
             model.safetensors.index.json, as transformers' save_pretrained does (its default is 50GB).
-        overwrite: Replace --out_dir if it exists and is not empty.
+        overwrite: Replace an earlier export or merge in --out_dir (a folder holding other files is refused).
     """
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
     shard_bytes = parse_size(max_shard_size)
@@ -130,7 +132,7 @@ def export(
 
     if format == "peft":
         tensors, adapter_config = peft_adapter(config, family, adapter, checkpoint_dir, dtype)
-        with building(out_dir) as tmp:
+        with building(out_dir, "export peft") as tmp:
             write_safetensors(tensors, tmp / "adapter_model.safetensors", None)
             save_json(adapter_config, tmp / "adapter_config.json")
             copy_tokenizer_files(checkpoint_dir, tmp)
@@ -142,11 +144,11 @@ def export(
     base = load_base(checkpoint_dir, config)
     state = merged_state(config, base, adapter) if adapter else base
     if format == "hf":
-        with building(out_dir) as tmp:
+        with building(out_dir, "export hf") as tmp:
             write_hf(tmp, config, family, state, checkpoint_dir, dtype, shard_bytes)
         print(f"Wrote a transformers model to {out_dir}", file=sys.stderr)
     else:
-        with building(out_dir) as tmp:
+        with building(out_dir, "export gguf") as tmp:
             path = write_gguf(tmp, config, state, checkpoint_dir, tokenizer, dtype or "float16")
         print(f"Wrote {out_dir / path.name}", file=sys.stderr)
     return out_dir
@@ -206,20 +208,43 @@ def merged_state(config, base: dict, adapter: dict) -> dict:
 
 
 def check_out_dir(out_dir: Path, overwrite: bool, inputs: list) -> None:
+    """--out_dir must be new, empty, or (with --overwrite) hold only what an earlier export or merge wrote there:
+    --overwrite replaces littune's own output, never a folder that holds a user's other files."""
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out_dir {out_dir} is a file; give a folder")
     for source in inputs:
         source = Path(source).resolve()
         if source == out_dir.resolve() or out_dir.resolve() in source.parents:
             raise UserError(f"--out_dir {out_dir} holds the input {source}; write somewhere else")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+    if not out_dir.is_dir() or not any(out_dir.iterdir()):
+        return
+    if not overwrite:
         raise UserError(f"--out_dir {out_dir} exists and is not empty; choose another folder or pass --overwrite")
+    foreign = foreign_entries(out_dir)
+    if foreign:
+        names = ", ".join(foreign[:4]) + (f" and {len(foreign) - 4} more" if len(foreign) > 4 else "")
+        raise UserError(f"--out_dir {out_dir} holds files that no littune export or merge wrote ({names}); --overwrite "
+                        f"replaces only littune's own output: choose another folder, or move those files away")
+
+
+def foreign_entries(folder: Path) -> list[str]:
+    """The names in folder that its littune_export.json (written by every export and merge) does not list as a plain
+    file: all of them where there is no such record or it cannot be read."""
+    names = sorted(p.name for p in folder.iterdir())
+    try:
+        record = json.loads((folder / OUTPUT_RECORD).read_text(encoding="utf-8"))
+        ours = {str(name) for name in record["files"]} | {OUTPUT_RECORD}
+    except (OSError, ValueError, KeyError, TypeError):
+        return names
+    return [name for name in names
+            if name not in ours or (folder / name).is_symlink() or not (folder / name).is_file()]
 
 
 @contextmanager
-def building(out_dir: Path) -> Iterator[Path]:
+def building(out_dir: Path, command: str) -> Iterator[Path]:
     """A temporary folder beside out_dir, renamed onto it when the block succeeds (the old folder removed only
-    then); on failure it is deleted and out_dir stays as it was."""
+    then); on failure it is deleted and out_dir stays as it was. littune_export.json lists the files written, so a
+    later --overwrite can tell littune's output from a user's files."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
@@ -229,6 +254,7 @@ def building(out_dir: Path) -> Iterator[Path]:
     old = None
     try:
         yield tmp
+        save_json({"command": command, "files": sorted(p.name for p in tmp.iterdir())}, tmp / OUTPUT_RECORD)
         if out_dir.exists():
             old = out_dir.with_name(f"{tmp.name}.old")
             os.replace(out_dir, old)

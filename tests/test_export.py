@@ -370,28 +370,41 @@ def test_bad_input_is_refused_with_one_line_and_nothing_written(models, tmp_path
                                          "--max_shard_size", "lots", "--out_dir", out)
     assert not out.exists()
 
-    # an existing non-empty --out_dir: refused, untouched; replaced with --overwrite
+    # an existing non-empty --out_dir: refused, untouched; --overwrite does not delete a user's files either
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    assert "--overwrite" in refused(capsys, "export", "--checkpoint_dir", llama.checkpoint, "--format", "peft",
-                                    "--adapter_path", llama.run, "--out_dir", out)
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    (out / "other-model").mkdir()
+    (out / "other-model" / "weights.bin").write_bytes(b"theirs")
+    peft_args = ["export", "--checkpoint_dir", llama.checkpoint, "--format", "peft", "--adapter_path", llama.run]
+    assert "--overwrite" in refused(capsys, *peft_args, "--out_dir", out)
+    for command in (peft_args, ["merge", "--checkpoint_dir", llama.checkpoint, "--adapter_path", llama.run]):
+        line = refused(capsys, *command, "--out_dir", out, "--overwrite", "true")
+        assert "keep.txt, other-model" in line and "no littune export or merge wrote" in line
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt", "other-model"]
+    assert (out / "other-model" / "weights.bin").read_bytes() == b"theirs"
+    # a folder littune wrote is replaced with --overwrite; once a user's file is added to it, it is refused
+    ours = tmp_path / "ours"
+    assert main([*map(str, peft_args), "--out_dir", str(ours)]) == 0
+    assert json.loads((ours / "littune_export.json").read_text())["files"] == sorted(
+        p.name for p in ours.iterdir() if p.name != "littune_export.json")
     # a failure half-way through writing leaves the old folder as it was and no temporary folder
     import littune.export
+
+    before = {p.name: p.read_bytes() for p in ours.iterdir()}
 
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
     monkeypatch.setattr(littune.export, "write_safetensors", broken)
     with pytest.raises(OSError):
-        main(["export", "--checkpoint_dir", str(llama.checkpoint), "--format", "peft", "--adapter_path",
-              str(llama.run), "--out_dir", str(out), "--overwrite", "true"])
+        main([*map(str, peft_args), "--out_dir", str(ours), "--overwrite", "true"])
     monkeypatch.undo()
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf-only", "out", "v2"]
-    assert main(["export", "--checkpoint_dir", str(llama.checkpoint), "--format", "peft", "--adapter_path",
-                 str(llama.run), "--out_dir", str(out), "--overwrite", "true"]) == 0
-    assert "keep.txt" not in {p.name for p in out.iterdir()} and (out / "adapter_config.json").is_file()
+    assert {p.name: p.read_bytes() for p in ours.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf-only", "ours", "out", "v2"]
+    assert main([*map(str, peft_args), "--out_dir", str(ours), "--overwrite", "true"]) == 0
+    (ours / "notes.md").write_text("mine")
+    assert "notes.md" in refused(capsys, *peft_args, "--out_dir", ours, "--overwrite", "true")
+    assert (ours / "notes.md").read_text() == "mine" and (ours / "adapter_config.json").is_file()
     # the input folder itself is never an output
     assert "holds the input" in refused(capsys, "export", "--checkpoint_dir", llama.checkpoint, "--format", "hf",
                                         "--out_dir", llama.checkpoint, "--overwrite", "true")
