@@ -115,7 +115,7 @@ def load_state(model, state: dict, sharded: bool) -> tuple[list, list]:
 
 def load_for_inference(fabric, checkpoint_dir: Path, adapter_path: Optional[Path] = None):
     """(model in eval mode, tokenizer, run folder or None) for a base checkpoint plus an optional trained adapter."""
-    from littune.data import load_tokenizer
+    from littune.prepared import load_tokenizer
 
     method = method_args = adapter = run_dir = None
     if adapter_path is not None:
@@ -179,7 +179,7 @@ def check_adapter_fits(adapter: dict, adapter_file: Path, checkpoint_dir: Path, 
 
 def check_data_fits_model(data_dir: Path, meta: dict, records: list, checkpoint_dir: Path, config) -> None:
     """Refuse data prepared with another tokenizer, or records the model cannot take."""
-    from littune.data import tokenizer_identity
+    from littune.prepared import tokenizer_identity
 
     mine = tokenizer_identity(checkpoint_dir)
     theirs = meta.get("tokenizer", {})

@@ -664,9 +664,9 @@ def render_messages(style, messages: list[dict]) -> str:
     message first when the request has none; a leading BOS dropped where the tokenizer adds it). A litgpt style
     (e.g. Alpaca) has a single instruction: one user message, after an optional system message (its sys_prompt).
     """
-    from littune.data import chat_template_class
+    from littune.prompts import ChatTemplate
 
-    if isinstance(style, chat_template_class()):
+    if isinstance(style, ChatTemplate):
         if style.system and not any(m["role"] == "system" for m in messages):
             messages = [{"role": "system", "content": style.system}] + messages
         try:

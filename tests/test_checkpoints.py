@@ -8,6 +8,7 @@ the whole file stays well under a minute and a half on two cores.
 """
 
 import os
+import shlex
 import shutil
 import socket
 import types
@@ -46,6 +47,24 @@ def write_unsupported(folder: Path) -> Path:
     return folder
 
 
+class RunsCommand:
+    """Unpickling this object runs `touch MARKER`: the classic malicious pytorch_model.bin (its __reduce__ names
+    os.system). Any unpickler that resolves globals freely creates the marker file."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {shlex.quote(str(self.marker))}",)
+
+
+def write_malicious_bin(path: Path, marker: Path, legacy: bool = False) -> Path:
+    """A pytorch_model.bin with a real-looking tensor and the payload (zip format, or torch's pre-1.6 format)."""
+    state = {"gpt_neox.embed_in.weight": torch.zeros(4, 64), "payload": RunsCommand(marker)}
+    torch.save(state, path, _use_new_zipfile_serialization=not legacy)
+    return path
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -73,6 +92,9 @@ def sources(tmp_path_factory) -> dict:
     models["gpt_neox"].save_pretrained(sharded, max_shard_size="8MB")
     copy_tokenizer("pythia", sharded)
     shutil.copyfile(root / "gpt_neox" / "model.safetensors", sharded / "consolidated.safetensors")
+    # a .bin-only repo whose pytorch_model.bin runs a command when unpickled
+    shutil.copytree(root / "bin", root / "evil_bin")
+    write_malicious_bin(root / "evil_bin" / "pytorch_model.bin", root / "evil_bin.marker")
     no_weights = root / "no_weights"
     shutil.copytree(root / "falcon", no_weights, ignore=shutil.ignore_patterns("*.safetensors"))
     write_unsupported(root / "gpt2")
@@ -87,6 +109,7 @@ def hub(sources):
             ("org/tiny-falcon", "falcon"), ("org/tiny-neox", "gpt_neox"), ("org/tiny-llama", "llama"),
             ("org/tiny-bin", "bin"), ("org/tiny-both", "both"), ("org/tiny-resume", "gpt_neox"),
             ("org/tiny-tok", "llama"), ("org/tiny-sharded", "sharded"), ("org/no-weights", "no_weights"), ("org/tiny-gpt2", "gpt2"),
+            ("org/evil-bin", "evil_bin"),
         ]:
             server.add_folder(repo, root / folder)
         server.add_folder("org/private", root / "falcon", access="private", token=TOKEN)
@@ -158,6 +181,7 @@ def runs(hub, tmp_path_factory):
         "sharded": single("sharded", "org/tiny-sharded", "--convert", "false"),
         "hf_token": single("hf_token", "org/gated-ok", "--convert", "false", HF_TOKEN=GATED_TOKEN),
         "tokenizer_only": single("tokenizer_only", "org/tiny-tok", "--tokenizer_only", "true"),
+        "evil_bin": single("evil_bin", "org/evil-bin"),
         "not_found": single("not_found", "org/does-not-exist"),
         "gated": single("gated", "org/gated"),
         "private": single("private", "org/private"),
@@ -304,6 +328,45 @@ def test_convert_mismatch_leaves_no_partial_output(sources, tmp_path, capsys):
     assert listing(folder) == before  # no lit_model.pth, model_config.yaml or temporary file
 
 
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_convert_refuses_pickle_that_runs_code(sources, tmp_path, capsys, legacy):
+    """A pytorch_model.bin whose unpickling would run a command: refused by name, the command never runs."""
+    folder = tmp_path / "tiny-evil"
+    shutil.copytree(sources["root"] / "bin", folder)
+    marker = tmp_path / "pwned"
+    write_malicious_bin(folder / "pytorch_model.bin", marker, legacy=legacy)
+    before = listing(folder)
+    line = one_error_line(run_main(capsys, "convert", "--checkpoint_dir", str(folder)), "pytorch_model.bin")
+    assert str(folder / "pytorch_model.bin") in line and "posix.system" in line
+    assert not marker.exists()
+    assert listing(folder) == before
+
+
+def test_convert_with_litgpt_refuses_pickle_that_runs_code(tmp_path, capsys):
+    """A litgpt named config of a family littune hands to litgpt's own conversion (phi), which reads .bin files
+    with its lazy_load: that path must not unpickle freely either."""
+    folder = tmp_path / "phi-1_5"
+    folder.mkdir()
+    marker = tmp_path / "pwned"
+    write_malicious_bin(folder / "pytorch_model.bin", marker)
+    before = listing(folder)
+    line = one_error_line(run_main(capsys, "convert", "--checkpoint_dir", str(folder)), "pytorch_model.bin")
+    assert "posix.system" in line
+    assert not marker.exists()
+    assert listing(folder) == before  # litgpt's model_config.yaml removed again
+
+
+def test_convert_legacy_format_bin(sources, tmp_path):
+    """A .bin in torch's pre-1.6 format (no zip, so no mmap) is still read, with weights_only."""
+    folder = tmp_path / "tiny-legacy"
+    shutil.copytree(sources["root"] / "bin", folder)
+    model = sources["models"]["bin"]
+    torch.save({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "pytorch_model.bin",
+               _use_new_zipfile_serialization=False)
+    assert main(["convert", "--checkpoint_dir", str(folder)]) == 0
+    assert_parity(folder, model)
+
+
 # --------------------------------------------------------------------------------------- download, then convert
 
 
@@ -357,6 +420,14 @@ def test_bin_only_repo_converts_with_parity(runs, sources):
     assert "pytorch_model.bin" in job.result.gets and not (folder / "lit_model.pth").exists()  # --convert false
     assert main(["convert", "--checkpoint_dir", str(folder)]) == 0
     assert_parity(folder, sources["models"]["bin"])
+
+
+def test_download_refuses_pickle_that_runs_code(runs, sources):
+    """`littune download` of a repo with only a .bin converts it: the payload must not run there either."""
+    job = runs["evil_bin"].result()
+    one_error_line(job.result, "pytorch_model.bin", "posix.system")
+    assert not (sources["root"] / "evil_bin.marker").exists()
+    assert not (job.run.checkpoints / "org/evil-bin/lit_model.pth").exists()
 
 
 def test_sharded_repo_fetches_indexed_shards_only(runs, sources):

@@ -7,8 +7,11 @@ against the model's expected parameter names and shapes before it is renamed int
 """
 
 import json
+import pickle
+import re
 import struct
 import sys
+import zipfile
 from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
@@ -388,8 +391,38 @@ class _SafetensorsFile:
         self.file.close()
 
 
+def load_bin(path: Path) -> dict:
+    """A torch `.bin` state dict, read with `torch.load(weights_only=True)`: tensors and plain containers only.
+
+    Never litgpt's `lazy_load`: its unpickler resolves any global a pickle names, so an object whose `__reduce__`
+    names os.system runs its command while the file is read. weights_only's unpickler refuses every global it does
+    not know. mmap=True (the zip format torch.save writes since torch 1.6) leaves the tensors on disk until they are
+    copied; the older format cannot be memory-mapped and is read whole, with the same restricted unpickler.
+    """
+    import torch
+
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        what = f"it names {found[1]}" if found else f"it holds objects other than tensors ({first_line(e)})"
+        raise UserError(
+            f"{path}: refused: {what}, and a pickle can run code when it is loaded; littune reads only tensors "
+            f"from .bin files (use the repo's .safetensors weights if it has them)"
+        ) from e
+    except Exception as e:  # not a torch file, truncated, a damaged zip
+        raise UserError(f"{path}: cannot read ({type(e).__name__}: {first_line(e)})") from e
+    if not isinstance(state, dict):
+        raise UserError(f"{path}: not a state dict (a {type(state).__name__}, not a mapping of names to tensors)")
+    for name, value in state.items():
+        if not isinstance(name, str) or not isinstance(value, torch.Tensor):
+            raise UserError(f"{path}: entry {name!r} is a {type(value).__name__}, not a tensor")
+    return state
+
+
 class _lazy_weights:
-    """Context manager: name -> lazily loaded tensor for one weight file (safetensors or torch .bin)."""
+    """Context manager: name -> tensor for one weight file (safetensors: read lazily; torch .bin: memory-mapped)."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -398,13 +431,8 @@ class _lazy_weights:
         if self.path.suffix == ".safetensors":
             self.handle = _SafetensorsFile(self.path)
             return {name: _LazyTensor(self.handle, name) for name in self.handle.keys()}
-        from litgpt.utils import lazy_load
-
         self.handle = None
-        try:
-            return dict(lazy_load(self.path))
-        except Exception as e:  # not a zip/pickle torch file, truncated, or objects torch refuses to unpickle
-            raise UserError(f"{self.path}: cannot read ({type(e).__name__}: {first_line(e)})") from e
+        return load_bin(self.path)
 
     def __exit__(self, *exc):
         if self.handle is not None:
@@ -450,16 +478,24 @@ def _convert_with_litgpt(checkpoint_dir: Path, config, dtype: Optional[str]) -> 
     litgpt writes model_config.yaml first and lit_model.pth in place: on failure both are removed again, so a
     half-converted folder never looks converted.
     """
-    from litgpt.scripts.convert_hf_checkpoint import convert_hf_checkpoint
+    from unittest import mock
+
+    from litgpt.scripts import convert_hf_checkpoint as litgpt_convert
 
     outputs = [checkpoint_dir / "lit_model.pth", checkpoint_dir / "model_config.yaml"]
     existed = {p: p.exists() for p in outputs}
     try:
-        convert_hf_checkpoint(checkpoint_dir, model_name=config.name, dtype=dtype)
-    except BaseException:
+        # litgpt reads .bin files with lazy_load, which unpickles freely (see `load_bin`): it gets load_bin instead.
+        # patch.object fails loudly if litgpt ever renames the name it looks up.
+        with mock.patch.object(litgpt_convert, "lazy_load", load_bin):
+            litgpt_convert.convert_hf_checkpoint(checkpoint_dir, model_name=config.name, dtype=dtype)
+    except BaseException as e:
         for p in outputs:
             if not existed[p]:
                 p.unlink(missing_ok=True)
+        if isinstance(e, Exception) and not isinstance(e, UserError):
+            raise UserError(f"{checkpoint_dir}: litgpt's conversion to {config.name} failed ({type(e).__name__}: "
+                            f"{first_line(e)})") from e
         raise
 
 

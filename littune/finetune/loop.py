@@ -24,7 +24,8 @@ import yaml
 
 from littune.checkpoints import load_model_config
 from littune.common import UserError, replace_outputs, save_json, save_text, save_torch
-from littune.data import load_prepare_json, load_split, load_style_file, load_tokenizer, validation_split_name
+from littune.prepared import load_prepare_json, load_split, load_tokenizer, validation_split_name
+from littune.prompts import load_style_file
 from littune.finetune.args import TrainArgs, hyperparameters, resolve_defaults, same_run_values, total_steps
 from littune.finetune.logs import TASK_METRICS, keep_metrics_until, log_row, make_loggers, make_progress
 from littune.finetune.schedule import learning_rate_at, make_optimizer, steps_from
