@@ -24,33 +24,28 @@ import gc
 import io
 import json
 import os
-import re
 import sys
 from array import array
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Annotated, Any, Iterator, Optional
+from typing import Annotated, Iterator, Optional
 
-import jinja2
-import jinja2.ext
 import torch
 import yaml
 from tqdm import tqdm
 
 import littune
-from littune.common import (Check, UserError, atomic_path, checked, first_line, load_torch, replace_outputs,
-                            save_json, save_text, sha256_file, write_torch)
+from littune.common import (Check, UserError, atomic_path, checked, first_line, json_type, replace_outputs, save_json,
+                            sha256_file, write_torch)
 from littune.metrics import detect_labels
+from littune.prepared import load_tokenizer, tokenizer_identity_of
+from littune.prompts import STYLE_FILE, check_style_name, default_style_name, style_by_name, style_yaml
 
 FIELDS = ("instruction", "input", "output")
 REQUIRED_FIELDS = ("instruction", "output")
-PREPARED_FILES = ("train.pt", "test.pt", "prompt_style.yaml", "prepare.json")  # what every prepared folder has
-SPLITS = ("train", "val", "test")
 COLUMNS_EXAMPLE = '{"instruction": "=Classify the sentiment.", "input": "text", "output": "label"}'
 CHUNK_SIZE = 1024  # strings per tokenizer call: big enough to amortise the call, small enough for a live progress bar
 VAL_FRACTION, VAL_MAX = 0.05, 500  # the default validation split: 5% of the training records, at most 500
-CHAT_STYLE = "chat"
-STYLE_FILE = "prompt_style.yaml"
 
 
 # ----------------------------------------------------------------------------------------------------- command
@@ -199,116 +194,6 @@ def prepare(
               f"{max_seq_length} tokens, cutting off their responses; raise --max_seq_length", file=sys.stderr)
 
 
-# --------------------------------------------------------------------------------------------- public helpers
-
-
-def tokenizer_identity(checkpoint_dir: Path) -> dict:
-    """What makes token ids mean the same thing: compare it to prepare.json's "tokenizer" before training on the data.
-
-    Keys: backend (huggingface or sentencepiece), file (the one litgpt loads), sha256 (of that file), vocab_size (ids
-    the tokenizer can produce, added tokens included), bos_id, eos_id, use_bos.
-    """
-    checkpoint_dir = Path(checkpoint_dir)
-    return tokenizer_identity_of(load_tokenizer(checkpoint_dir), checkpoint_dir)
-
-
-def load_prepared(data_dir: Path) -> tuple[list[dict], list[dict], dict]:
-    """(train records, test records, prepare.json) of a folder written by `littune prepare`.
-
-    A record: instruction, input, output (str); input_ids, input_ids_no_response, labels (1-D int64 tensors). The
-    tensors of one file are views into one storage (fast to save and load): clone a record before saving it alone.
-    The validation split, where there is one, is `load_split(data_dir, "val")`.
-    """
-    data_dir = Path(data_dir)
-    for name in PREPARED_FILES:
-        if not (data_dir / name).is_file():
-            raise UserError(f"{data_dir}: no {name}; {_prepare_hint(data_dir)}")
-    return load_split(data_dir, "train"), load_split(data_dir, "test"), load_prepare_json(data_dir)
-
-
-def load_split(data_dir: Path, split: str) -> list[dict]:
-    """The records of one split ("train", "val" or "test") of a prepared folder, in the format of `load_prepared`."""
-    data_dir = Path(data_dir)
-    if split not in SPLITS:
-        raise UserError(f"split {split!r}: unknown; choose one of {', '.join(SPLITS)}")
-    path = data_dir / f"{split}.pt"
-    if not path.is_file():
-        if split == "val" and (data_dir / "prepare.json").is_file():
-            raise UserError(
-                f"{data_dir}: no val.pt: prepared without a validation split (--val_size 0, too few records, or an "
-                f"older littune); re-run littune prepare with --val_size > 0, or use the test split"
-            )
-        raise UserError(f"{data_dir}: no {split}.pt; {_prepare_hint(data_dir)}")
-    try:
-        records = load_torch(path, f"prepared {split} data")
-    except UserError as e:
-        raise UserError(f"{e}; re-run littune prepare") from e
-    if not (isinstance(records, list) and records and isinstance(records[0], dict)
-            and {"input_ids", "input_ids_no_response", "labels"} <= records[0].keys()):
-        raise UserError(f"{path}: not a list of prepared records; re-run littune prepare")
-    return records
-
-
-def validation_split_name(data_dir: Path) -> str:
-    """The split to select models on: "val" where the folder has val.pt, else "test" (folders of older littunes)."""
-    return "val" if (Path(data_dir) / "val.pt").is_file() else "test"
-
-
-def load_prepare_json(data_dir: Path) -> dict:
-    meta_path = Path(data_dir) / "prepare.json"
-    if not meta_path.is_file():
-        raise UserError(f"{data_dir}: no prepare.json; {_prepare_hint(data_dir)}")
-    try:
-        return json.loads(meta_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{meta_path}: not valid JSON ({e}); re-run littune prepare") from e
-
-
-def _prepare_hint(data_dir: Path) -> str:
-    return (f"prepare the data first: littune prepare --data_file FILE --checkpoint_dir DIR "
-            f"--destination_path {data_dir}")
-
-
-def style_by_name(name: str, checkpoint_dir: Path, system: Optional[str] = None, *, tokenizer=None):
-    """The prompt style called `name`: "chat" (the checkpoint's own chat template) or a litgpt style name.
-
-    `system` (a system message) only goes with "chat". `tokenizer`: the checkpoint's litgpt Tokenizer if already
-    loaded (chat needs to know whether it adds BOS itself).
-    """
-    check_style_name(name, system)
-    if name == CHAT_STYLE:
-        return chat_style(Path(checkpoint_dir), system, tokenizer)
-    from litgpt.prompts import PromptStyle
-
-    return PromptStyle.from_name(name)
-
-
-def save_style(style, folder: Path) -> None:
-    """Write folder/prompt_style.yaml atomically: litgpt's format (class_path) plus init_args for a chat template."""
-    save_text(style_yaml(style), Path(folder) / STYLE_FILE)
-
-
-def load_style_file(folder: Path):
-    """The prompt style of folder/prompt_style.yaml, written by `save_style` or by litgpt's `save_prompt_style`.
-
-    Only littune's ChatTemplate and the classes of litgpt.prompts are built: the file names a class to instantiate,
-    and importing whatever module a data folder names would run code from it.
-    """
-    path = Path(folder) / STYLE_FILE
-    if not path.is_file():
-        raise UserError(f"{folder}: no {STYLE_FILE}; prepare the data with littune prepare, which writes it")
-    try:
-        config = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: invalid YAML ({first_line(e)}); re-run littune prepare") from e
-    if not isinstance(config, dict) or not isinstance(config.get("class_path"), str):
-        raise UserError(f"{path}: expected 'class_path: MODULE.CLASS' (and init_args); re-run littune prepare")
-    init_args = config.get("init_args") or {}
-    if not isinstance(init_args, dict):
-        raise UserError(f"{path}: init_args must be a mapping, got {_json_type(init_args)}; re-run littune prepare")
-    return style_from_class_path(config["class_path"], init_args, path)
-
-
 # ----------------------------------------------------------------------------------------------- arguments
 
 
@@ -325,17 +210,6 @@ def parse_columns(columns: Optional[dict[str, str]]) -> dict[str, tuple[bool, st
             raise UserError(f"--columns: the source of {field!r} must be a column name or =fixed text, got {source!r}")
         sources[field] = (True, source[1:]) if source.startswith("=") else (False, source)
     return sources
-
-
-def check_style_name(name: str, system: Optional[str]) -> None:
-    from litgpt.prompts import prompt_styles
-
-    if name != CHAT_STYLE and name not in prompt_styles:
-        raise UserError(f"--prompt_style {name!r} is not a prompt style; choose {CHAT_STYLE} (the model's chat "
-                        f"template) or a litgpt style: {', '.join(prompt_styles)}")
-    if system is not None and name != CHAT_STYLE:
-        raise UserError(f"--system goes with --prompt_style {CHAT_STYLE}; litgpt's {name!r} style has its own fixed "
-                        f"text")
 
 
 def check_split_arguments(test_size: Optional[int], test_file: Optional[Path]) -> None:
@@ -375,49 +249,6 @@ def split_sizes(
 
 
 # ----------------------------------------------------------------------------------------------- tokenizer
-
-
-def load_tokenizer(checkpoint_dir: Path):
-    """litgpt's Tokenizer of the folder; a UserError when it has none or it cannot end a response (no EOS)."""
-    from litgpt import Tokenizer
-
-    if not checkpoint_dir.is_dir():
-        raise UserError(f"{checkpoint_dir}: no such checkpoint folder (littune download --repo_id ORG/NAME --tokenizer_only true)")
-    if not any((checkpoint_dir / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
-        raise UserError(
-            f"{checkpoint_dir}: no tokenizer.json or tokenizer.model; get them with "
-            f"littune download --repo_id ORG/NAME --tokenizer_only true"
-        )
-    try:
-        tokenizer = Tokenizer(checkpoint_dir)
-    except Exception as e:  # a corrupt tokenizer file, or a special token the vocabulary lacks
-        raise UserError(f"{checkpoint_dir}: cannot load the tokenizer ({type(e).__name__}: {first_line(e)})") from e
-    if tokenizer.eos_id is None:
-        raise UserError(
-            f"{checkpoint_dir}: the tokenizer has no end-of-sequence token (eos_token in tokenizer_config.json or "
-            f"eos_token_id in generation_config.json); responses could not be ended"
-        )
-    if tokenizer.use_bos and tokenizer.bos_id is None:
-        raise UserError(f"{checkpoint_dir}: tokenizer_config.json asks for a BOS token but defines none (bos_token)")
-    return tokenizer
-
-
-def tokenizer_identity_of(tokenizer, checkpoint_dir: Path) -> dict:
-    # litgpt loads tokenizer.json when both files are there
-    path = checkpoint_dir / ("tokenizer.json" if tokenizer.backend == "huggingface" else "tokenizer.model")
-    if tokenizer.backend == "huggingface":
-        vocab_size = tokenizer.processor.get_vocab_size(with_added_tokens=True)
-    else:
-        vocab_size = tokenizer.processor.vocab_size()
-    return {
-        "backend": tokenizer.backend,
-        "file": path.name,
-        "sha256": sha256_file(path),
-        "vocab_size": vocab_size,
-        "bos_id": tokenizer.bos_id,
-        "eos_id": tokenizer.eos_id,
-        "use_bos": bool(tokenizer.use_bos),
-    }
 
 
 def model_block_size(checkpoint_dir: Path) -> int:
@@ -564,7 +395,7 @@ def _read_json_list(text: str, data_file: Path) -> list:
         raise UserError(f"{data_file}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}{hint}") from e
     if not isinstance(rows, list):
         raise UserError(
-            f"{data_file}: the top level is {_json_type(rows)}, expected a list of records "
+            f"{data_file}: the top level is {json_type(rows)}, expected a list of records "
             f'[{{"instruction": ..., "input": ..., "output": ...}}, ...]'
         )
     return rows
@@ -624,7 +455,7 @@ def extract_fields(
     fields: dict[str, list[str]] = {field: [] for field in FIELDS}
     for index, row in enumerate(rows):
         if not isinstance(row, dict):
-            raise UserError(f"{_where(data_file, index, lines)} is {_json_type(row)}, expected an object with "
+            raise UserError(f"{_where(data_file, index, lines)} is {json_type(row)}, expected an object with "
                             f"instruction, input and output")
         for field, (fixed, column) in sources.items():
             if fixed:
@@ -638,7 +469,7 @@ def extract_fields(
                                     f"instruction and output (map other names with --columns)")
                 value = ""
             elif not isinstance(value, str):
-                raise UserError(f"{_where(data_file, index, lines)}: field {column!r} is {_json_type(value)} "
+                raise UserError(f"{_where(data_file, index, lines)}: field {column!r} is {json_type(value)} "
                                 f"({json.dumps(value)[:40]}), expected a string")
             fields[field].append(value)
     if output_values is not None:
@@ -652,12 +483,6 @@ def extract_fields(
 
 def _where(data_file: Path, index: int, lines: Optional[list[int]]) -> str:
     return f"{data_file}: record {index}" + (f" (line {lines[index]})" if lines is not None else "")
-
-
-def _json_type(value: Any) -> str:
-    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number",
-             float: "a number", type(None): "null"}
-    return names.get(type(value), type(value).__name__)
 
 
 # ------------------------------------------------------------------------------------------------- writing
@@ -712,260 +537,3 @@ def write_prepared(destination: Path, splits: dict[str, list], style, meta: dict
             raise UserError(f"{destination}: cannot write the prepared data ({e.strerror or e}: {e.filename or ''})") from e
         raise
     return [path.name for path in written] + ["prepare.json"]
-
-
-def style_yaml(style) -> str:
-    """prompt_style.yaml's text: litgpt's `class_path`, plus `init_args` for a style that carries data (a chat
-    template), which litgpt's `save_prompt_style` would drop."""
-    cls = type(style)
-    config: dict[str, Any] = {"class_path": f"{cls.__module__}.{cls.__name__}"}
-    if isinstance(style, chat_template_class()):
-        config["init_args"] = style.init_args()
-    # multi-line text as a block and no folding of long lines, so the file reads as the template does
-    return yaml.dump(config, Dumper=BlockTextDumper, sort_keys=False, allow_unicode=True, width=1 << 30)
-
-
-class BlockTextDumper(yaml.SafeDumper):
-    """safe_dump that writes multi-line strings as `|` blocks (PyYAML falls back to quotes where a block would not
-    read back exactly, e.g. trailing spaces)."""
-
-
-BlockTextDumper.add_representer(
-    str, lambda dumper, text: dumper.represent_scalar("tag:yaml.org,2002:str", text, style="|" if "\n" in text else None)
-)
-
-
-def style_from_class_path(class_path: str, init_args: dict, path: Path):
-    module_name, _, class_name = class_path.rpartition(".")
-    if class_path == f"{__name__}.ChatTemplate":
-        unknown = sorted(set(init_args) - set(CHAT_TEMPLATE_ARGS))
-        if unknown or not isinstance(init_args.get("template"), str):
-            raise UserError(f"{path}: a chat template style needs init_args with a template string and only "
-                            f"{', '.join(CHAT_TEMPLATE_ARGS)}; re-run littune prepare")
-        return chat_template_class()(**init_args)
-    if module_name == "litgpt.prompts":
-        import litgpt.prompts
-
-        cls = getattr(litgpt.prompts, class_name, None)
-        if isinstance(cls, type) and issubclass(cls, litgpt.prompts.PromptStyle):
-            try:
-                return cls(**init_args)
-            except TypeError as e:
-                raise UserError(f"{path}: cannot build {class_path} from init_args ({first_line(e)})") from e
-    raise UserError(f"{path}: unknown prompt style class {class_path!r}; littune reads litgpt.prompts styles and "
-                    f"{__name__}.ChatTemplate; re-run littune prepare")
-
-
-# ----------------------------------------------------------------------------------------- chat template style
-
-CHAT_TEMPLATE_ARGS = ("template", "bos_token", "eos_token", "system", "strip_bos")
-# the assistant's answer in the conversation rendered to find what the template writes after an answer
-ANSWER_MARKER = "LITTUNE_ANSWER_f3a9"
-# a special-token-looking text right after the answer: <|im_end|>, <|eot_id|>, <end_of_turn>, </s>,
-# <｜end▁of▁sentence｜>
-END_OF_TURN = re.compile(r"<[^<>\s]{1,64}>")
-
-
-def __getattr__(name: str):
-    # ChatTemplate subclasses litgpt's PromptStyle, and importing litgpt takes seconds: the class is built on first
-    # use, so importing this module (littune --help, commands that never prompt) stays fast
-    if name == "ChatTemplate":
-        return chat_template_class()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-@functools.cache
-def chat_template_class() -> type:
-    from litgpt.prompts import PromptStyle
-
-    class ChatTemplate(PromptStyle):
-        """A model's own chat template (Jinja, as on the Hub) as a litgpt prompt style.
-
-        The prompt is the conversation [system (when given), user: instruction + "\\n\\n" + input] rendered with
-        add_generation_prompt=True, exactly as transformers' `apply_chat_template(..., tokenize=False)` renders it;
-        with strip_bos (litgpt's Tokenizer adds BOS itself) a leading BOS text is dropped, or it would be doubled.
-        """
-
-        def __init__(self, template: str, bos_token: Optional[str] = None, eos_token: Optional[str] = None,
-                     system: Optional[str] = None, strip_bos: bool = False):
-            self.template, self.bos_token, self.eos_token = template, bos_token, eos_token
-            self.system, self.strip_bos = system, bool(strip_bos)
-            compile_chat_template(template)  # a broken template fails now, not at the first record
-
-        def init_args(self) -> dict:
-            return {name: getattr(self, name) for name in CHAT_TEMPLATE_ARGS}
-
-        def __eq__(self, other) -> bool:
-            return type(other) is type(self) and other.init_args() == self.init_args()
-
-        __hash__ = None  # mutable attributes; equal by value
-
-        def __repr__(self) -> str:
-            return f"ChatTemplate(system={self.system!r}, bos_token={self.bos_token!r}, strip_bos={self.strip_bos})"
-
-        def apply(self, prompt: str, *, sys_prompt: Optional[str] = None, input: str = "", **kwargs: str) -> str:
-            system = sys_prompt if sys_prompt is not None else self.system
-            messages = [{"role": "system", "content": system}] if system else []
-            messages.append({"role": "user", "content": prompt + (f"\n\n{input}" if input else "")})
-            text = self.render(messages, add_generation_prompt=True)
-            if self.strip_bos and self.bos_token and text.startswith(self.bos_token):
-                text = text[len(self.bos_token):]
-            return text
-
-        def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
-            special_tokens = {name: value for name, value in (("bos_token", self.bos_token),
-                                                               ("eos_token", self.eos_token)) if value is not None}
-            return render_chat_template(self.template, messages, add_generation_prompt, special_tokens)
-
-        def end_of_turn(self) -> Optional[str]:
-            """The special token the template writes right after an assistant answer (<|im_end|> for ChatML), or
-            None when it writes none or cannot render an answer."""
-            messages = [{"role": "system", "content": self.system}] if self.system else []
-            messages += [{"role": "user", "content": "?"}, {"role": "assistant", "content": ANSWER_MARKER}]
-            try:
-                text = self.render(messages, add_generation_prompt=False)
-            except UserError:  # a template that refuses this conversation: no end-of-turn token known
-                return None
-            _, found, after = text.partition(ANSWER_MARKER)
-            match = END_OF_TURN.match(after.lstrip()) if found else None
-            return match.group() if match else None
-
-        def stop_tokens(self, tokenizer) -> tuple[list[int], ...]:
-            """EOS, and the end-of-turn token where the template has one in this vocabulary (chat models end their
-            answer with it, often never with EOS)."""
-            stops = [[tokenizer.eos_id]]
-            marker = self.end_of_turn()
-            marker_id = token_id(tokenizer, marker) if marker is not None else None
-            if marker_id is not None and [marker_id] not in stops:
-                stops.append([marker_id])
-            return tuple(stops)
-
-    ChatTemplate.__qualname__ = "ChatTemplate"  # littune.data.ChatTemplate, the name prompt_style.yaml stores
-    return ChatTemplate
-
-
-def token_id(tokenizer, token: str) -> Optional[int]:
-    """The id of `token` when it is one token of the vocabulary, else None."""
-    try:
-        found = tokenizer.token_to_id(token)
-    except ValueError:  # litgpt: not in the Hugging Face vocabulary
-        return None
-    if tokenizer.backend == "sentencepiece" and found == tokenizer.processor.unk_id():
-        return None  # SentencePiece answers an unknown piece with <unk>'s id
-    return found
-
-
-def chat_style(checkpoint_dir: Path, system: Optional[str], tokenizer=None):
-    """The checkpoint's chat template (chat_template.jinja, else tokenizer_config.json's chat_template) as a style."""
-    config = read_tokenizer_config(checkpoint_dir)
-    template, source = read_chat_template(checkpoint_dir, config)
-    if template is None:
-        raise UserError(
-            f"{checkpoint_dir}: --prompt_style {CHAT_STYLE} needs the model's chat template, and it has none (no "
-            f"chat_template in tokenizer_config.json, no chat_template.jinja); use an instruct model's checkpoint or "
-            f"a litgpt style, e.g. --prompt_style alpaca"
-        )
-    compile_chat_template(template, source)
-    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(checkpoint_dir)
-    return chat_template_class()(
-        template, bos_token=special_token_text(config.get("bos_token")),
-        eos_token=special_token_text(config.get("eos_token")), system=system, strip_bos=tokenizer.use_bos,
-    )
-
-
-def has_chat_template(checkpoint_dir: Path) -> bool:
-    checkpoint_dir = Path(checkpoint_dir)
-    return read_chat_template(checkpoint_dir, read_tokenizer_config(checkpoint_dir))[0] is not None
-
-
-def default_style_name(checkpoint_dir: Path) -> str:
-    """The prompt style when none is asked for: an instruction model answers best in its own chat template."""
-    return CHAT_STYLE if has_chat_template(checkpoint_dir) else "alpaca"
-
-
-def read_tokenizer_config(checkpoint_dir: Path) -> dict:
-    path = checkpoint_dir / "tokenizer_config.json"
-    if not path.is_file():
-        return {}
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({first_line(e)})") from e
-    return config if isinstance(config, dict) else {}
-
-
-def read_chat_template(checkpoint_dir: Path, config: dict) -> tuple[Optional[str], str]:
-    """(template text or None, where it comes from). transformers gives chat_template.jinja priority; a list of
-    named templates in tokenizer_config.json contributes its "default" one."""
-    jinja_path = checkpoint_dir / "chat_template.jinja"
-    if jinja_path.is_file():
-        return jinja_path.read_text(encoding="utf-8"), str(jinja_path)
-    template = config.get("chat_template")
-    if isinstance(template, list):
-        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-        template = named.get("default")
-    source = f"{checkpoint_dir / 'tokenizer_config.json'} (chat_template)"
-    return (template if isinstance(template, str) and template.strip() else None), source
-
-
-def special_token_text(value: Any) -> Optional[str]:
-    """A special token of tokenizer_config.json: a string, or an AddedToken object with its text in "content"."""
-    if isinstance(value, dict):
-        value = value.get("content")
-    return value if isinstance(value, str) else None
-
-
-class GenerationTag(jinja2.ext.Extension):
-    """`{% generation %}...{% endgeneration %}`, which transformers defines to mark assistant text: rendered as its
-    body (templates with it must compile here too; littune needs no masks from it)."""
-
-    tags = frozenset({"generation"})
-
-    def parse(self, parser):
-        lineno = next(parser.stream).lineno
-        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
-
-    def _body(self, caller) -> str:
-        return caller()
-
-
-@functools.lru_cache(maxsize=16)
-def compile_chat_template(template: str, source: str = "the chat template"):
-    """The template compiled as transformers compiles it: sandboxed (a template from the Hub must not reach Python
-    objects), trim_blocks and lstrip_blocks, with its tojson, raise_exception and strftime_now."""
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[GenerationTag, jinja2.ext.loopcontrols])
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = _strftime_now
-    try:
-        return env.from_string(template)
-    except jinja2.TemplateSyntaxError as e:
-        raise UserError(f"{source}: not a valid Jinja template (line {e.lineno}: {e.message})") from e
-
-
-def render_chat_template(template: str, messages: list[dict], add_generation_prompt: bool, special_tokens: dict) -> str:
-    try:
-        return compile_chat_template(template).render(
-            messages=messages, tools=None, documents=None, add_generation_prompt=add_generation_prompt, **special_tokens
-        )
-    except Exception as e:  # the template is the model's code: whatever it raises is a fault of the template
-        raise UserError(f"the model's chat template failed ({type(e).__name__}: {first_line(e)})") from e
-
-
-def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
-    # as transformers: Jinja's own tojson escapes HTML characters, which a prompt must not get
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-def _raise_exception(message: str):
-    raise jinja2.exceptions.TemplateError(message)
-
-
-def _strftime_now(format: str) -> str:
-    from datetime import datetime
-
-    return datetime.now().strftime(format)

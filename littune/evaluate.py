@@ -81,7 +81,8 @@ def evaluate(
         raise UserError(f"--scoring {scoring!r}: choose likelihood (score each label) or generate (greedy answers)")
     label_list = parse_labels(labels) if labels is not None else None
     from littune.checkpoints import load_model_config
-    from littune.data import load_prepare_json, load_split, load_style_file
+    from littune.prepared import load_prepare_json, load_split
+    from littune.prompts import load_style_file
     from littune.generate import check_fits
     from littune.model import (check_data_fits_model, check_precision, default_precision, load_for_inference,
                                resolve_adapter)
@@ -190,7 +191,7 @@ def evaluate(
 def label_answer_tokens(checkpoint_dir: Path, labels: list[str]) -> int:
     """Tokens enough for any answer that is a label once trimmed and lowercased: the longest label in any of the
     casings and with or without a leading space, plus 4 for whitespace tokens around it."""
-    from littune.data import load_tokenizer
+    from littune.prepared import load_tokenizer
 
     tokenizer = load_tokenizer(checkpoint_dir)
     variants = [v for label in labels for word in (label, label.capitalize(), label.upper()) for v in (word, " " + word)]

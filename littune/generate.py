@@ -93,7 +93,7 @@ def generate(
 def choose_prompt_style(name: Optional[str], run_dir: Optional[Path], checkpoint_dir: Path, system: Optional[str]):
     """--prompt_style; else the style the adapter was trained with (saved in its run folder, or in a folder made by
     `littune merge`); else the model's chat template where it has one; else alpaca."""
-    from littune.data import STYLE_FILE, default_style_name, load_style_file, style_by_name
+    from littune.prompts import STYLE_FILE, default_style_name, load_style_file, style_by_name
 
     if name:
         return style_by_name(name, checkpoint_dir, system)

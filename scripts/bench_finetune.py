@@ -200,7 +200,7 @@ def prepare_data(checkpoint_dir: Path, data_file: Path, max_seq_length: int, wor
     import torch
 
     import littune.cli
-    from littune.data import load_prepared
+    from littune.prepared import load_prepared
 
     shutil.rmtree(folder, ignore_errors=True)
     if littune.cli.main(["prepare", "--data_file", str(data_file), "--checkpoint_dir", str(checkpoint_dir),
@@ -326,7 +326,7 @@ def littune_planned_tokens(out_dir: Path, data_dir: Path, first: int, last: int)
     import yaml
 
     from littune import model
-    from littune.data import load_prepared
+    from littune.prepared import load_prepared
     from littune.finetune import schedule
 
     hp = yaml.safe_load((out_dir / "hyperparameters.yaml").read_text())

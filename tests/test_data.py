@@ -13,8 +13,9 @@ import yaml
 from conftest import ALPACA_335, SHARED_DATA, SST2_TRAIN, assert_clean_error, copy_tokenizer, run_cli
 from littune.cli import main
 from littune.common import UserError
-from littune.data import (load_prepared, load_split, load_style_file, save_style, split_sizes, style_by_name,
-                          tokenizer_identity, validation_split_name)
+from littune.data import split_sizes
+from littune.prepared import load_prepared, load_split, tokenizer_identity, validation_split_name
+from littune.prompts import load_style_file, save_style, style_by_name
 
 OUTPUTS = ("train.pt", "val.pt", "test.pt", "prompt_style.yaml", "prepare.json")
 SST2_DEV = SHARED_DATA / "classification" / "sst2" / "dev.tsv"
@@ -720,12 +721,17 @@ def test_prepare_chat_writes_a_style_that_round_trips(smollm2_files, tmp_path, c
     meta = load(tmp_path / "out")[2]
     assert meta["prompt_style"] == "chat" and meta["system"] == "You are terse."
     config = yaml.safe_load((tmp_path / "out" / "prompt_style.yaml").read_text())
-    assert config["class_path"] == "littune.data.ChatTemplate"
+    assert config["class_path"] == "littune.prompts.ChatTemplate"
     assert config["init_args"] == {"template": smollm2_files[1], "bos_token": "<|im_start|>",
                                    "eos_token": "<|im_end|>", "system": "You are terse.", "strip_bos": True}
 
     restored = load_style_file(tmp_path / "out")
     assert restored == style_by_name("chat", folder, "You are terse.")
+    # a file written before prompt styles had their own module (class_path littune.data.ChatTemplate) still loads
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / "prompt_style.yaml").write_text(yaml.safe_dump({**config, "class_path": "littune.data.ChatTemplate"}))
+    assert load_style_file(legacy) == restored
     tokenizer = Tokenizer(folder)
     for record in load_all(tmp_path / "out"):
         expected = transformers_prompt(folder, record["instruction"], record["input"], "You are terse.")

@@ -273,7 +273,7 @@ def test_stop_matcher_holds_back_and_drops_a_completed_sequence():
 def test_cli_writes_predictions_metrics_and_pictures(evaluation, sst2):
     from matplotlib.image import imread
 
-    from littune.data import load_prepared
+    from littune.prepared import load_prepared
 
     _, test, _ = load_prepared(sst2)
     predictions = read_jsonl(evaluation / "predictions.jsonl")
@@ -297,7 +297,7 @@ def test_cli_writes_predictions_metrics_and_pictures(evaluation, sst2):
 def test_cli_likelihood_scores_every_label_after_the_prompt(likelihood, inference, sst2):
     """predictions.jsonl under likelihood scoring: prompt_ids + a label's ids is exactly the sequence scored (checked
     with a plain forward of the adapter model), the prediction is the argmax, and metrics.json agrees."""
-    from littune.data import load_prepared
+    from littune.prepared import load_prepared
 
     model, tokenizer, style = inference
     _, test, _ = load_prepared(sst2)
@@ -344,7 +344,7 @@ def test_cli_bf16_on_cpu(checkpoint, sst2, run_dir, likelihood, tmp_path):
 
 
 def test_cli_predictions_equal_one_by_one_generate(evaluation, inference, sst2):
-    from littune.data import load_prepared
+    from littune.prepared import load_prepared
     from littune.sampling import generate_tokens
 
     model, tokenizer, style = inference
@@ -370,7 +370,7 @@ def test_metrics_json_equals_sklearn_on_the_runs_predictions(evaluation):
 def test_test_loss_is_the_mean_over_target_tokens(scoring, request, inference, sst2):
     """Recomputed record by record with a plain forward pass: sum of token losses / target tokens (under likelihood
     scoring the loss comes from the label pass)."""
-    from littune.data import load_prepared
+    from littune.prepared import load_prepared
 
     evaluation = request.getfixturevalue({"generate": "evaluation", "likelihood": "likelihood"}[scoring])
     model, _, _ = inference
@@ -391,7 +391,7 @@ def test_test_loss_is_the_mean_over_target_tokens(scoring, request, inference, s
 def test_explicit_labels_and_free_text_task_without_adapter(checkpoint, sst2, tmp_path, monkeypatch, capsys):
     import lightning as L
 
-    from littune.data import load_prepared
+    from littune.prepared import load_prepared
     from littune.model import load_for_inference
     from littune.sampling import generate_tokens
 

@@ -68,7 +68,7 @@ def smol_checkpoint(folder: Path) -> Path:
 def make_run(checkpoint: Path, folder: Path, targets=TARGETS, r: int = 4, alpha: int = 8, seed: int = 0) -> Path:
     """A LoRA run folder as `littune finetune lora` leaves it, with random (non-zero) A and B."""
     from littune.checkpoints import load_model_config
-    from littune.data import save_style, style_by_name
+    from littune.prompts import save_style, style_by_name
 
     args = METHOD.args(lora_r=r, lora_alpha=alpha, lora_dropout=0.0, lora_targets=list(targets))
     with torch.device("meta"):

@@ -50,7 +50,7 @@ def load(checkpoint, precision="32-true"):
 
 
 def records_of(data, mask="true"):
-    from littune.data import load_split
+    from littune.prepared import load_split
 
     return load_split(data / f"mask-{mask}", "test")
 
@@ -174,7 +174,7 @@ def test_a_bpe_merge_at_the_seam_moves_the_split_back(tmp_path):
     from litgpt.prompts import PromptStyle
 
     from conftest import copy_tokenizer
-    from littune.data import load_tokenizer
+    from littune.prepared import load_tokenizer
 
     class Spaced(PromptStyle):
         def apply(self, prompt, **kwargs):
