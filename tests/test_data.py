@@ -10,7 +10,8 @@ import pytest
 import torch
 import yaml
 
-from conftest import ALPACA_335, SHARED_DATA, SST2_TRAIN, assert_clean_error, copy_tokenizer, run_cli
+from conftest import (ALPACA_335, SMOLLM2_CHAT_TEMPLATE, SST2_DEV, SST2_TRAIN, assert_clean_error, copy_tokenizer,
+                      run_cli, smollm2_gguf)
 from littune.cli import main
 from littune.common import UserError
 from littune.data import split_sizes
@@ -18,8 +19,6 @@ from littune.prepared import load_prepared, load_split, tokenizer_identity, vali
 from littune.prompts import load_style_file, save_style, style_by_name
 
 OUTPUTS = ("train.pt", "val.pt", "test.pt", "prompt_style.yaml", "prepare.json")
-SST2_DEV = SHARED_DATA / "classification" / "sst2" / "dev.tsv"
-SMOLLM2_GGUF = SHARED_DATA / "models" / "smollm2-135m-instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 SST2_COLUMNS = json.dumps({"instruction": "=Classify the sentiment of this movie review as positive or negative.",
                            "input": "text", "output": "label"})
 SST2_VALUES = json.dumps({"1": "positive", "0": "negative"})
@@ -324,7 +323,7 @@ def bad_files(tmp: Path, pythia: Path) -> dict:
     no_tokenizer = tmp / "no_tokenizer"
     no_tokenizer.mkdir()
     (no_tokenizer / "config.json").write_text('{"max_position_embeddings": 64}')
-    no_eos = tmp / "no_eos"  # the bare GPT-NeoX file: no tokenizer_config.json or generation_config.json
+    no_eos = tmp / "no_eos"  # a bare GPT-NeoX tokenizer.json: no tokenizer_config.json or generation_config.json
     copy_tokenizer("gpt_neox", no_eos)
     no_block_size = copy_tokenizer("pythia", tmp / "no_block_size")
     good = write(tmp / "good.json", json.dumps(GOOD))
@@ -611,14 +610,50 @@ def test_truncation_is_printed_and_warned_when_most_records_are_cut(pythia, tmp_
 # ----------------------------------------------------------------------------------------- chat template style
 
 
+SMOLLM2_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2 in SmolLM2's vocabulary
+
+
+def write_smollm2_like_gguf(path: Path) -> Path:
+    """A small GGUF laid out as SmolLM2-135M-Instruct's tokenizer metadata, with its real chat template
+    (tests/data/smollm2): a byte-level BPE of 1,024 tokens trained on the Alpaca records, the special tokens as
+    control tokens 0, 1, 2, BOS <|im_start|> and EOS <|im_end|>. It stands in for the 98 MB file where that is absent."""
+    import gguf
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=1024, special_tokens=SMOLLM2_SPECIAL, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # every byte: any text encodes
+    tokenizer.train_from_iterator([json.dumps(r) for r in json.loads(ALPACA_335.read_text())], trainer)
+    model = json.loads(tokenizer.to_str())["model"]
+    tokens = sorted(model["vocab"], key=model["vocab"].get)
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([gguf.TokenType.CONTROL if t in SMOLLM2_SPECIAL else gguf.TokenType.NORMAL for t in tokens])
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in model["merges"]])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_chat_template(SMOLLM2_CHAT_TEMPLATE.read_text(encoding="utf-8"))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
 @pytest.fixture(scope="module")
 def smollm2_files(tmp_path_factory) -> tuple[Path, str]:
-    """SmolLM2-135M-Instruct's real tokenizer (vocabulary, merges, special tokens) and chat template, rebuilt from the
-    GGUF file's metadata as tokenizer.json; returns (folder holding tokenizer.json, the template)."""
+    """SmolLM2-135M-Instruct's tokenizer (vocabulary, merges, special tokens) and chat template, rebuilt from a GGUF
+    file's metadata as tokenizer.json; returns (folder holding tokenizer.json, the template). The GGUF is the real
+    one where this machine has it (see conftest.smollm2_gguf), else a small one written as SmolLM2's is laid out."""
     import gguf
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-    fields = gguf.GGUFReader(SMOLLM2_GGUF).fields
+    real = smollm2_gguf()
+    source = real or write_smollm2_like_gguf(tmp_path_factory.mktemp("gguf") / "smollm2-like.gguf")
+    fields = gguf.GGUFReader(source).fields
     tokens = fields["tokenizer.ggml.tokens"].contents()
     merges = [tuple(merge.split(" ", 1)) for merge in fields["tokenizer.ggml.merges"].contents()]
     special = [token for token, kind in zip(tokens, fields["tokenizer.ggml.token_type"].contents()) if kind == 3]
@@ -628,7 +663,10 @@ def smollm2_files(tmp_path_factory) -> tuple[Path, str]:
     tokenizer.add_special_tokens([AddedToken(token, special=True) for token in special])
     folder = tmp_path_factory.mktemp("smollm2")
     tokenizer.save(str(folder / "tokenizer.json"))
-    return folder, fields["tokenizer.chat_template"].contents()
+    template = fields["tokenizer.chat_template"].contents()
+    if real:  # the shipped copy of the template is the real file's
+        assert template == SMOLLM2_CHAT_TEMPLATE.read_text(encoding="utf-8")
+    return folder, template
 
 
 def smollm2_checkpoint(smollm2_files, folder: Path, eos_token: str = "<|im_end|>") -> Path:
