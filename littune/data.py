@@ -23,28 +23,24 @@ import functools
 import gc
 import io
 import json
-import os
 import sys
 from array import array
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Annotated, Iterator, Optional
+from typing import Annotated, Optional
 
 import torch
 import yaml
-from tqdm import tqdm
 
 import littune
 from littune.common import (Check, UserError, atomic_path, checked, first_line, json_type, replace_outputs, save_json,
                             sha256_file, write_torch)
 from littune.metrics import detect_labels
-from littune.prepared import load_tokenizer, tokenizer_identity_of
+from littune.prepared import encode_batch, litgpt_special_tokens, load_tokenizer, tokenizer_identity_of
 from littune.prompts import STYLE_FILE, check_style_name, default_style_name, style_by_name, style_yaml
 
 FIELDS = ("instruction", "input", "output")
 REQUIRED_FIELDS = ("instruction", "output")
 COLUMNS_EXAMPLE = '{"instruction": "=Classify the sentiment.", "input": "text", "output": "label"}'
-CHUNK_SIZE = 1024  # strings per tokenizer call: big enough to amortise the call, small enough for a live progress bar
 VAL_FRACTION, VAL_MAX = 0.05, 500  # the default validation split: 5% of the training records, at most 500
 
 
@@ -310,50 +306,6 @@ def tokenize(tokenizer, style, instructions: list[str], inputs: list[str], outpu
     prompt_ids = [ids if len(ids) <= max_seq_length else ids[:max_seq_length] for ids in prompt_ids]
     full_ids = [ids if len(ids) <= max_seq_length else ids[:max_seq_length] for ids in full_ids]
     return prompt_ids, full_ids, truncated
-
-
-def encode_batch(tokenizer, texts: list[str]) -> list[list[int]]:
-    """The processor's raw ids of every text, what litgpt's `Tokenizer.encode` starts from, in ordered batches.
-
-    Two threads at most: the Hugging Face tokenizer releases the GIL inside a batch, so two Python threads run two
-    batches at once whatever TOKENIZERS_PARALLELISM says; SentencePiece holds the GIL but threads a batch itself.
-    """
-    threads = min(2, os.cpu_count() or 1)
-    chunks = [texts[i : i + CHUNK_SIZE] for i in range(0, len(texts), CHUNK_SIZE)]
-    processor = tokenizer.processor
-    ids: list[list[int]] = []
-    with tqdm(total=len(texts), desc="Tokenizing", unit=" texts", disable=None, file=sys.stderr) as progress:
-        for chunk_ids in _encode_chunks(processor, tokenizer.backend, chunks, threads):
-            ids.extend(chunk_ids)
-            progress.update(len(chunk_ids))
-    return ids
-
-
-def _encode_chunks(processor, backend: str, chunks: list[list[str]], threads: int) -> Iterator[list[list[int]]]:
-    if backend == "huggingface":
-        # as `processor.encode(text)` does (special tokens added by the post-processor); no offsets needed
-        encode = getattr(processor, "encode_batch_fast", processor.encode_batch)
-        with ThreadPoolExecutor(threads) as pool:
-            yield from pool.map(lambda chunk: [encoding.ids for encoding in encode(chunk)], chunks)
-    else:
-        for chunk in chunks:
-            yield processor.encode(chunk, num_threads=threads)
-
-
-def litgpt_special_tokens(ids: list[int], tokenizer) -> list[int]:
-    """litgpt `Tokenizer.encode(text)`'s rules (bos=None, eos=False) applied to the processor's raw ids.
-
-    BOS first if the tokenizer uses one, else a leading BOS the processor added is removed; a trailing EOS the
-    processor added is removed (prepare appends its own to the full text).
-    """
-    if tokenizer.use_bos:
-        if not ids or ids[0] != tokenizer.bos_id:
-            ids = [tokenizer.bos_id] + ids
-    elif ids and ids[0] == tokenizer.bos_id:
-        ids = ids[1:]
-    if ids and ids[-1] == tokenizer.eos_id:
-        ids = ids[:-1]
-    return ids
 
 
 # ------------------------------------------------------------------------------------------------- reading

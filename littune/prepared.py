@@ -1,15 +1,23 @@
-"""A prepared folder (written by `littune prepare`): its splits, its prepare.json, and the tokenizer its ids mean.
+"""A prepared folder (written by `littune prepare`): its splits, its prepare.json, and the tokenizer its ids mean
+(loaded, identified, and applied in batches by litgpt's rules, as prepare and scoring tokenise).
 
 A record: instruction, input, output (str); input_ids, input_ids_no_response, labels (1-D int64 tensors).
 """
 
 import json
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Iterator
+
+from tqdm import tqdm
 
 from littune.common import UserError, first_line, load_torch, sha256_file
 
 PREPARED_FILES = ("train.pt", "test.pt", "prompt_style.yaml", "prepare.json")  # what every prepared folder has
 SPLITS = ("train", "val", "test")
+CHUNK_SIZE = 1024  # strings per tokenizer call: big enough to amortise the call, small enough for a live progress bar
 
 
 def load_prepared(data_dir: Path) -> tuple[list[dict], list[dict], dict]:
@@ -120,3 +128,47 @@ def tokenizer_identity_of(tokenizer, checkpoint_dir: Path) -> dict:
         "eos_id": tokenizer.eos_id,
         "use_bos": bool(tokenizer.use_bos),
     }
+
+
+def encode_batch(tokenizer, texts: list[str]) -> list[list[int]]:
+    """The processor's raw ids of every text, what litgpt's `Tokenizer.encode` starts from, in ordered batches.
+
+    Two threads at most: the Hugging Face tokenizer releases the GIL inside a batch, so two Python threads run two
+    batches at once whatever TOKENIZERS_PARALLELISM says; SentencePiece holds the GIL but threads a batch itself.
+    """
+    threads = min(2, os.cpu_count() or 1)
+    chunks = [texts[i : i + CHUNK_SIZE] for i in range(0, len(texts), CHUNK_SIZE)]
+    processor = tokenizer.processor
+    ids: list[list[int]] = []
+    with tqdm(total=len(texts), desc="Tokenizing", unit=" texts", disable=None, file=sys.stderr) as progress:
+        for chunk_ids in _encode_chunks(processor, tokenizer.backend, chunks, threads):
+            ids.extend(chunk_ids)
+            progress.update(len(chunk_ids))
+    return ids
+
+
+def _encode_chunks(processor, backend: str, chunks: list[list[str]], threads: int) -> Iterator[list[list[int]]]:
+    if backend == "huggingface":
+        # as `processor.encode(text)` does (special tokens added by the post-processor); no offsets needed
+        encode = getattr(processor, "encode_batch_fast", processor.encode_batch)
+        with ThreadPoolExecutor(threads) as pool:
+            yield from pool.map(lambda chunk: [encoding.ids for encoding in encode(chunk)], chunks)
+    else:
+        for chunk in chunks:
+            yield processor.encode(chunk, num_threads=threads)
+
+
+def litgpt_special_tokens(ids: list[int], tokenizer) -> list[int]:
+    """litgpt `Tokenizer.encode(text)`'s rules (bos=None, eos=False) applied to the processor's raw ids.
+
+    BOS first if the tokenizer uses one, else a leading BOS the processor added is removed; a trailing EOS the
+    processor added is removed (prepare appends its own to the full text).
+    """
+    if tokenizer.use_bos:
+        if not ids or ids[0] != tokenizer.bos_id:
+            ids = [tokenizer.bos_id] + ids
+    elif ids and ids[0] == tokenizer.bos_id:
+        ids = ids[1:]
+    if ids and ids[-1] == tokenizer.eos_id:
+        ids = ids[:-1]
+    return ids

@@ -74,7 +74,7 @@ def label_requests(tokenizer, style, records: list[dict], texts: list[str], bloc
     len(prompt ids) would leave that label nothing but EOS to score. A context too long for block_size with its
     longest label loses its first tokens (as lm-evaluation-harness truncates).
     """
-    from littune.data import encode_batch, litgpt_special_tokens
+    from littune.prepared import encode_batch, litgpt_special_tokens
 
     prompts = [style.apply(r["instruction"], input=r["input"]) for r in records]
     full_texts = [prompt + text for prompt in prompts for text in texts]

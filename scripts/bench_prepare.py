@@ -27,7 +27,8 @@ from torch.utils.data import random_split
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from littune.data import encode_batch, extract_fields, parse_columns, prepare, read_rows  # noqa: E402
+from littune.data import extract_fields, parse_columns, prepare, read_rows  # noqa: E402
+from littune.prepared import encode_batch  # noqa: E402
 
 SHARED_DATA = Path(os.environ.get("LITTUNE_SHARED_DATA", REPO.parent / "shared" / "data"))
 SST2_TRAIN = SHARED_DATA / "classification" / "sst2" / "train.tsv"
