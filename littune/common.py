@@ -110,6 +110,50 @@ def atomic_path(path: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+@contextmanager
+def atomic_folder(path: Path) -> Iterator[Path]:
+    """Yield a temporary folder beside `path`; when the block succeeds its files are made durable and it replaces
+    `path` whole (an old `path` is set aside, then removed). A failure or a kill leaves the old folder or, for a
+    kill between the two renames, the old folder under its set-aside name, which `remove_atomic_leftovers` puts
+    back: never a mix of old and new files.
+    """
+    import shutil
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the folder gets the mode a plain mkdir would give
+    old = tmp.with_name(tmp.name + ".old")
+    try:
+        yield tmp
+        for file in tmp.rglob("*"):
+            if file.is_file():
+                with open(file, "rb") as f:
+                    os.fsync(f.fileno())
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_atomic_leftovers(folder: Path) -> None:
+    """What `atomic_path` and `atomic_folder` leave in `folder` when the process is killed mid-write: temporaries
+    (".NAME.XXXXXXXX.tmp", never mistaken for an output) are removed; an old folder set aside (".tmp.old") whose
+    replacement never arrived is put back under its name."""
+    import shutil
+
+    for leftover in sorted(Path(folder).glob(".*.tmp*")):
+        name = leftover.name[1:].rsplit(".", 3)[0]  # ".best.k2j3h4g5.tmp.old" -> "best"
+        if leftover.name.endswith(".tmp.old") and leftover.is_dir() and not (leftover.parent / name).exists():
+            os.replace(leftover, leftover.parent / name)
+        elif leftover.is_dir():
+            shutil.rmtree(leftover)
+        else:
+            leftover.unlink(missing_ok=True)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -279,3 +279,52 @@ def test_resume_refuses_another_run_or_a_damaged_state(small_checkpoint, alpaca6
     # as a user runs it: one line, no traceback
     assert_clean_error(run_cli(*finetune_args(small_checkpoint, alpaca64, out, *flags, "--resume", "auto")),
                        "training state")
+
+
+def test_best_folder_is_replaced_whole_and_leftovers_of_a_kill_are_cleaned(small_checkpoint, alpaca64, tmp_path,
+                                                                           monkeypatch):
+    """best/ holds the weights and adapter_info.json of one step: a failure while writing the second best/ leaves
+    the first one whole (an earlier littune replaced the weights, then failed on the figures). The next run removes
+    the temporaries a kill leaves and puts back a best/ set aside for a replacement that never arrived."""
+    out = tmp_path / "run"
+    args = finetune_args(small_checkpoint, alpaca64, out, "--max_steps", 3, "--batch_size", 4, "--micro_batch_size",
+                         4, "--warmup_steps", 0, "--learning_rate", 0.01, "--eval_interval", 1, "--eval_iters", 2,
+                         "--save_interval", 1, "--seed", 1, "--precision", "32-true")
+    dumps, calls = json.dumps, {"best": 0}
+
+    def failing_second_best_info(obj, *a, **k):
+        if isinstance(obj, dict) and {"metric", "step", "value"} <= obj.keys():
+            calls["best"] += 1
+            if calls["best"] == 2:
+                raise OSError("disk full")
+        return dumps(obj, *a, **k)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(json, "dumps", failing_second_best_info)
+        with pytest.raises(OSError, match="disk full"):
+            main(args)
+    info = json.loads((out / "best" / "adapter_info.json").read_text())
+    assert info["step"] == 1  # the old figures, and the old weights with them
+    assert_same_tensors(torch.load(out / "best" / ADAPTER_FILE, weights_only=True),
+                        torch.load(out / "step-000001" / ADAPTER_FILE, weights_only=True))
+    assert not list(out.glob(".*"))  # the failed write cleaned up after itself
+
+    # what a SIGKILL leaves: a half-built best/ and step folder, and best/ set aside just before the new one's rename
+    (out / ".best.abcd1234.tmp").mkdir()
+    (out / ".best.abcd1234.tmp" / ADAPTER_FILE).write_bytes(b"half")
+    (out / ".step-000002.efgh5678.tmp").mkdir()
+    (out / "best").rename(out / ".best.ijkl9012.tmp.old")
+    (out / "best.old-user-file.tmp").write_text("not ours: no leading dot")
+    from littune.finetune.state import remove_stale_temporaries
+
+    remove_stale_temporaries(out)
+    assert json.loads((out / "best" / "adapter_info.json").read_text()) == info  # put back
+    assert sorted(p.name for p in out.glob(".*")) == [] and (out / "best.old-user-file.tmp").is_file()
+    (out / ".best.mnop3456.tmp.old").mkdir()  # set aside, and the new best/ did arrive: the old one goes
+    (out / ".step-000001.qrst7890.tmp").mkdir()
+    assert main([*args, "--resume", "auto"]) == 0
+    assert not list(out.glob(".*"))
+    info = json.loads((out / "best" / "adapter_info.json").read_text())
+    assert info["step"] in (2, 3)
+    assert_same_tensors(torch.load(out / "best" / ADAPTER_FILE, weights_only=True),
+                        torch.load(out / f"step-{info['step']:06d}" / ADAPTER_FILE, weights_only=True))

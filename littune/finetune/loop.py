@@ -12,6 +12,7 @@ named; the flags are declared in `args.py`, the batch order and learning rate in
   place, `adapter_wte` stops getting gradients and the second backward fails).
 """
 
+import json
 import math
 import os
 import time
@@ -23,7 +24,7 @@ import torch
 import yaml
 
 from littune.checkpoints import load_model_config
-from littune.common import UserError, replace_outputs, save_json, save_text, save_torch
+from littune.common import UserError, atomic_folder, replace_outputs, save_text, save_torch, write_torch
 from littune.prepared import load_prepare_json, load_split, load_tokenizer, validation_split_name
 from littune.prompts import load_style_file
 from littune.finetune.args import TrainArgs, hyperparameters, resolve_defaults, same_run_values, total_steps
@@ -138,9 +139,9 @@ def fit(fabric, method: Method, method_args, args: TrainArgs, train: list, val: 
                 progress.evals_since_best = 0 if improved else progress.evals_since_best + 1
                 if improved:
                     progress.best_value, progress.best_step = value, step
-                    save_weights(fabric, model, method, out_dir / "best", run_files,
-                                 info={"metric": args.best_metric, "value": value, "step": step,
-                                       **{k: v for k, v in evaluation.items() if k != "eval_sec"}})
+                    save_best(fabric, model, method, out_dir / "best", run_files,
+                              info={"metric": args.best_metric, "value": value, "step": step,
+                                    **{k: v for k, v in evaluation.items() if k != "eval_sec"}})
                 if rank == 0:  # FSDP would need every rank in each forward: no sample answer there
                     answer = sample_response(model, method, val[0], tokenizer) if not sharded else "(FSDP: none)"
                     figures = ", ".join(f"{k} {v:.4f}" for k, v in evaluation.items() if k != "eval_sec")
@@ -300,15 +301,28 @@ def sample_response(model, method: Method, record: dict, tokenizer, max_new_toke
     return tokenizer.decode(torch.tensor(tokens, dtype=torch.int64)).strip()[:120]
 
 
-def save_weights(fabric, model, method: Method, folder: Path, run_files: dict, info=None) -> None:
-    """The trained weights as folder/<method's file name>, atomically, with the run's files beside them."""
+def save_weights(fabric, model, method: Method, folder: Path, run_files: dict) -> None:
+    """The trained weights as folder/<method's file name>, with the run's files beside them, each file atomically
+    (the run's own folder holds other things: step folders, logs)."""
     weights = trained_state(fabric, model, method)
     if fabric.global_rank == 0:
         save_torch(weights, folder / method.adapter_file)
         for name, text in run_files.items():
             save_text(text, folder / name)
-        if info is not None:
-            save_json(info, folder / "adapter_info.json")
+    fabric.barrier()
+
+
+def save_best(fabric, model, method: Method, folder: Path, run_files: dict, info: dict) -> None:
+    """best/: the weights, the run's files and adapter_info.json (which step, which figures), written as one folder
+    that replaces the old one whole: a kill at any moment leaves the old best/ or the new one, never the weights of
+    one step with the figures of another."""
+    weights = trained_state(fabric, model, method)
+    if fabric.global_rank == 0:
+        with atomic_folder(folder) as tmp:
+            write_torch(weights, tmp / method.adapter_file)
+            for name, text in run_files.items():
+                (tmp / name).write_text(text, encoding="utf-8")
+            (tmp / "adapter_info.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     fabric.barrier()
 
 

@@ -2,18 +2,16 @@
 everything an exact resume needs (the trained weights, optimizer moments, counters, the place in the data, every
 RNG state). Also the signal handling that turns Ctrl-C / SIGTERM into "finish the step, save, stop"."""
 
-import os
-import shutil
 import signal
 import sys
-import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from littune.common import UserError, load_torch, save_torch, sha256_file
+from littune.common import (UserError, atomic_folder, load_torch, remove_atomic_leftovers, sha256_file,
+                            write_torch)
 from littune.model import load_state, unwrap
 
 STATE_FILE = "training_state.pt"
@@ -77,13 +75,10 @@ def save_training_state(fabric, model, optimizer, method, out_dir: Path, progres
 
         import numpy as np
 
-        final = out_dir / step_folder(progress.step)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=out_dir))
-        old = tmp.with_name(tmp.name + ".old")
-        try:
-            save_torch(adapter, tmp / method.adapter_file)
+        with atomic_folder(out_dir / step_folder(progress.step)) as tmp:  # an earlier attempt's same step: replaced
+            write_torch(adapter, tmp / method.adapter_file)
             numpy_state = np.random.get_state()
-            save_torch({
+            write_torch({
                 "counters": asdict(progress),
                 "fingerprint": fingerprint,
                 "optimizer": optimizer_dict,
@@ -96,21 +91,17 @@ def save_training_state(fabric, model, optimizer, method, out_dir: Path, progres
             }, tmp / STATE_FILE)
             for name, text in run_files.items():
                 (tmp / name).write_text(text, encoding="utf-8")
-            if final.exists():  # the same step saved by an earlier attempt: set it aside, then replace it whole
-                os.replace(final, old)
-            os.replace(tmp, final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.rmtree(old, ignore_errors=True)
     fabric.barrier()
 
 
 def remove_stale_temporaries(out_dir: Path) -> None:
     """Half-written files and folders of a run that was killed while saving (their names start with '.' and end
-    with '.tmp': no reader ever mistakes them for a checkpoint)."""
+    with '.tmp': no reader ever mistakes them for a checkpoint); a step folder or best/ set aside for its
+    replacement, which the kill stopped, is put back. best/ itself may hold a file of an older littune, which
+    wrote its files one by one."""
     for folder in (out_dir, out_dir / "best"):
-        for path in folder.glob(".*.tmp*"):
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        if folder.is_dir():
+            remove_atomic_leftovers(folder)
 
 
 def find_resume_state(out_dir: Path, resume: str) -> Optional[Path]:
