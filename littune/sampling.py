@@ -1,7 +1,10 @@
 """Sampling, shared by generate, evaluate, serve and the training loop's sample answers.
 
-- `generate_tokens`: one prompt, litgpt's KV-cached `generate_fn` (temperature 0 = greedy, top-k, top-p, stop
-  sequences), token by token; `stream_text` turns those tokens into text pieces as they arrive.
+- `generate_tokens`: one prompt, KV-cached, token by token, with litgpt `generate_fn`'s rules (stop sequences held
+  back until they are known not to be one); `stream_text` turns those tokens into text pieces as they arrive.
+- `sample_token`: the next token of one row of logits, litgpt's `sample` rule (top-k, temperature, top-p) computed
+  in float32, greedy below GREEDY_BELOW; `littune generate` and `littune serve` both draw with it, so a seeded
+  request to serve gives generate's answer.
 - `batched_greedy`: many prompts, greedy, batched with a KV cache, giving the tokens `generate_tokens` gives each
   prompt alone.
 
@@ -25,22 +28,62 @@ import torch
 from littune.model import sequence_length, unwrap
 
 
+# Temperatures below this are greedy, as vLLM's (its _SAMPLING_EPS): the logits divided by 1e-45 overflow to inf
+# even in float32 and the softmax turns to nan; in float16 0.001 already overflows, hence also float32 sampling.
+GREEDY_BELOW = 1e-5
+
+
+def is_greedy(temperature: float, top_p: float) -> bool:
+    return temperature < GREEDY_BELOW or top_p <= 0
+
+
+def sample_token(logits: torch.Tensor, temperature: float = 0.0, top_k: Optional[int] = None, top_p: float = 1.0,
+                 generator: Optional[torch.Generator] = None) -> int:
+    """The next token from one row of logits (shape: vocabulary): litgpt's `sample` (top-k, then temperature, then
+    top-p, then one draw; argmax where greedy) in float32 whatever the model's dtype, drawing from `generator`
+    (None: torch's global one, which `littune generate --seed` seeds)."""
+    from litgpt.generate.base import sample_top_p
+
+    logits = logits.float()
+    if is_greedy(temperature, top_p):
+        return int(logits.argmax())
+    if top_k is not None:
+        values, indices = torch.topk(logits, min(top_k, logits.size(-1)))
+        logits = torch.full_like(logits, float("-inf")).scatter_(-1, indices, values)
+    logits = logits / temperature
+    if top_p < 1.0:
+        logits = sample_top_p(logits, top_p)
+    probs = torch.nn.functional.softmax(logits, dim=-1)
+    return int(torch.multinomial(probs, num_samples=1, generator=generator))
+
+
 @torch.no_grad()  # not inference_mode: the RoPE table rebuilt on leaving must stay usable by autograd
 def generate_tokens(
     model, prompt_ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0, top_k: Optional[int] = None,
-    top_p: float = 1.0, stop_tokens: tuple = (),
+    top_p: float = 1.0, stop_tokens: tuple = (), generator: Optional[torch.Generator] = None,
 ) -> Iterator[int]:
-    """New token ids, one at a time, from litgpt's KV-cached `generate_fn`; stops before a stop sequence."""
-    from litgpt.generate.base import generate_fn
-
+    """New token ids, one at a time, KV-cached; stops before a stop sequence (tokens that may start one are held
+    back, as litgpt's `generate_fn` does). The prompt's prefill projects only its last position onto the
+    vocabulary, as `batched_greedy` and serve do."""
+    n, device = prompt_ids.numel(), prompt_ids.device
+    matcher = StopMatcher(stop_tokens)
+    sent = 0
     # a KV cache (and RoPE table) exactly as long as this answer can get, no longer
-    with sequence_length(model, prompt_ids.numel() + max_new_tokens) as module:
-        module.set_kv_cache(batch_size=1, device=prompt_ids.device)
-        for token in generate_fn(
-            module, prompt_ids, prompt_ids.numel() + max_new_tokens, temperature=temperature, top_k=top_k,
-            top_p=top_p, stop_tokens=stop_tokens, include_prompt=False, include_eos=False,
-        ):
-            yield int(token)
+    with sequence_length(model, n + max_new_tokens) as module:
+        module.set_kv_cache(batch_size=1, device=device)
+        with last_position_only(module):
+            logits = module(prompt_ids[None], torch.arange(n, device=device), input_pos_maxp1=n)
+        for step in range(max_new_tokens):
+            token = sample_token(logits[0, -1], temperature, top_k, top_p, generator)
+            matcher.add(token)
+            if matcher.stopped:
+                return
+            yield from matcher.tokens[sent:matcher.safe]
+            sent = matcher.safe
+            if step < max_new_tokens - 1:
+                logits = module(torch.tensor([[token]], device=device), torch.tensor([n + step], device=device),
+                                input_pos_maxp1=n + step + 1)
+    yield from matcher.tokens[sent:]  # at the limit everything generated is output
 
 
 def stream_text(tokenizer, tokens: Iterator[int]) -> Iterator[tuple[str, int]]:
@@ -157,6 +200,17 @@ def _only_positions(module, last: torch.Tensor) -> Iterator[None]:
     the vocabulary projection runs on one position per row instead of all of them."""
     rows = torch.arange(len(last), device=last.device)
     handle = module.transformer.ln_f.register_forward_hook(lambda _, __, out: out[rows, last][:, None])
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def last_position_only(module) -> Iterator[None]:
+    """Within the block the final norm returns only the last position, so a prefill's vocabulary projection runs on
+    one position instead of the whole prompt."""
+    handle = module.transformer.ln_f.register_forward_hook(lambda _, __, out: out[:, -1:])
     try:
         yield
     finally:

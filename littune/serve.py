@@ -26,9 +26,12 @@ per step for all of them (continuous batching): a new request is prefilled alone
 (only the last position goes through the vocabulary projection), and joins the batch at the next step; a finished
 or abandoned one leaves it. Each row keeps its own positions, so a row attends only to its own tokens, as in
 `littune.sampling.batched_greedy`. Up to --max_concurrency requests are in the batch; further ones wait in order;
-beyond --max_queue waiting ones a request gets 429 with Retry-After. Sampling follows litgpt's `sample`
-(temperature 0 = greedy, top_k, top_p) with a random generator of the request's own, so a `seed` gives the same
-draws whatever else the server is doing. Greedy answers equal `littune generate`'s on CPU in float32 (the tests;
+beyond --max_queue waiting ones a request gets 429 with Retry-After. Sampling is `littune generate`'s
+(`littune.sampling.sample_token`: litgpt's rule, top_k, temperature, top_p, computed in float32; a temperature
+below 1e-5 is greedy, as vLLM's) with a random generator of the request's own, so a `seed` gives the same draws
+whatever else the server is doing. A request that fails fails alone: a draw that fails ends its own row, a prefill
+that fails (e.g. out of memory) puts the other rows' KV caches back; only a failed step of the whole batch fails
+the requests in it. Greedy answers equal `littune generate`'s on CPU in float32 (the tests;
 scripts/bench_serve.py on SmolLM2, four at once included); on a GPU in bfloat16 a batch's other matrix shapes round
 differently and can part an answer from generate's where two tokens are about equally likely.
 """
@@ -44,10 +47,9 @@ import time
 import traceback
 import uuid
 from collections import deque
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Callable, Iterator, Literal, Optional
+from typing import Annotated, Any, Callable, Literal, Optional
 
 from littune.common import Check, UserError, checked, first_line
 from littune.model import Precision
@@ -301,24 +303,21 @@ class Engine:
         with torch.no_grad():  # not inference_mode, as in littune.sampling: the model stays usable by autograd
             while not self.stopping:
                 self.wakeup.clear()  # before looking at `pending`: a submit after this wakes the wait below
-                job = None
                 try:
                     self._drop_cancelled()
                     while len(self.rows) < self.max_concurrency and self.pending and not self.stopping:
                         job = self.pending.popleft()
                         if not job.cancelled:
-                            self._prefill(job)
-                        job = None
+                            try:
+                                self._prefill(job)
+                            except Exception as e:  # this prompt failed (e.g. out of memory): this request only
+                                _fail(job, e)
                     if self.rows:
                         self._step()
                     elif not self.pending:
                         self.wakeup.wait(0.5)  # a timeout, so `stopping` set by a signal handler is seen
-                except Exception as e:  # the model failed (e.g. out of memory): fail these requests, keep serving
-                    traceback.print_exc(file=sys.stderr)
-                    failed = [row.job for row in self.rows] + ([job] if job is not None else [])
-                    self._reset()
-                    for failed_job in failed:
-                        _emit(failed_job, ("error", 500, f"generation failed: {type(e).__name__}: {first_line(e)}"))
+                except Exception as e:  # the batch's forward failed (e.g. out of memory): its requests, keep serving
+                    self._fail_all(e)
         for leftover in [row.job for row in self.rows] + list(self.pending):
             _emit(leftover, ("error", 503, "the server is shutting down"))
         self.pending.clear()
@@ -326,28 +325,60 @@ class Engine:
 
     def _prefill(self, job: Job) -> None:
         """The prompt alone through the model, on a fresh one-row cache (as `littune generate` prefills), then that
-        cache joins the batch's."""
+        cache joins the batch's. If anything fails, the other rows' caches are put back and only this job fails."""
         import torch
+
+        from littune.sampling import last_position_only
 
         blocks = self.module.transformer.h
         saved = [block.attn.kv_cache for block in blocks] if self.rows else None
-        length = max(self.cache_length, _round_up(job.prompt.numel() + 1, self.context))
-        if saved is not None and length > self.cache_length:
-            self._grow(length, saved)
-        self.module.set_kv_cache(batch_size=1, max_seq_length=length, device=self.device)
-        with _last_position_only(self.module):
-            logits = self.module(job.prompt[None], torch.arange(job.prompt.numel(), device=self.device),
-                                 input_pos_maxp1=job.prompt.numel())
-        if saved is not None:
-            for block, old in zip(blocks, saved):
-                new = block.attn.kv_cache
-                new.k, new.v = torch.cat([old.k, new.k]), torch.cat([old.v, new.v])
+        try:
+            length = max(self.cache_length, _round_up(job.prompt.numel() + 1, self.context))
+            if saved is not None and length > self.cache_length:
+                self._grow(length, saved)
+            self.module.set_kv_cache(batch_size=1, max_seq_length=length, device=self.device)
+            with last_position_only(self.module):
+                logits = self.module(job.prompt[None], torch.arange(job.prompt.numel(), device=self.device),
+                                     input_pos_maxp1=job.prompt.numel())
+            if saved is not None:
+                for block, old in zip(blocks, saved):
+                    new = block.attn.kv_cache
+                    new.k, new.v = torch.cat([old.k, new.k]), torch.cat([old.v, new.v])
+        except Exception:
+            self._restore(saved)
+            raise
         self.cache_length = length
         row = Row(job=job, matcher=_stop_matcher(job.stop_tokens), generator=_generator(job, self.device),
                   position=job.prompt.numel())
         self.rows.append(row)
-        if self._take(row, _pick(logits[:, -1], [row])[0]):
-            self._keep([i for i, r in enumerate(self.rows) if r is not row])
+        self._take_all(logits[:, -1], [len(self.rows) - 1])
+
+    def _restore(self, saved: Optional[list]) -> None:
+        """After a failed prefill: the batch's own caches back in every block, at the batch's cache length (a grow
+        that failed half-way is cut back: views, no new memory), the causal mask as long. Without a batch (saved is
+        None), nothing to keep. If even this fails, every request in the batch fails."""
+        if saved is None:
+            self._reset()
+            return
+        try:
+            from litgpt.model import build_mask_cache
+
+            for block, cache in zip(self.module.transformer.h, saved):
+                cache.k, cache.v = cache.k[:, :, :self.cache_length], cache.v[:, :, :self.cache_length]
+                cache.max_cache_len = self.cache_length
+                block.attn.kv_cache = cache
+            mask = self.module.mask_cache
+            if mask is None or mask.size(3) != self.cache_length:
+                self.module.mask_cache = build_mask_cache(self.cache_length, self.device)
+        except Exception as e:
+            self._fail_all(e)
+
+    def _fail_all(self, error: Exception) -> None:
+        """The batch is lost (its forward failed): every row's request gets the error, the cache is freed."""
+        failed = [row.job for row in self.rows]
+        self._reset()
+        for job in failed:
+            _fail(job, error)
 
     def _step(self) -> None:
         """One new token for every row."""
@@ -359,10 +390,25 @@ class Engine:
         tokens = torch.tensor([[row.last] for row in self.rows], device=self.device)
         positions = torch.tensor([[row.position] for row in self.rows], device=self.device)
         logits = self.module(tokens, positions, input_pos_maxp1=need)
-        finished = set()
-        for i, (row, token) in enumerate(zip(self.rows, _pick(logits[:, -1], self.rows))):
+        for row in self.rows:
             row.position += 1
-            if self._take(row, token):
+        self._take_all(logits[:, -1], range(len(self.rows)))
+
+    def _take_all(self, logits, indices) -> None:
+        """Sample the next token of these rows (logits: one row of logits each, in the order of `indices`) and send
+        their text; rows that are done leave the batch. A row whose sampling or text fails (e.g. non-finite
+        probabilities) fails alone: the other rows go on."""
+        greedy = logits.argmax(dim=-1).tolist()  # one call for every greedy row
+        finished = set()
+        for k, i in enumerate(indices):
+            row = self.rows[i]
+            try:
+                token = greedy[k] if row.generator is None else sample_row(logits[k], row.job, row.generator)
+                done = self._take(row, token)
+            except Exception as e:
+                _fail(row.job, e)
+                done = True
+            if done:
                 finished.add(i)
         if finished:
             self._keep([i for i in range(len(self.rows)) if i not in finished])
@@ -439,10 +485,17 @@ def _stop_matcher(stop_tokens: tuple):
     return StopMatcher(stop_tokens)
 
 
+def _fail(job: Job, error: Exception) -> None:
+    traceback.print_exception(error, file=sys.stderr)
+    _emit(job, ("error", 500, f"generation failed: {type(error).__name__}: {first_line(error)}"))
+
+
 def _generator(job: Job, device):
     import torch
 
-    if job.temperature <= 0 or job.top_p <= 0:
+    from littune.sampling import is_greedy
+
+    if is_greedy(job.temperature, job.top_p):
         return None  # greedy: no randomness
     generator = torch.Generator(device=device)
     if job.seed is None:
@@ -452,39 +505,13 @@ def _generator(job: Job, device):
     return generator
 
 
-def _pick(logits, rows: list[Row]) -> list[int]:
-    """The next token of each row (logits: rows x vocabulary): litgpt's `sample` rule per row (greedy where the
-    temperature or top_p is 0), drawing from the row's own generator."""
-    greedy = logits.argmax(dim=-1).tolist()
-    return [greedy[i] if row.generator is None else sample_row(logits[i], row.job, row.generator)
-            for i, row in enumerate(rows)]
-
-
 def sample_row(logits, job: Job, generator) -> int:
-    """litgpt.generate.base.sample for one row, with a generator: the same draws `littune generate --seed` makes
-    for this request alone on CPU (its global generator, seeded the same, gives the same stream)."""
-    import torch
-    from litgpt.generate.base import sample_top_p
+    """The request's next token: `littune.sampling.sample_token`, as `littune generate` draws (in float32, greedy
+    below a tiny temperature), from the request's own generator: the same draws `littune generate --seed` makes for
+    this request alone on CPU (its global generator, seeded the same, gives the same stream)."""
+    from littune.sampling import sample_token
 
-    if job.top_k is not None:
-        values, indices = torch.topk(logits, min(job.top_k, logits.size(-1)))
-        logits = torch.full_like(logits, float("-inf")).scatter_(-1, indices, values)
-    logits = logits / job.temperature
-    if job.top_p < 1.0:
-        logits = sample_top_p(logits, job.top_p)
-    probs = torch.nn.functional.softmax(logits, dim=-1)
-    return int(torch.multinomial(probs, num_samples=1, generator=generator))
-
-
-@contextmanager
-def _last_position_only(module) -> Iterator[None]:
-    """Within the block the final norm returns only the last position, so the prefill's vocabulary projection runs
-    on one position instead of the whole prompt (the same trick as littune.sampling.batched_greedy's)."""
-    handle = module.transformer.ln_f.register_forward_hook(lambda _, __, out: out[:, -1:])
-    try:
-        yield
-    finally:
-        handle.remove()
+    return sample_token(logits, job.temperature, job.top_k, job.top_p, generator)
 
 
 def advance_text(tokenizer, ids: list[int], emitted: str, stop_strings: tuple, final: bool) -> tuple[str, str, bool]:

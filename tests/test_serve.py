@@ -403,6 +403,72 @@ def test_setup_errors_are_one_line(cli_server, tmp_path, capsys, monkeypatch):
     assert "littune serve needs uvicorn: pip install 'littune[serve]'" in capsys.readouterr().err
 
 
+def test_a_tiny_temperature_fails_no_other_request(cli_server, small_checkpoint):
+    """Issue 24 #2, against the real command: while one client's long greedy answer streams, another sends
+    temperature 1e-45 (the logits divided by it overflow to inf, the probabilities turn to nan). Below 1e-5 a
+    temperature is greedy: both are answered, the long one as `littune generate`'s."""
+    base = up(cli_server)
+    client = client_for(base)
+    long_tokens = 160  # the prompt has 74 tokens, the context 256
+    expected = generate_module.generate(prompt=PROMPTS[3], checkpoint_dir=small_checkpoint, temperature=0,
+                                        max_new_tokens=long_tokens)[0]
+    stream = client.chat.completions.create(model="m", messages=[{"role": "user", "content": PROMPTS[3]}],
+                                            temperature=0, max_tokens=long_tokens, stream=True)
+    pieces = []
+    for chunk in stream:
+        pieces += [choice.delta.content or "" for choice in chunk.choices]
+        if "".join(pieces):
+            break
+    assert httpx.get(f"{base}/health").json()["running"] == 1  # the long answer is being generated
+    tiny = chat(client, PROMPTS[1], temperature=1e-45)[0]
+    pieces += [choice.delta.content or "" for chunk in stream for choice in chunk.choices]
+    assert "".join(pieces) == expected
+    assert tiny == greedy(small_checkpoint, PROMPTS[1])
+    assert chat(client, PROMPTS[1], temperature=1e-6, top_p=0.5, seed=1)[0] == tiny
+
+
+def test_a_failing_request_fails_alone(small_checkpoint, monkeypatch):
+    """One row's failure (a prefill that runs out of memory half-way through the layers, a draw that fails) ends
+    that request with a 500 only: the other rows' caches are put back and their answers stay generate's."""
+    long_tokens = 160
+    expected = generate_module.generate(prompt=PROMPTS[3], checkpoint_dir=small_checkpoint, temperature=0,
+                                        max_new_tokens=long_tokens)[0]
+    with in_process_server(small_checkpoint, max_concurrency=4) as (base, service):
+        fail_prefill = threading.Event()
+
+        def out_of_memory(block, args):  # a block's input is (rows, positions, C): more than one position = prefill
+            if fail_prefill.is_set() and args[0].size(1) > 1:
+                raise RuntimeError("CUDA out of memory (simulated)")
+
+        service.engine.module.transformer.h[2].register_forward_pre_hook(out_of_memory)
+        sample_row, draws = serve_module.sample_row, []
+
+        def failing_draw(logits, job, generator):  # the third draw of the request with seed 13: in a decode step
+            draws.append(job.seed)
+            if draws.count(13) == 3:
+                raise RuntimeError("probability tensor contains either inf, nan or element < 0 (simulated)")
+            return sample_row(logits, job, generator)
+
+        monkeypatch.setattr(serve_module, "sample_row", failing_draw)
+        with httpx.Client(base_url=base, timeout=120) as http:
+            long = {"messages": [{"role": "user", "content": PROMPTS[3]}], "temperature": 0,
+                    "max_tokens": long_tokens, "stream": True}
+            with http.stream("POST", "/v1/chat/completions", json=long) as running:
+                lines = running.iter_lines()
+                first = [next(line for line in lines if '"content": "' in line and '"content": ""' not in line)]
+                fail_prefill.set()
+                refused = http.post("/v1/completions", json={"prompt": PROMPTS[2], "max_tokens": 4})
+                fail_prefill.clear()
+                assert refused.status_code == 500 and "out of memory" in refused.json()["error"]["message"]
+                drawn = http.post("/v1/completions", json={"prompt": PROMPTS[2], "max_tokens": 8, "seed": 13})
+                assert drawn.status_code == 500 and "simulated" in drawn.json()["error"]["message"]
+                rest = first + [line for line in lines if line]
+            events = [json.loads(line[len("data: "):]) for line in rest if line != "data: [DONE]"]
+            text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e.get("choices"))
+            assert text == expected and rest[-1] == "data: [DONE]"
+        assert chat(client_for(base), PROMPTS[1])[0] == greedy(small_checkpoint, PROMPTS[1])
+
+
 def test_ctrl_c_stops_the_server_cleanly_mid_answer(cli_server):
     """Last in this file: Ctrl-C while an answer streams ends that answer and the process, exit code 0."""
     base, process = up(cli_server), cli_server[1]
