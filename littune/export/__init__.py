@@ -1,0 +1,264 @@
+"""Leave littune with a fine-tuned model: fold a LoRA run into the base weights (`littune merge`), or write the model
+in the formats other tools read (`littune export`).
+
+    littune merge  --checkpoint_dir checkpoints/ORG/NAME --adapter_path out/lora/my --out_dir checkpoints/my-merged
+    littune export --checkpoint_dir checkpoints/ORG/NAME --adapter_path out/lora/my --format hf   --out_dir export/hf
+    littune export --checkpoint_dir checkpoints/ORG/NAME --adapter_path out/lora/my --format peft --out_dir export/peft
+    littune export --checkpoint_dir checkpoints/ORG/NAME --adapter_path out/lora/my --format gguf --out_dir export/gguf \
+        --dtype q8_0
+
+- merge: a converted checkpoint folder (lit_model.pth with the LoRA update added, model_config.yaml, tokenizer and
+  generation files, the run's prompt_style.yaml) that generate, evaluate and serve use without --adapter_path.
+- hf: a transformers folder (config.json, model.safetensors, sharded above --max_shard_size as transformers does,
+  generation_config.json, tokenizer files) for Llama/Mistral, Falcon and GPT-NeoX; a LoRA run is merged first. The
+  weights are renamed with litgpt's Lit -> HF copiers (`litgpt.scripts.convert_lit_checkpoint`), the inverse of the
+  copiers `littune convert` uses; config.json is built so that it converts back to the same Lit-GPT config, and a
+  model whose config would not is refused.
+- peft: the LoRA weights alone as PEFT writes them (adapter_model.safetensors + adapter_config.json), to load onto
+  the original transformers model (PEFT, vLLM's LoRA serving, llama.cpp's convert_lora_to_gguf).
+- gguf: one .gguf file for llama.cpp / Ollama (Llama-family models), in the layout llama.cpp's convert_hf_to_gguf.py
+  writes: its tensor names, Q and K rows permuted for its RoPE, norms in F32, the tokenizer and chat template in the
+  metadata. The inverse of littune's own GGUF import (`littune.checkpoints.gguf`).
+
+An adapter_v2 run is refused: its learned prefix is attended to as extra keys and values, which no weight matrix of
+the base model can express. Everything is checked before anything is written; the output is built in a hidden
+temporary folder beside --out_dir and renamed into place at the end, so a failed or interrupted export leaves no
+half-written folder.
+
+One file per format: `hf.py` (also the model families and config.json every format shares), `peft.py`, `gguf.py`.
+This is the inference side: it never imports the training package.
+"""
+
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Iterator, Literal, Optional
+
+import torch
+
+from littune.checkpoints import load_model_config
+from littune.common import UserError, checked, load_torch, save_json, save_torch
+from littune.export.gguf import gguf_tokenizer, write_gguf
+from littune.export.hf import check_family, copy_tokenizer_files, write_hf, write_safetensors
+from littune.export.peft import peft_adapter
+from littune.model import build_model, check_adapter_fits, resolve_adapter
+
+ExportFormat = Literal["hf", "peft", "gguf"]
+ExportDtype = Literal["float32", "bfloat16", "float16", "q8_0"]
+# written into every export and merge folder: the files littune wrote there (what --overwrite may replace)
+OUTPUT_RECORD = "littune_export.json"
+
+
+@checked
+def merge(checkpoint_dir: Path, adapter_path: Path, out_dir: Path, overwrite: bool = False) -> Path:
+    """Fold a LoRA run into the base weights: a converted checkpoint folder to use without --adapter_path.
+
+    Arguments:
+        checkpoint_dir: The converted base model the run was trained on.
+        adapter_path: A LoRA run folder (its final weights) or a LoRA weights file.
+        out_dir: The folder to write (lit_model.pth, model_config.yaml, tokenizer files, prompt_style.yaml).
+        overwrite: Replace an earlier export or merge in --out_dir (a folder holding other files is refused).
+    """
+    checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
+    config = load_model_config(checkpoint_dir)
+    adapter = read_adapter(adapter_path, checkpoint_dir)
+    check_out_dir(out_dir, overwrite, [checkpoint_dir, adapter["run_dir"]])
+    base = load_base(checkpoint_dir, config)
+    state = merged_state(config, base, adapter)
+    with building(out_dir, "merge") as tmp:
+        print(f"Writing {out_dir / 'lit_model.pth'}", file=sys.stderr)
+        save_torch(state, tmp / "lit_model.pth")
+        shutil.copyfile(checkpoint_dir / "model_config.yaml", tmp / "model_config.yaml")
+        copy_tokenizer_files(checkpoint_dir, tmp)
+        style = adapter["run_dir"] / "prompt_style.yaml"
+        if style.is_file():  # the prompt format the run was trained with goes with its weights
+            shutil.copyfile(style, tmp / "prompt_style.yaml")
+        save_json({"base": str(checkpoint_dir.resolve()), "adapter": str(adapter["file"].resolve()),
+                   "method": adapter["method"].name, **asdict(adapter["args"])}, tmp / "merge.json")
+    print(f"Merged {adapter['file']} into {checkpoint_dir}: {out_dir} (use it as --checkpoint_dir, no --adapter_path)",
+          file=sys.stderr)
+    return out_dir
+
+
+@checked
+def export(
+    checkpoint_dir: Path,
+    format: ExportFormat,
+    out_dir: Path,
+    adapter_path: Optional[Path] = None,
+    dtype: Optional[ExportDtype] = None,
+    max_shard_size: str = "50GB",
+    overwrite: bool = False,
+) -> Path:
+    """Write the model (with a LoRA run merged in) for transformers, PEFT or llama.cpp.
+
+    Arguments:
+        checkpoint_dir: A converted checkpoint folder (from littune download/convert, or littune merge).
+        format: hf (a transformers folder, the LoRA merged in), peft (the LoRA alone, for PEFT/vLLM), gguf (one
+            .gguf file for llama.cpp and Ollama; Llama-family models).
+        out_dir: The folder to write.
+        adapter_path: A LoRA run folder or weights file (required for peft; hf and gguf merge it in).
+        dtype: The weights' dtype: float32, bfloat16, float16, or (gguf) q8_0 (default: the checkpoint's dtype for hf
+            and peft; float16 for gguf, as llama.cpp's converter).
+        max_shard_size: hf: split model.safetensors into shards of at most this size (e.g. 5GB, 500MB), with
+            model.safetensors.index.json, as transformers' save_pretrained does (its default is 50GB).
+        overwrite: Replace an earlier export or merge in --out_dir (a folder holding other files is refused).
+    """
+    checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
+    shard_bytes = parse_size(max_shard_size)
+    if dtype == "q8_0" and format != "gguf":
+        raise UserError(f"--dtype q8_0 is a GGUF type; --format {format} takes float32, bfloat16 or float16")
+    if format == "peft" and adapter_path is None:
+        raise UserError("--format peft writes a LoRA adapter: give the run with --adapter_path")
+    config = load_model_config(checkpoint_dir)
+    family = check_family(config, checkpoint_dir, format)
+    adapter = read_adapter(adapter_path, checkpoint_dir) if adapter_path is not None else None
+    if format == "gguf":
+        tokenizer = gguf_tokenizer(checkpoint_dir, config)  # refuses a tokenizer llama.cpp could not read first
+    check_out_dir(out_dir, overwrite, [checkpoint_dir] + ([adapter["run_dir"]] if adapter else []))
+
+    if format == "peft":
+        tensors, adapter_config = peft_adapter(config, family, adapter, checkpoint_dir, dtype)
+        with building(out_dir, "export peft") as tmp:
+            write_safetensors(tensors, tmp / "adapter_model.safetensors", None)
+            save_json(adapter_config, tmp / "adapter_config.json")
+            copy_tokenizer_files(checkpoint_dir, tmp)
+        print(f"Wrote the PEFT adapter to {out_dir} (r={adapter_config['r']}, lora_alpha="
+              f"{adapter_config['lora_alpha']}, {len(tensors)} tensors); load it onto the original model with "
+              f"PeftModel.from_pretrained", file=sys.stderr)
+        return out_dir
+
+    base = load_base(checkpoint_dir, config)
+    state = merged_state(config, base, adapter) if adapter else base
+    if format == "hf":
+        with building(out_dir, "export hf") as tmp:
+            write_hf(tmp, config, family, state, checkpoint_dir, dtype, shard_bytes)
+        print(f"Wrote a transformers model to {out_dir}", file=sys.stderr)
+    else:
+        with building(out_dir, "export gguf") as tmp:
+            path = write_gguf(tmp, config, state, checkpoint_dir, tokenizer, dtype or "float16")
+        print(f"Wrote {out_dir / path.name}", file=sys.stderr)
+    return out_dir
+
+
+def read_adapter(adapter_path: Path, checkpoint_dir: Path) -> dict:
+    """The trained weights of a run that can be merged, checked against the base model: file, run_dir, method,
+    args, weights."""
+    adapter_file, run_dir, method, method_args = resolve_adapter(adapter_path)
+    if method.merge is None:
+        raise UserError(
+            f"--adapter_path {adapter_path}: an {method.name} run cannot be merged or exported: its learned prefix is "
+            f"attended to as extra keys and values, which no base weight can hold; train with `littune finetune lora` "
+            f"to export"
+        )
+    weights = load_torch(adapter_file, "adapter weights")
+    check_adapter_fits(weights, adapter_file, checkpoint_dir, method, method_args)
+    return {"file": adapter_file, "run_dir": run_dir, "method": method, "args": method_args, "weights": weights}
+
+
+def load_base(checkpoint_dir: Path, config) -> dict:
+    """lit_model.pth (memory-mapped), checked against model_config.yaml."""
+    from litgpt import GPT
+
+    path = Path(checkpoint_dir) / "lit_model.pth"
+    state = load_torch(path, "base weights")
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in GPT(config).state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state.items()} if isinstance(state, dict) else {}
+    if got != expected:
+        wrong = sorted(set(got) ^ set(expected)) or [k for k in expected if got[k] != expected[k]]
+        raise UserError(f"{path}: weights do not fit {Path(checkpoint_dir) / 'model_config.yaml'} ({wrong[0]}); "
+                        f"convert the checkpoint again")
+    return state
+
+
+def merged_state(config, base: dict, adapter: dict) -> dict:
+    """The base state dict (Lit-GPT names) with the adapter's update folded in by its method's `merge`."""
+    method = adapter["method"]
+    with torch.device("meta"):
+        model = build_model(config, method, adapter["args"])
+    # assign: the module takes the (memory-mapped) tensors as they are, no copy of the whole model
+    model.load_state_dict({**base, **adapter["weights"]}, strict=True, assign=True)
+    method.merge(model)
+    merged = {}
+    for name, value in model.state_dict().items():
+        if method.is_trainable(name):
+            continue
+        base_name = name.replace(".linear.", ".")  # litgpt's method models wrap each base Linear as `.linear`
+        if base_name not in base:
+            raise UserError(f"{adapter['file']}: the merged weight {name} has no place in the base model")
+        merged[base_name] = value
+    return merged
+
+
+def check_out_dir(out_dir: Path, overwrite: bool, inputs: list) -> None:
+    """--out_dir must be new, empty, or (with --overwrite) hold only what an earlier export or merge wrote there:
+    --overwrite replaces littune's own output, never a folder that holds a user's other files."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out_dir {out_dir} is a file; give a folder")
+    for source in inputs:
+        source = Path(source).resolve()
+        if source == out_dir.resolve() or out_dir.resolve() in source.parents:
+            raise UserError(f"--out_dir {out_dir} holds the input {source}; write somewhere else")
+    if not out_dir.is_dir() or not any(out_dir.iterdir()):
+        return
+    if not overwrite:
+        raise UserError(f"--out_dir {out_dir} exists and is not empty; choose another folder or pass --overwrite")
+    foreign = foreign_entries(out_dir)
+    if foreign:
+        names = ", ".join(foreign[:4]) + (f" and {len(foreign) - 4} more" if len(foreign) > 4 else "")
+        raise UserError(f"--out_dir {out_dir} holds files that no littune export or merge wrote ({names}); --overwrite "
+                        f"replaces only littune's own output: choose another folder, or move those files away")
+
+
+def foreign_entries(folder: Path) -> list[str]:
+    """The names in folder that its littune_export.json (written by every export and merge) does not list as a plain
+    file: all of them where there is no such record or it cannot be read."""
+    names = sorted(p.name for p in folder.iterdir())
+    try:
+        record = json.loads((folder / OUTPUT_RECORD).read_text(encoding="utf-8"))
+        ours = {str(name) for name in record["files"]} | {OUTPUT_RECORD}
+    except (OSError, ValueError, KeyError, TypeError):
+        return names
+    return [name for name in names
+            if name not in ours or (folder / name).is_symlink() or not (folder / name).is_file()]
+
+
+@contextmanager
+def building(out_dir: Path, command: str) -> Iterator[Path]:
+    """A temporary folder beside out_dir, renamed onto it when the block succeeds (the old folder removed only
+    then); on failure it is deleted and out_dir stays as it was. littune_export.json lists the files written, so a
+    later --overwrite can tell littune's output from a user's files."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes 0700; the folder gets the mode a plain mkdir would give
+    old = None
+    try:
+        yield tmp
+        save_json({"command": command, "files": sorted(p.name for p in tmp.iterdir())}, tmp / OUTPUT_RECORD)
+        if out_dir.exists():
+            old = out_dir.with_name(f"{tmp.name}.old")
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def parse_size(size: str) -> int:
+    """"5GB" -> 5_000_000_000 (decimal units, as transformers' max_shard_size)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?B?)\s*", str(size).upper())
+    if not m or float(m[1]) <= 0:
+        raise UserError(f"--max_shard_size {size!r}: give a size such as 5GB, 500MB or 2000000000 (bytes)")
+    unit = {"": 1, "B": 1, "K": 1e3, "KB": 1e3, "M": 1e6, "MB": 1e6, "G": 1e9, "GB": 1e9, "T": 1e12, "TB": 1e12}
+    return int(float(m[1]) * unit[m[2]])
