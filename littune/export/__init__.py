@@ -30,11 +30,9 @@ This is the inference side: it never imports the training package.
 """
 
 import json
-import os
 import re
 import shutil
 import sys
-import tempfile
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -43,7 +41,7 @@ from typing import Iterator, Literal, Optional
 import torch
 
 from littune.checkpoints import load_model_config
-from littune.common import UserError, checked, load_torch, save_json, save_torch
+from littune.common import UserError, atomic_folder, checked, load_torch, save_json, save_torch
 from littune.export.gguf import gguf_tokenizer, write_gguf
 from littune.export.hf import check_family, copy_tokenizer_files, write_hf, write_safetensors
 from littune.export.peft import peft_adapter
@@ -232,27 +230,12 @@ def foreign_entries(folder: Path) -> list[str]:
 
 @contextmanager
 def building(out_dir: Path, command: str) -> Iterator[Path]:
-    """A temporary folder beside out_dir, renamed onto it when the block succeeds (the old folder removed only
-    then); on failure it is deleted and out_dir stays as it was. littune_export.json lists the files written, so a
-    later --overwrite can tell littune's output from a user's files."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes 0700; the folder gets the mode a plain mkdir would give
-    old = None
-    try:
+    """The output folder, built whole in a temporary folder and swapped in (`common.atomic_folder`): a failed or
+    interrupted command leaves out_dir as it was. littune_export.json lists the files written, so a later
+    --overwrite can tell littune's output from a user's files."""
+    with atomic_folder(out_dir) as tmp:
         yield tmp
         save_json({"command": command, "files": sorted(p.name for p in tmp.iterdir())}, tmp / OUTPUT_RECORD)
-        if out_dir.exists():
-            old = out_dir.with_name(f"{tmp.name}.old")
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
 
 
 def parse_size(size: str) -> int:
