@@ -302,6 +302,53 @@ def test_convert_truncated_weights(sources, tmp_path, capsys):
     assert listing(folder) == before
 
 
+def rewrite_safetensors_header(path: Path, change) -> None:
+    """Rewrite a .safetensors file's JSON header in place with `change(header)`; the data bytes stay as they are."""
+    import json
+    import struct
+
+    raw = path.read_bytes()
+    (size,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + size])
+    change(header)
+    encoded = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + raw[8 + size:])
+
+
+EMBED = "gpt_neox.embed_in.weight"
+
+
+def _overlap(header):  # the second tensor's bytes start inside the first's
+    first, second = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])[:2]
+    begin, end = header[second]["data_offsets"]
+    header[second]["data_offsets"] = [begin - 4, end - 4]
+
+
+BAD_HEADERS = {  # name -> (change, words the error line must hold besides the file name)
+    "empty_span": (lambda h: h[EMBED].update(data_offsets=[0, 0]), [EMBED, "bytes"]),
+    "short_span": (lambda h: h[EMBED].update(shape=[h[EMBED]["shape"][0], 128]), [EMBED, "bytes"]),
+    "negative_begin": (lambda h: h[EMBED].update(data_offsets=[-8, h[EMBED]["data_offsets"][1] - 8]), [EMBED]),
+    "end_before_begin": (lambda h: h[EMBED].update(data_offsets=list(reversed(h[EMBED]["data_offsets"]))), [EMBED]),
+    "unknown_dtype": (lambda h: h[EMBED].update(dtype="F4"), [EMBED, "F4"]),
+    "bad_shape": (lambda h: h[EMBED].update(shape=[-1, 64]), [EMBED, "shape"]),
+    "not_an_entry": (lambda h: h.update({EMBED: [1, 2]}), [EMBED]),
+    "overlap": (_overlap, ["overlap"]),
+}
+
+
+@pytest.mark.parametrize("case", BAD_HEADERS)
+def test_convert_refuses_bad_safetensors_header(sources, tmp_path, capsys, case):
+    """Offsets, sizes and dtypes of every header entry are checked before any tensor is read: an entry with
+    data_offsets [0, 0] and a non-empty shape must not become uninitialised memory in lit_model.pth."""
+    folder = tmp_path / "tiny-neox-header"
+    shutil.copytree(sources["root"] / "gpt_neox", folder)
+    change, words = BAD_HEADERS[case]
+    rewrite_safetensors_header(folder / "model.safetensors", change)
+    before = listing(folder)
+    one_error_line(run_main(capsys, "convert", "--checkpoint_dir", str(folder)), "model.safetensors", *words)
+    assert listing(folder) == before
+
+
 def test_convert_unknown_tensor(sources, tmp_path, capsys):
     """A tensor litgpt's name map does not know (here a classification head): a clean error, not a KeyError."""
     from safetensors.torch import load_file, save_file

@@ -7,6 +7,7 @@ against the model's expected parameter names and shapes before it is renamed int
 """
 
 import json
+import math
 import pickle
 import re
 import struct
@@ -73,13 +74,12 @@ def convert(
     config, family = resolve_config(checkpoint_dir, model_name)
     torch_dtype = getattr(torch, dtype) if dtype else None
 
-    if family is None:  # a litgpt named config of a family littune does not stream (phi, gemma, qwen, ...)
-        _convert_with_litgpt(checkpoint_dir, config, dtype)
-        return
-
     for weight_file in weight_files:  # a damaged file is named before any work starts
         if weight_file.suffix == ".safetensors":
             _SafetensorsFile(weight_file).close()
+    if family is None:  # a litgpt named config of a family littune does not stream (phi, gemma, qwen, ...)
+        _convert_with_litgpt(checkpoint_dir, config, dtype)
+        return
     copy_fn, state_dict = _copier(family, config)
     total = sum(f.stat().st_size for f in weight_files)
     print(f"Converting {checkpoint_dir} ({config.name}, {total / 1e6:.1f} MB) to Lit-GPT format", file=sys.stderr)
@@ -336,11 +336,38 @@ class _LazyTensor:
         return self.handle.get_tensor(self.name)
 
 
-# safetensors dtype codes -> torch dtype names (the format is little-endian, like every platform torch runs on)
+# safetensors dtype codes -> (torch dtype name, bytes per element); the format is little-endian, like every platform
+# torch runs on
 _SAFETENSORS_DTYPES = {
-    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
-    "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+    "F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
+    "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2), "I8": ("int8", 1), "U8": ("uint8", 1),
+    "BOOL": ("bool", 1), "F8_E4M3": ("float8_e4m3fn", 1), "F8_E5M2": ("float8_e5m2", 1),
 }
+
+
+def _entry_span(info) -> tuple[int, int]:
+    """(begin, end) of one safetensors header entry in the data, after checking the entry; ValueError says why not.
+
+    The bytes between begin and end must be exactly the tensor's (numel x item size): a [0, 0] span for a
+    non-empty shape would otherwise hand out uninitialised memory as weights.
+    """
+    if not isinstance(info, dict):
+        raise ValueError(f"entry is a {type(info).__name__}, not an object with dtype, shape and data_offsets")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if dtype not in _SAFETENSORS_DTYPES:
+        raise ValueError(f"dtype {dtype!r} cannot be converted (known: {', '.join(_SAFETENSORS_DTYPES)})")
+    if not isinstance(shape, list) or not all(type(n) is int and n >= 0 for n in shape):
+        raise ValueError(f"shape {shape!r} is not a list of sizes")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(n) is int for n in offsets)):
+        raise ValueError(f"data_offsets {offsets!r} is not [begin, end]")
+    begin, end = offsets
+    if not 0 <= begin <= end:
+        raise ValueError(f"data_offsets [{begin}, {end}] do not span bytes of the data")
+    expected = math.prod(shape) * _SAFETENSORS_DTYPES[dtype][1]
+    if end - begin != expected:
+        raise ValueError(f"data_offsets [{begin}, {end}] hold {end - begin:,} bytes, but a {dtype} tensor of shape "
+                         f"{shape} has {expected:,} bytes")
+    return begin, end
 
 
 class _SafetensorsFile:
@@ -354,20 +381,39 @@ class _SafetensorsFile:
         self.path = path
         self.file = open(path, "rb")
         try:
+            self._read_header()
+        except BaseException:
+            self.file.close()
+            raise
+
+    def _read_header(self) -> None:
+        """The header, every entry checked (`_entry_span`), none past the end of the file, no two overlapping:
+        all found now, before any output is written."""
+        path = self.path
+        try:
             (header_size,) = struct.unpack("<Q", self.file.read(8))
             if header_size > 100_000_000:
                 raise ValueError(f"header size {header_size}")
             self.header = json.loads(self.file.read(header_size))
             self.header.pop("__metadata__", None)
-            data_end = max((info["data_offsets"][1] for info in self.header.values()), default=0)
-        except (struct.error, ValueError, UnicodeDecodeError, TypeError, KeyError, IndexError, AttributeError) as e:
-            self.file.close()
+        except (struct.error, ValueError, UnicodeDecodeError, TypeError, AttributeError) as e:
             raise UserError(f"{path}: not a safetensors file or truncated ({e}); delete it and download again") from e
         self.data_start = 8 + header_size
-        if self.data_start + data_end > path.stat().st_size:  # found now, before any output is written
-            self.file.close()
+        spans = []
+        for name, info in self.header.items():
+            try:
+                spans.append((*_entry_span(info), name))
+            except ValueError as e:
+                raise UserError(f"{path}: tensor {name!r}: {e}; the file is damaged or not a safetensors file") from e
+        data_end = max((end for _, end, _ in spans), default=0)
+        if self.data_start + data_end > path.stat().st_size:
             raise UserError(f"{path}: truncated ({path.stat().st_size:,} of {self.data_start + data_end:,} bytes); "
                             f"delete it and download again")
+        spans = sorted(span for span in spans if span[1] > span[0])  # an empty tensor takes no bytes
+        for (_, end, name), (begin, _, other) in zip(spans, spans[1:]):
+            if begin < end:
+                raise UserError(f"{path}: tensors {name!r} and {other!r} overlap in the data; the file is damaged or "
+                                f"not a safetensors file")
 
     def keys(self):
         return self.header.keys()
@@ -375,15 +421,13 @@ class _SafetensorsFile:
     def get_tensor(self, name: str) -> "torch.Tensor":
         import torch
 
-        info = self.header[name]
-        if info["dtype"] not in _SAFETENSORS_DTYPES:
-            raise UserError(f"{self.path}: tensor {name} has dtype {info['dtype']}, which cannot be converted")
+        info = self.header[name]  # checked by _read_header: end - begin is the tensor's size in bytes
         begin, end = info["data_offsets"]
-        tensor = torch.empty(info["shape"], dtype=getattr(torch, _SAFETENSORS_DTYPES[info["dtype"]]))
+        tensor = torch.empty(info["shape"], dtype=getattr(torch, _SAFETENSORS_DTYPES[info["dtype"]][0]))
         if end > begin:
             buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
             self.file.seek(self.data_start + begin)
-            if self.file.readinto(buffer) != end - begin or buffer.nbytes != end - begin:
+            if self.file.readinto(buffer) != end - begin:  # the file shrank since it was opened
                 raise UserError(f"{self.path}: truncated at tensor {name}; delete it and download again")
         return tensor
 
