@@ -15,6 +15,12 @@ them: top_k and ignore_eos. Fields littune cannot honour (n > 1, penalties, logi
 suffix) are refused with 400 rather than ignored; other unknown fields are ignored. usage counts the prompt's
 tokens and the tokens generated, a stop token included.
 
+Limits, so that no request holds up the others: a body over 16 MB gets 413; a request that finds --max_concurrency
+running and --max_queue waiting gets 429 before its body is read; a body is parsed, its messages rendered and its
+prompt tokenised on a worker thread (the event loop goes on answering meanwhile); prompt text longer than 16
+characters per token of context (4,096 for a 256-token context), or more messages than the context has tokens, is
+refused with 400 before it is rendered or tokenised.
+
 Why FastAPI + uvicorn directly and not LitServe (measured on the 2-core development machine, alternating rounds of
 the same tiny model behind both, one request at a time): requests/s and latency were within the run-to-run noise
 of each other, while LitServe ran 5 processes and 1.7 GB of resident memory (0.5 GB here, one process), was still
@@ -58,6 +64,9 @@ SERVER_PACKAGES = ("fastapi", "uvicorn")
 API_KEY_ENV = "LITTUNE_API_KEY"
 MAX_BODY_BYTES = 16 << 20  # a request body larger than this is refused (413) before it is read into memory
 MAX_STOP_STRINGS = 4  # as OpenAI's API
+# prompt text longer than this many characters per token of context cannot fit (English text averages about 4
+# characters a token; long runs of spaces or repeated punctuation rarely reach 16): refused before it is tokenised
+MAX_PROMPT_CHARS_PER_TOKEN = 16
 CACHE_GRANULARITY = 256  # the KV cache grows in steps of this many positions (fewer reallocations)
 RETRY_AFTER_S = 1
 
@@ -651,14 +660,18 @@ def stream_fields(body: dict) -> tuple[bool, bool]:
     return stream, bool_field(options, "include_usage")
 
 
-def parse_messages(body: dict) -> list[dict]:
-    """The conversation as [{"role", "content"}] with text content (OpenAI's text parts joined)."""
+def parse_messages(body: dict, max_messages: Optional[int] = None) -> list[dict]:
+    """The conversation as [{"role", "content"}] with text content (OpenAI's text parts joined); at most
+    `max_messages` of them (the context's tokens: a chat template spends at least one token on each turn)."""
     messages = body.get("messages")
     if messages is None:
         raise ApiError(400, "'messages' is required", param="messages", code="missing_required_parameter")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty array of {role, content}", param="messages",
                        code="invalid_type")
+    if max_messages is not None and len(messages) > max_messages:
+        raise ApiError(400, f"'messages' has {len(messages)} messages, more than this model's {max_messages}-token "
+                            f"context can hold", param="messages", code="context_length_exceeded")
     parsed = []
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
@@ -727,6 +740,64 @@ def parse_prompt(body: dict) -> str:
     return prompt
 
 
+@dataclass(eq=False)
+class Prepared:
+    """A request turned into what the engine needs."""
+
+    prompt: Any  # 1-D tensor of token ids on the model's device
+    settings: dict  # Job keyword arguments: sampling, stop strings, max_new_tokens
+    stop_tokens: tuple
+    stream: bool
+    include_usage: bool
+
+
+def prepare_request(service: Service, raw: bytes, kind: str) -> Prepared:
+    """The body of a /v1/chat/completions ("chat") or /v1/completions ("text") request, checked, rendered and
+    tokenised. Runs on a worker thread: its cost grows with the body's size. Prompt text longer than
+    MAX_PROMPT_CHARS_PER_TOKEN characters per token of context is refused before it is rendered or tokenised."""
+    body = parse_body(raw)
+    chat = kind == "chat"
+    limit = MAX_PROMPT_CHARS_PER_TOKEN * service.context
+    if chat:
+        messages = parse_messages(body, max_messages=service.context)
+        check_prompt_chars(sum(len(m["content"]) for m in messages), limit, service.context, "messages")
+        text = render_messages(service.style, messages)
+        check_prompt_chars(len(text), limit, service.context, "messages")  # with the template's own text
+        ignore_eos = bool_field(body, "ignore_eos")
+        stop_tokens = () if ignore_eos else tuple(service.stop_tokens)
+    else:
+        text = parse_prompt(body)
+        check_prompt_chars(len(text), limit, service.context, "prompt")
+        eos = service.tokenizer.eos_id
+        stop_tokens = () if bool_field(body, "ignore_eos") or eos is None else ([eos],)
+    stream, include_usage = stream_fields(body)
+    prompt = service.tokenizer.encode(text, device=service.engine.device)
+    if prompt.numel() == 0:
+        raise ApiError(400, "'prompt' is empty (no tokens)", param="prompt", code="invalid_value")
+    settings = sampling_fields(body, prompt.numel(), service.context, chat=chat)
+    return Prepared(prompt=prompt, settings=settings, stop_tokens=stop_tokens, stream=stream,
+                    include_usage=include_usage)
+
+
+def parse_body(raw: bytes) -> dict:
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError) as e:  # also bytes that are not UTF-8, absurdly deep nesting
+        raise ApiError(400, f"the request body is not valid JSON ({first_line(e)})", code="invalid_json") from e
+    if not isinstance(body, dict):
+        raise ApiError(400, f"the request body must be a JSON object, got {_json_type(body)}", code="invalid_type")
+    if body.get("model") is not None and not isinstance(body["model"], str):
+        raise _wrong("model", "a string", body["model"])
+    return body
+
+
+def check_prompt_chars(chars: int, limit: int, context: int, param: str) -> None:
+    if chars > limit:
+        raise ApiError(400, f"the prompt has {chars} characters, more than the {limit} littune serve tokenises for "
+                            f"this model's {context}-token context ({MAX_PROMPT_CHARS_PER_TOKEN} characters per "
+                            f"token); shorten it", param=param, code="context_length_exceeded")
+
+
 # ---------------------------------------------------------------------------------------------------- the app
 
 
@@ -736,6 +807,7 @@ def build_app(service: Service):
 
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     @asynccontextmanager
@@ -776,7 +848,7 @@ def build_app(service: Service):
             raise ApiError(401, "missing or incorrect API key: send 'Authorization: Bearer KEY'",
                            code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
-    async def read_json(request: Request) -> dict:
+    async def read_body(request: Request) -> bytes:
         size = request.headers.get("content-length")
         if size is not None and (not size.isdigit() or int(size) > MAX_BODY_BYTES):
             raise ApiError(413, f"the request body is larger than {MAX_BODY_BYTES >> 20} MB")
@@ -786,19 +858,7 @@ def build_app(service: Service):
             if total > MAX_BODY_BYTES:
                 raise ApiError(413, f"the request body is larger than {MAX_BODY_BYTES >> 20} MB")
             chunks.append(chunk)
-        try:
-            body = json.loads(b"".join(chunks))
-        except (ValueError, RecursionError) as e:  # also bytes that are not UTF-8, absurdly deep nesting
-            raise ApiError(400, f"the request body is not valid JSON ({first_line(e)})", code="invalid_json") from e
-        if not isinstance(body, dict):
-            raise ApiError(400, f"the request body must be a JSON object, got {_json_type(body)}",
-                           code="invalid_type")
-        if body.get("model") is not None and not isinstance(body["model"], str):
-            raise _wrong("model", "a string", body["model"])
-        return body
-
-    def encode(text: str):
-        return service.tokenizer.encode(text, device=service.engine.device)
+        return b"".join(chunks)
 
     @app.get("/health")
     async def health():
@@ -813,37 +873,21 @@ def build_app(service: Service):
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        authorize(request)
-        body = await read_json(request)
-        text = render_messages(service.style, parse_messages(body))
-        prompt = encode(text)
-        settings = sampling_fields(body, prompt.numel(), service.context, chat=True)
-        stop_tokens = () if bool_field(body, "ignore_eos") else service.stop_tokens
-        return await answer(request, prompt, settings, stop_tokens, "chat", *stream_fields(body))
+        return await answer(request, "chat")
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        authorize(request)
-        body = await read_json(request)
-        prompt = encode(parse_prompt(body))
-        if prompt.numel() == 0:
-            raise ApiError(400, "'prompt' is empty (no tokens)", param="prompt", code="invalid_value")
-        settings = sampling_fields(body, prompt.numel(), service.context, chat=False)
-        eos = service.tokenizer.eos_id
-        stop_tokens = () if bool_field(body, "ignore_eos") or eos is None else ([eos],)
-        return await answer(request, prompt, settings, stop_tokens, "text", *stream_fields(body))
+        return await answer(request, "text")
 
-    async def answer(request: Request, prompt, settings: dict, stop_tokens: tuple, kind: str, stream: bool,
-                     include_usage: bool):
+    async def answer(request: Request, kind: str):
+        authorize(request)
+        # the queue first: a request that cannot get a place costs nothing more
         if service.in_flight >= service.max_concurrency + service.max_queue:
             raise ApiError(429, f"the server is busy ({service.max_concurrency} requests running, "
                                 f"{service.max_queue} waiting); retry later", kind="rate_limit_error",
                            code="rate_limit_exceeded", headers={"Retry-After": str(RETRY_AFTER_S)})
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-        job = Job(prompt=prompt, stop_tokens=tuple(stop_tokens),
-                  emit=lambda event: loop.call_soon_threadsafe(events.put_nowait, event), **settings)
-        service.in_flight += 1
+        service.in_flight += 1  # this request's place, from now until it ends, whichever way
+        job: Optional[Job] = None
         released = False
 
         def release() -> None:  # exactly once, whichever way the request ends; frees its place in the batch
@@ -851,7 +895,22 @@ def build_app(service: Service):
             if not released:
                 released = True
                 service.in_flight -= 1
-                job.cancelled = True
+                if job is not None:
+                    job.cancelled = True
+
+        try:
+            raw = await read_body(request)
+            # parsing, rendering and tokenising take time in proportion to the request: on a worker thread, so the
+            # event loop goes on answering everyone else (/health included) meanwhile
+            prepared = await run_in_threadpool(prepare_request, service, raw, kind)
+        except BaseException:
+            release()
+            raise
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        job = Job(prompt=prepared.prompt, stop_tokens=prepared.stop_tokens,
+                  emit=lambda event: loop.call_soon_threadsafe(events.put_nowait, event), **prepared.settings)
+        stream, include_usage = prepared.stream, prepared.include_usage
 
         async def watch_disconnect() -> None:
             # the body has been read: the next ASGI message is the disconnect (or the end of the response)

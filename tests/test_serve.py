@@ -321,6 +321,55 @@ def test_queue_limit_429_and_disconnects_free_their_place(chat_checkpoint):
         assert chat(client_for(base), PROMPTS[3])[0] == greedy(chat_checkpoint, PROMPTS[3])
 
 
+def test_huge_prompts_are_refused_untokenised_and_the_event_loop_keeps_answering(small_checkpoint):
+    """Issue 24 #3: a 15 MB prompt is refused at once (it was tokenised on the event loop first: 16 s, /health
+    waited as long); prompt text beyond 16 characters per token of context is never rendered or tokenised; a
+    prompt being tokenised does not hold up /health; a full server answers 429 before reading a request."""
+    with in_process_server(small_checkpoint, max_concurrency=1, max_queue=0) as (base, service):
+        encode, seen, gate = service.tokenizer.encode, [], threading.Event()
+
+        def slow_encode(text, **kwargs):  # records what is tokenised; holds a prompt that says SLOW
+            seen.append(len(text))
+            if "SLOW" in text:
+                gate.wait(60)
+            return encode(text, **kwargs)
+
+        service.tokenizer.encode = slow_encode
+        limit = 16 * service.context
+        huge = "word " * (3 << 20)  # 15 MB, under the 16 MB body cap
+        with httpx.Client(base_url=base, timeout=60) as http, httpx.Client(base_url=base, timeout=60) as other:
+            for path, body, param in (
+                ("/v1/completions", {"prompt": huge}, "prompt"),
+                ("/v1/chat/completions", {"messages": [{"role": "user", "content": huge}]}, "messages"),
+                ("/v1/completions", {"prompt": "y" * (limit + 1)}, "prompt"),
+                ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": "y"}] *
+                                                        (limit + 1)}]}, "messages"),
+                ("/v1/chat/completions", {"messages": [{"role": "user", "content": ""}] * (service.context + 1)},
+                 "messages"),
+            ):
+                start = time.monotonic()
+                refused = http.post(path, json=body)
+                assert time.monotonic() - start < 5, path
+                assert refused.status_code == 400, refused.text[:300]
+                error = refused.json()["error"]
+                assert error["param"] == param and error["code"] == "context_length_exceeded"
+                assert f"{service.context}-token context" in error["message"]
+            assert seen == []  # none of them was tokenised
+
+            with ThreadPoolExecutor(1) as pool:
+                slow = pool.submit(other.post, "/v1/completions", json={"prompt": "SLOW " * 20, "max_tokens": 2})
+                deadline = time.monotonic() + 30
+                while not seen and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                assert seen, "the slow prompt never reached the tokenizer"
+                assert http.get("/health", timeout=5).json()["status"] == "ok"  # while it is being tokenised
+                busy = http.post("/v1/completions", json={"prompt": "SLOW"}, timeout=5)  # its place is taken
+                assert busy.status_code == 429 and len(seen) == 1
+                gate.set()
+                assert slow.result().status_code == 200
+    assert service.in_flight == 0
+
+
 def test_bad_requests_get_openai_errors_never_500(cli_server, small_checkpoint):
     base = up(cli_server)  # the real command
     headers = {"Authorization": f"Bearer {KEY}"}
