@@ -128,8 +128,37 @@ def explain_parse_error(message: str, argv: list[str], components: dict) -> str:
         return f"{where}--config {config}: {' '.join(message.split(': ', 1)[-1].split())[:250]}"
     key = re.match(r'Parser key "([\w.]+)":\s*(.*)', message, flags=re.DOTALL)
     if key:
-        return f"{where}--{key.group(1).split('.')[-1]}: {' '.join(key.group(2).split())[:300]}"
+        flag = key.group(1).split(".")[-1]
+        choices = _literal_choices(node, flag)
+        if choices:  # jsonargparse's own message for a Literal can be "Cannot take a Union of no types"
+            return f"{where}--{flag} {_typed_value(argv, flag)!r} is not a choice; choose one of {', '.join(choices)}"
+        return f"{where}--{flag}: {' '.join(key.group(2).split())[:300]}"
     return f"{where}{' '.join(message.split())[:300]}"
+
+
+def _literal_choices(function, flag: str) -> list[str]:
+    """The allowed values of a flag annotated with a Literal (or Optional[Literal]), else []."""
+    import typing
+
+    try:
+        hint = typing.get_type_hints(function, include_extras=False).get(flag)
+    except Exception:  # an annotation that cannot be resolved: no choices to offer
+        return []
+    for candidate in (hint, *typing.get_args(hint)):
+        if typing.get_origin(candidate) is typing.Literal:
+            return [str(value) for value in typing.get_args(candidate)]
+    return []
+
+
+def _typed_value(argv: list[str], flag: str) -> str:
+    """What the user gave for --flag (the last time it appears), as typed."""
+    value = ""
+    for i, arg in enumerate(argv):
+        if arg == f"--{flag}" and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith(f"--{flag}="):
+            value = arg.split("=", 1)[1]
+    return value
 
 
 if __name__ == "__main__":

@@ -25,11 +25,17 @@ def commands() -> list[tuple[list[str], object]]:
 
 
 def required_flags(function, tmp_path: Path) -> list[str]:
-    """Values for the flags without a default: folders that do not exist, plain words for text."""
+    """Values for the flags without a default: folders that do not exist, a choice's first value, plain words for
+    text."""
+    from littune.cli import _literal_choices
+
     args = []
     for name, param in inspect.signature(function).parameters.items():
         if param.default is inspect.Parameter.empty:
-            args += [f"--{name}", str(tmp_path / f"no-{name}") if "Path" in str(param.annotation) else "hello"]
+            choices = _literal_choices(function, name)
+            value = choices[0] if choices else str(tmp_path / f"no-{name}") if "Path" in str(param.annotation) \
+                else "hello"
+            args += [f"--{name}", value]
     return args
 
 
@@ -95,6 +101,25 @@ def test_every_declared_flag_check_is_enforced_with_one_line(tmp_path, capsys, m
     # the commands with numeric flags declare their ranges
     for command in ("prepare", "finetune adapter_v2", "generate", "demo"):
         assert walked[command] >= 3, walked
+
+
+def test_every_choice_flag_names_its_choices(tmp_path, capsys, monkeypatch):
+    """Each flag declared as a Literal (precision, scoring, format, schedule, ...) given a value not among its
+    choices: one line naming the flag, the value typed and every choice (jsonargparse's own message for a Literal
+    can be 'Cannot take a Union of no types')."""
+    from littune.cli import _literal_choices
+
+    monkeypatch.chdir(tmp_path)
+    walked = 0
+    for path, function in commands():
+        for flag in inspect.signature(function).parameters:
+            choices = _literal_choices(function, flag)
+            if choices:
+                err = run_bad(capsys, tmp_path, [*path, *required_flags(function, tmp_path), f"--{flag}", "bogus"],
+                              f"--{flag} 'bogus' is not a choice", ", ".join(choices), code=2)
+                assert "Union" not in err
+                walked += 1
+    assert walked >= 10, walked
 
 
 # ------------------------------------------------------------------------------------------------- parse errors
