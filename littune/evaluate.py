@@ -34,17 +34,15 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import torch
 
 from littune.common import Check, UserError, atomic_path, checked, save_json, save_text
 from littune.metrics import (OTHER, check_expected_in_labels, classification_metrics, detect_labels, exact_match,
                              normalize, parse_labels)
-from littune.model import Precision
+from littune.model import Precision, unwrap
 
-SPLITS = ("test", "val", "train")
-SCORINGS = ("likelihood", "generate")
 
 
 @checked
@@ -52,12 +50,12 @@ def evaluate(
     checkpoint_dir: Path,
     data_dir: Path,
     adapter_path: Optional[Path] = None,
-    split: str = "test",
+    split: Literal["test", "val", "train"] = "test",
     batch_size: Annotated[int, Check(ge=1)] = 16,
     max_new_tokens: Optional[Annotated[int, Check(ge=1)]] = None,
     out_dir: Optional[Path] = None,
     labels: Optional[str] = None,
-    scoring: Optional[str] = None,
+    scoring: Optional[Literal["likelihood", "generate"]] = None,
     precision: Optional[Precision] = None,
 ) -> dict:
     """Evaluate a fine-tuned adapter (or the base model) on a prepared split: loss, predictions, metrics, plots.
@@ -75,19 +73,13 @@ def evaluate(
         precision: 32-true, bf16-true, bf16-mixed, 16-true or 16-mixed (default: as littune finetune's: bf16-true on GPUs with bfloat16, 32-true on CPU).
     """
     checkpoint_dir, data_dir = Path(checkpoint_dir), Path(data_dir)
-    if split not in SPLITS:
-        raise UserError(f"--split {split!r}: unknown split; choose one of {', '.join(SPLITS)}")
-    if scoring is not None and scoring not in SCORINGS:
-        raise UserError(f"--scoring {scoring!r}: choose likelihood (score each label) or generate (greedy answers)")
     label_list = parse_labels(labels) if labels is not None else None
     from littune.checkpoints import load_model_config
-    from littune.prepared import load_prepare_json, load_split
-    from littune.prompts import load_style_file
     from littune.generate import check_fits
     from littune.model import (check_data_fits_model, check_precision, default_precision, load_for_inference,
                                resolve_adapter)
-    from littune.sampling import batched_greedy
-    from littune.scoring import label_requests, label_result, label_texts, loss_terms, token_logprobs, with_loss
+    from littune.prepared import load_prepare_json, load_split
+    from littune.prompts import load_style_file
 
     precision = precision or default_precision()
     check_precision(precision)
@@ -105,48 +97,28 @@ def evaluate(
     if scoring == "likelihood" and label_list is None:
         raise UserError(f"--scoring likelihood needs a label set, and the expected outputs of {data_dir} are free "
                         f"text (no labels in prepare.json, none detected); give --labels, or use --scoring generate")
-
     config = load_model_config(checkpoint_dir)
     check_data_fits_model(data_dir, meta, records, checkpoint_dir, config)
-    if scoring == "generate":
-        if max_new_tokens is None:
-            max_new_tokens = label_answer_tokens(checkpoint_dir, label_list) if label_list else 32
-        longest_prompt = max(records, key=lambda r: len(r["input_ids_no_response"]))["input_ids_no_response"]
-        check_fits(longest_prompt, max_new_tokens, config.block_size)
+    style = load_style_file(data_dir)
+    ignore_index = int(meta.get("ignore_index", -100))
 
     import lightning as L
 
     fabric = L.Fabric(devices=1, precision=precision, accelerator="auto")
     model, tokenizer, _ = load_for_inference(fabric, checkpoint_dir, adapter_path)
-    style = load_style_file(data_dir)
-    ignore_index = int(meta.get("ignore_index", -100))
+    if scoring == "generate" and max_new_tokens is None:
+        max_new_tokens = label_answer_tokens(tokenizer, label_list) if label_list else 32
+    if scoring == "generate":
+        longest_prompt = max(records, key=lambda r: len(r["input_ids_no_response"]))["input_ids_no_response"]
+        check_fits(longest_prompt, max_new_tokens, config.block_size)
 
     started = time.perf_counter()
     if scoring == "likelihood":
-        texts = label_texts(expected, label_list)
-        requests = label_requests(tokenizer, style, records, texts, config.block_size)
+        rows, loss = score_by_likelihood(model, tokenizer, style, records, label_list, ignore_index, batch_size)
     else:
-        requests = [{"prompt": style.apply(r["instruction"], input=r["input"]),
-                     "context": r["input_ids_no_response"].tolist(), "continuations": []} for r in records]
-    # one pass gives the label scores and the test loss: the loss's targets ride along as continuations/positions
-    scored, plans = with_loss(requests, records, ignore_index)
-    results = token_logprobs(model, scored, batch_size, progress=True,
-                             desc="Scoring labels" if scoring == "likelihood" else "Test loss")
-    loss_sum, targets = loss_terms(scored, results, plans)
-    if targets == 0:
-        raise UserError("no target tokens in the split (every label is --ignore_index); nothing to compute a loss on")
-    loss = loss_sum / targets
-
-    if scoring == "likelihood":
-        rows = [label_result(request, result, label_list, texts) for request, result in zip(requests, results)]
-        predicted = [row["predicted"] for row in rows]
-    else:
-        prompts = [r["input_ids_no_response"] for r in records]
-        generated = batched_greedy(model, prompts, max_new_tokens, style.stop_tokens(tokenizer), batch_size,
-                                   fabric.device, progress=True)
-        predicted = [tokenizer.decode(torch.tensor(ids, dtype=torch.int64)) for ids in generated]
-        rows = [{"prompt": request["prompt"], "prompt_ids": request["context"], "predicted": p}
-                for request, p in zip(requests, predicted)]
+        rows, loss = score_by_generation(model, tokenizer, style, records, max_new_tokens, ignore_index,
+                                         batch_size, fabric.device)
+    predicted = [row["predicted"] for row in rows]
     seconds = time.perf_counter() - started
     print(f"{scoring} scoring and test loss: {len(records)} records in {seconds:.1f}s "
           f"({len(records) / max(seconds, 1e-9):.1f} records/s), precision {precision}", file=sys.stderr)
@@ -188,12 +160,52 @@ def evaluate(
     return metrics
 
 
-def label_answer_tokens(checkpoint_dir: Path, labels: list[str]) -> int:
+# ------------------------------------------------------------------------------------------------------ scoring
+
+
+def score_by_likelihood(model, tokenizer, style, records: list, labels: list[str], ignore_index: int,
+                        batch_size: int) -> tuple[list[dict], float]:
+    """(a row per record: predicted, predicted_norm, choices, prompt, prompt_ids; the test loss): every label scored
+    by its log-probability after the prompt, the test loss's targets riding in the same forward passes."""
+    from littune.scoring import label_requests, label_result, label_texts
+
+    texts = label_texts([r["output"] for r in records], labels)
+    requests = label_requests(tokenizer, style, records, texts, unwrap(model).config.block_size)
+    results, loss = scored_with_loss(model, requests, records, ignore_index, batch_size, "Scoring labels")
+    return [label_result(request, result, labels, texts) for request, result in zip(requests, results)], loss
+
+
+def score_by_generation(model, tokenizer, style, records: list, max_new_tokens: int, ignore_index: int,
+                        batch_size: int, device) -> tuple[list[dict], float]:
+    """(a row per record: prompt, prompt_ids, predicted: the greedy answer; the test loss)."""
+    from littune.sampling import batched_greedy
+
+    requests = [{"prompt": style.apply(r["instruction"], input=r["input"]),
+                 "context": r["input_ids_no_response"].tolist(), "continuations": []} for r in records]
+    _, loss = scored_with_loss(model, requests, records, ignore_index, batch_size, "Test loss")
+    generated = batched_greedy(model, [r["input_ids_no_response"] for r in records], max_new_tokens,
+                               style.stop_tokens(tokenizer), batch_size, device, progress=True)
+    return [{"prompt": request["prompt"], "prompt_ids": request["context"],
+             "predicted": tokenizer.decode(torch.tensor(ids, dtype=torch.int64))}
+            for request, ids in zip(requests, generated)], loss
+
+
+def scored_with_loss(model, requests: list, records: list, ignore_index: int, batch_size: int,
+                     desc: str) -> tuple[list, float]:
+    """(the requests' continuation scores, the records' mean target-token loss) from one scoring pass."""
+    from littune.scoring import loss_terms, token_logprobs, with_loss
+
+    scored, plans = with_loss(requests, records, ignore_index)
+    results = token_logprobs(model, scored, batch_size, progress=True, desc=desc)
+    loss_sum, targets = loss_terms(scored, results, plans)
+    if targets == 0:
+        raise UserError("no target tokens in the split (every label is --ignore_index); nothing to compute a loss on")
+    return results, loss_sum / targets
+
+
+def label_answer_tokens(tokenizer, labels: list[str]) -> int:
     """Tokens enough for any answer that is a label once trimmed and lowercased: the longest label in any of the
     casings and with or without a leading space, plus 4 for whitespace tokens around it."""
-    from littune.prepared import load_tokenizer
-
-    tokenizer = load_tokenizer(checkpoint_dir)
     variants = [v for label in labels for word in (label, label.capitalize(), label.upper()) for v in (word, " " + word)]
     return 4 + max(len(tokenizer.encode(v, bos=False, eos=False)) for v in variants)
 
