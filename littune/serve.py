@@ -10,8 +10,8 @@ a conversation of several turns needs a chat template. /v1/completions continues
 
 Request fields: messages (text content; OpenAI's text parts are joined) or prompt (one string), max_tokens
 (max_completion_tokens; default: the rest of the context), temperature (default 1.0, as OpenAI's API; 0 = greedy),
-top_p, seed, stop (up to 4 strings), stream, stream_options.include_usage; two extensions, named as vLLM names
-them: top_k and ignore_eos. Fields littune cannot honour (n > 1, penalties, logit_bias, logprobs, echo, best_of,
+top_p, seed, stop (up to 4 strings of up to 256 characters), stream, stream_options.include_usage; two extensions,
+named as vLLM names them: top_k and ignore_eos. Fields littune cannot honour (n > 1, penalties, logit_bias, logprobs, echo, best_of,
 suffix) are refused with 400 rather than ignored; other unknown fields are ignored. usage counts the prompt's
 tokens and the tokens generated, a stop token included.
 
@@ -64,6 +64,10 @@ SERVER_PACKAGES = ("fastapi", "uvicorn")
 API_KEY_ENV = "LITTUNE_API_KEY"
 MAX_BODY_BYTES = 16 << 20  # a request body larger than this is refused (413) before it is read into memory
 MAX_STOP_STRINGS = 4  # as OpenAI's API
+# Characters in one stop string. Each costs the engine thread work in proportion to its length at every token, and
+# text that may begin one is held back from a stream (up to its length - 1 characters); real ones (end-of-turn
+# markers, "\n\nUser:", "```") are a few dozen characters at most. 4 strings of 200k characters cost 41 ms a token.
+MAX_STOP_CHARS = 256
 # prompt text longer than this many characters per token of context cannot fit (English text averages about 4
 # characters a token; long runs of spaces or repeated punctuation rarely reach 16): refused before it is tokenised
 MAX_PROMPT_CHARS_PER_TOKEN = 16
@@ -527,8 +531,10 @@ def advance_text(tokenizer, ids: list[int], emitted: str, stop_strings: tuple, f
     """(new text to send, all text sent, a stop string was hit) after the answer's tokens became `ids`.
 
     The whole answer is decoded each time (per-token decoding loses SentencePiece's spaces and splits multi-byte
-    characters), as littune.sampling.stream_text does. A stop string ends the text before it; text that may be the
-    start of a stop string is held back until it is known not to be one.
+    characters), as littune.sampling.stream_text does. A stop string ends the text before its first match; text
+    that may be the start of a stop string is held back until it is known not to be one. Text already sent is known
+    not to begin a stop string, so only the text after it is searched: at most the held-back text (shorter than the
+    longest stop string) and this token's new text.
     """
     import torch
 
@@ -541,16 +547,24 @@ def advance_text(tokenizer, ids: list[int], emitted: str, stop_strings: tuple, f
         if cuts:
             text, hit = text[:min(cuts)], True
         elif not final:
-            text = text[:len(text) - _possible_stop_start(text, stop_strings)]
+            text = text[:len(text) - _possible_stop_start(text, stop_strings, len(emitted))]
     if not text.startswith(emitted):  # the decoder changed text already sent (rare): send nothing more now
         return "", emitted, hit
     return text[len(emitted):], text, hit
 
 
-def _possible_stop_start(text: str, stop_strings: tuple) -> int:
-    """Length of the longest end of `text` that is the beginning of a stop string."""
-    return max((k for s in stop_strings for k in range(min(len(s) - 1, len(text)), 0, -1)
-                if text.endswith(s[:k])), default=0)
+def _possible_stop_start(text: str, stop_strings: tuple, start: int = 0) -> int:
+    """Length of the longest end of `text`, from `start` on, that is the beginning of a stop string: only the last
+    len(s) - 1 characters, and only where s's first character is, are tried."""
+    longest = 0
+    for s in stop_strings:
+        i = max(start, len(text) - len(s) + 1, 0)
+        while (i := text.find(s[0], i)) >= 0 and len(text) - i > longest:
+            if s.startswith(text[i:]):
+                longest = len(text) - i
+                break
+            i += 1
+    return longest
 
 
 # ----------------------------------------------------------------------------------------------- requests
@@ -639,6 +653,9 @@ def sampling_fields(body: dict, prompt_tokens: int, context: int, *, chat: bool)
     if stop is not None and len(stop) > MAX_STOP_STRINGS:
         raise ApiError(400, f"'stop' takes at most {MAX_STOP_STRINGS} strings, got {len(stop)}", param="stop",
                        code="invalid_value")
+    if stop is not None and max(map(len, stop), default=0) > MAX_STOP_CHARS:
+        raise ApiError(400, f"a 'stop' string has at most {MAX_STOP_CHARS} characters, got one of "
+                            f"{max(map(len, stop))}", param="stop", code="invalid_value")
     unsupported(body, "n", lambda v: v == 1 and not isinstance(v, bool), "one answer per request: n = 1")
     for name in ("presence_penalty", "frequency_penalty"):
         unsupported(body, name, lambda v: v == 0 and not isinstance(v, bool), "only 0")

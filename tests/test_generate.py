@@ -196,4 +196,5 @@ def test_sampling_is_float32_and_a_tiny_temperature_is_greedy(dtype):
 def test_a_tiny_temperature_answers_as_greedy(tiny):
     checkpoint, _ = tiny
     settings = dict(prompt=PROMPT, checkpoint_dir=checkpoint, max_new_tokens=12)
-    assert generate_module.generate(temperature=1e-45, **settings) == generate_module.generate(temperature=0, **settings)
+    assert generate_module.generate(temperature=1e-45, **settings) == \
+        generate_module.generate(temperature=0, **settings)

@@ -370,6 +370,51 @@ def test_huge_prompts_are_refused_untokenised_and_the_event_loop_keeps_answering
     assert service.in_flight == 0
 
 
+class CharTokens:
+    """A tokenizer whose tokens are characters (token id = code point)."""
+
+    @staticmethod
+    def decode(ids: torch.Tensor) -> str:
+        return "".join(map(chr, ids.tolist()))
+
+
+def stream_with_stops(text: str, stops: tuple) -> tuple[list[str], bool]:
+    """What serve sends, piece by piece, while an answer grows by one character a token; (pieces, a stop hit)."""
+    ids, emitted, pieces = [], "", []
+    for k, character in enumerate(text):
+        ids.append(ord(character))
+        piece, emitted, hit = serve_module.advance_text(CharTokens, ids, emitted, stops, k == len(text) - 1)
+        pieces.append(piece)
+        if hit:
+            return pieces, True
+    return pieces, False
+
+
+def test_stop_strings_end_the_text_at_their_first_match_and_hold_back_only_what_may_begin_one():
+    """Issue 24 #5: stop strings are capped (4, of at most 256 characters) and only the text after what was sent is
+    searched; checked against the plain definition on every prefix of random texts."""
+    import random
+
+    assert serve_module.MAX_STOP_STRINGS == 4 and serve_module.MAX_STOP_CHARS == 256
+    # S, ST, STO are held back (they may begin STOP), P completes it: the first match, END is never reached
+    assert stream_with_stops("say then STOP and END", ("END", "STOP")) == ([*"say then ", "", "", "", ""], True)
+    assert stream_with_stops("xaaab", ("aab",)) == (["x", "", "", "a", ""], True)  # a second start inside a first
+    rng = random.Random(0)
+    for _ in range(300):
+        stops = tuple({"".join(rng.choices("ab", k=rng.randint(1, 5))) for _ in range(rng.randint(1, 4))})
+        text = "".join(rng.choices("abc", k=rng.randint(1, 40)))
+        pieces, hit = stream_with_stops(text, stops)
+        # the first token that completes a stop string ends the text before the earliest match so far
+        ends = [k for k in range(1, len(text) + 1) if any(s in text[:k] for s in stops)]
+        expected = text[:min(text.find(s) for s in stops if s in text[:ends[0]])] if ends else text
+        assert "".join(pieces) == expected and hit == bool(ends)
+        for k in range(len(pieces) - 1):  # the last token ends the text: a match, or the limit (all sent)
+            # after each token: all but the longest end that begins a stop string has been sent
+            seen = text[:k + 1]
+            held = max((n for s in stops for n in range(1, len(s)) if seen.endswith(s[:n])), default=0)
+            assert "".join(pieces[:k + 1]) == seen[:len(seen) - held], (text, stops, k)
+
+
 def test_bad_requests_get_openai_errors_never_500(cli_server, small_checkpoint):
     base = up(cli_server)  # the real command
     headers = {"Authorization": f"Bearer {KEY}"}
@@ -399,6 +444,8 @@ def test_bad_requests_get_openai_errors_never_500(cli_server, small_checkpoint):
         ("/v1/chat/completions", {"messages": user, "stream": "yes"}, "stream"),
         ("/v1/chat/completions", {"messages": user, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ("/v1/chat/completions", {"messages": user, "stop": [""]}, "stop"),
+        ("/v1/chat/completions", {"messages": user, "stop": ["x", "y" * 257]}, "stop"),
+        ("/v1/completions", {"prompt": "a", "stop": ["x" * 200_000] * 4}, "stop"),
         ("/v1/chat/completions", {"messages": user, "n": 2}, "n"),
         ("/v1/chat/completions", {"messages": user, "model": 3}, "model"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
