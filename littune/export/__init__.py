@@ -42,6 +42,7 @@ import torch
 
 from littune.checkpoints import load_model_config
 from littune.common import UserError, atomic_folder, checked, load_torch, save_json, save_torch
+from littune.export.card import write_model_card
 from littune.export.gguf import gguf_tokenizer, write_gguf
 from littune.export.hf import check_family, copy_tokenizer_files, write_hf, write_safetensors
 from littune.export.peft import peft_adapter
@@ -127,6 +128,7 @@ def export(
             write_safetensors(tensors, tmp / "adapter_model.safetensors", None)
             save_json(adapter_config, tmp / "adapter_config.json")
             copy_tokenizer_files(checkpoint_dir, tmp)
+            write_model_card(tmp, "peft", checkpoint_dir, config, adapter["run_dir"])
         print(f"Wrote the PEFT adapter to {out_dir} (r={adapter_config['r']}, lora_alpha="
               f"{adapter_config['lora_alpha']}, {len(tensors)} tensors); load it onto the original model with "
               f"PeftModel.from_pretrained", file=sys.stderr)
@@ -137,6 +139,8 @@ def export(
     if format == "hf":
         with building(out_dir, "export hf") as tmp:
             write_hf(tmp, config, family, state, checkpoint_dir, dtype, shard_bytes)
+            run_dir = adapter["run_dir"] if adapter else merged_run(checkpoint_dir)
+            write_model_card(tmp, "hf", checkpoint_dir, config, run_dir)
         print(f"Wrote a transformers model to {out_dir}", file=sys.stderr)
     else:
         with building(out_dir, "export gguf") as tmp:
@@ -193,6 +197,15 @@ def merged_state(config, base: dict, adapter: dict) -> dict:
             raise UserError(f"{adapter['file']}: the merged weight {name} has no place in the base model")
         merged[base_name] = value
     return merged
+
+
+def merged_run(checkpoint_dir: Path) -> Optional[Path]:
+    """The run folder a `littune merge` output was made from (its merge.json names the adapter), if it still exists."""
+    try:
+        adapter = Path(json.loads((Path(checkpoint_dir) / "merge.json").read_text(encoding="utf-8"))["adapter"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return adapter.parent if adapter.parent.is_dir() else None
 
 
 def check_out_dir(out_dir: Path, overwrite: bool, inputs: list) -> None:
