@@ -21,6 +21,13 @@ prompt tokenised on a worker thread (the event loop goes on answering meanwhile)
 characters per token of context (4,096 for a 256-token context), or more messages than the context has tokens, is
 refused with 400 before it is rendered or tokenised.
 
+Web pages cannot drive the server (the class of Ollama's CVE-2024-28224: a page can POST text/plain or a form to any
+site without asking, and with DNS rebinding its own name resolves to 127.0.0.1): request bodies must come with
+`Content-Type: application/json` (else 415, and a browser asks the server before sending that cross-site, which this
+server never allows); on a loopback --host, a request whose Host header is not localhost, 127.x.x.x or [::1] (any
+port) or a name given with --allowed_hosts (e.g. a reverse proxy's) gets 403; on another --host the Host header is
+checked only when --allowed_hosts is given.
+
 Why FastAPI + uvicorn directly and not LitServe (measured on the 2-core development machine, alternating rounds of
 the same tiny model behind both, one request at a time): requests/s and latency were within the run-to-run noise
 of each other, while LitServe ran 5 processes and 1.7 GB of resident memory (0.5 GB here, one process), was still
@@ -46,6 +53,7 @@ import asyncio
 import ipaddress
 import json
 import os
+import re
 import socket
 import sys
 import threading
@@ -59,6 +67,7 @@ from typing import Annotated, Any, Callable, Literal, Optional
 
 from littune.common import Check, UserError, checked, first_line
 from littune.model import Precision
+from littune.prepared import encode
 
 SERVER_PACKAGES = ("fastapi", "uvicorn")
 API_KEY_ENV = "LITTUNE_API_KEY"
@@ -88,6 +97,7 @@ def serve(
     prompt_style: Optional[str] = None,
     system: Optional[str] = None,
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info",
+    allowed_hosts: Optional[str] = None,
 ) -> None:
     """Serve the model (and adapter) over HTTP with OpenAI's API: /v1/chat/completions, /v1/completions, /v1/models.
 
@@ -103,8 +113,10 @@ def serve(
         prompt_style: The prompt template for chat messages: chat (the model's own chat template) or a litgpt style name (default: the one saved with the adapter, else chat where the model has a template, else alpaca).
         system: A default system message for the chat prompt style (a request's own system message replaces it).
         log_level: uvicorn's log level (info logs each request, never the key).
+        allowed_hosts: Host names requests may be addressed to besides localhost, 127.x.x.x and [::1], comma-separated, without a port (e.g. the name a reverse proxy forwards). On a loopback --host any other Host header gets 403 (DNS rebinding); on another --host, the Host header is checked only when this is given.
     """
     key = resolve_api_key(api_key)
+    hosts = host_allowlist(host, allowed_hosts)
     require_server_packages()
     if not is_loopback(host) and key is None:
         print(f"littune serve: warning: --host {host} accepts connections from other machines and no API key is set; "
@@ -115,6 +127,7 @@ def serve(
         service = load_service(checkpoint_dir, adapter_path, precision=precision, max_concurrency=max_concurrency,
                                max_queue=max_queue, api_key=key, prompt_style=prompt_style, system=system)
         service.url = f"http://{host if ':' not in host else f'[{host}]'}:{port}/v1"
+        service.allowed_hosts = hosts
         server = make_server(build_app(service), service, log_level=log_level)
         try:
             server.run(sockets=[sock])
@@ -158,6 +171,61 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def host_allowlist(host: str, allowed_hosts: Optional[str]) -> Optional[frozenset]:
+    """The Host header values accepted besides loopback ones: --allowed_hosts as a set of lower-case names; an empty
+    set on a loopback --host without it; None (any Host) on another --host without it."""
+    if allowed_hosts is None:
+        return frozenset() if is_loopback(host) else None
+    names = set()
+    for item in allowed_hosts.split(","):
+        name = item.strip().lower()
+        name = name[1:-1] if name.startswith("[") and name.endswith("]") else name.rstrip(".")
+        if not (_is_ip(name) or re.fullmatch(r"[a-z0-9_]([a-z0-9_.-]*[a-z0-9_])?", name)):
+            raise UserError(f"--allowed_hosts: {item.strip()!r} is not a host name; give names such as "
+                            f"proxy.example.com or addresses, comma-separated, without a port")
+        names.add(name)
+    return frozenset(names)
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def host_of(header: str) -> Optional[str]:
+    """The host name of a Host header ("localhost:8000" -> "localhost", "[::1]:8000" -> "::1"), lower case, without a
+    trailing dot; None when it is not of that form."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        name, bracket, port = header[1:].partition("]")
+        if not bracket:
+            return None
+    else:
+        name, colon, port = header.partition(":")
+        port = colon + port
+    if port and not re.fullmatch(r":\d{1,5}", port):
+        return None
+    return name.rstrip(".")
+
+
+def host_allowed(header: Optional[str], allowed: Optional[frozenset]) -> bool:
+    """Whether a request's Host header may be answered: always when no list applies (allowed is None) or the
+    request has no Host header (browsers always send one); else a loopback name or address, or a listed name."""
+    if allowed is None or header is None:
+        return True
+    name = host_of(header)
+    return name is not None and (name in allowed or is_loopback(name))
+
+
+def host_refusal(host: str, allowed: frozenset) -> str:
+    names = ", ".join(["localhost", "127.x.x.x", "[::1]", *sorted(allowed)])
+    return (f"requests addressed to Host {host!r} are not answered here, only those to {names}; to answer another "
+            f"name (e.g. a reverse proxy's), start littune serve with --allowed_hosts NAME")
+
+
 def bind_socket(host: str, port: int) -> socket.socket:
     """A listening socket on host:port (handed to uvicorn), or one clear line saying why not."""
     try:
@@ -191,6 +259,7 @@ class Service:
     stop_tokens: tuple = ()  # the prompt style's (EOS, a chat template's end-of-turn token)
     url: str = ""  # where it listens, for the start-up line
     api_key: Optional[str] = None
+    allowed_hosts: Optional[frozenset] = frozenset()  # Host names accepted besides loopback ones; None: any
     created: int = field(default_factory=lambda: int(time.time()))
     in_flight: int = 0  # requests admitted and not yet answered (touched only on the event loop's thread)
 
@@ -788,7 +857,7 @@ def prepare_request(service: Service, raw: bytes, kind: str) -> Prepared:
         eos = service.tokenizer.eos_id
         stop_tokens = () if bool_field(body, "ignore_eos") or eos is None else ([eos],)
     stream, include_usage = stream_fields(body)
-    prompt = service.tokenizer.encode(text, device=service.engine.device)
+    prompt = encode(service.tokenizer, text).to(service.engine.device)
     if prompt.numel() == 0:
         raise ApiError(400, "'prompt' is empty (no tokens)", param="prompt", code="invalid_value")
     settings = sampling_fields(body, prompt.numel(), service.context, chat=chat)
@@ -842,6 +911,23 @@ def build_app(service: Service):
 
     def error_response(error: ApiError) -> JSONResponse:
         return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+    class HostCheck:
+        """Every route: a web page whose name resolves to this machine (DNS rebinding) names itself in Host."""
+
+        def __init__(self, app):
+            self.app = app
+
+        async def __call__(self, scope, receive, send):
+            if scope["type"] == "http":
+                host = next((value.decode("latin-1") for name, value in scope["headers"] if name == b"host"), None)
+                if not host_allowed(host, service.allowed_hosts):
+                    await error_response(ApiError(403, host_refusal(host, service.allowed_hosts),
+                                                  code="host_not_allowed"))(scope, receive, send)
+                    return
+            await self.app(scope, receive, send)
+
+    app.add_middleware(HostCheck)
 
     @app.exception_handler(ApiError)
     async def api_error(request, error: ApiError):
@@ -898,6 +984,11 @@ def build_app(service: Service):
 
     async def answer(request: Request, kind: str):
         authorize(request)
+        # JSON only: a web page can send text/plain or a form to another site without asking, not application/json
+        media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+        if media_type != "application/json":
+            raise ApiError(415, f"the request body must be JSON sent with 'Content-Type: application/json', got "
+                                f"{media_type or 'no Content-Type'}", code="unsupported_media_type")
         # the queue first: a request that cannot get a place costs nothing more
         if service.in_flight >= service.max_concurrency + service.max_queue:
             raise ApiError(429, f"the server is busy ({service.max_concurrency} requests running, "

@@ -95,7 +95,8 @@ def cli_server(small_checkpoint):
     Tests call `up(cli_server)` once they need it."""
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "littune.cli", "serve", "--checkpoint_dir", str(small_checkpoint), "--port", str(port)],
+        [sys.executable, "-m", "littune.cli", "serve", "--checkpoint_dir", str(small_checkpoint), "--port", str(port),
+         "--allowed_hosts", "proxy.example.com"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "LITTUNE_API_KEY": KEY, "PYTHONUNBUFFERED": "1"},
     )
@@ -470,8 +471,54 @@ def test_bad_requests_get_openai_errors_never_500(cli_server, small_checkpoint):
         for method, path, status in (("GET", "/nowhere", 404), ("GET", "/v1/chat/completions", 405)):
             response = http.request(method, path)
             assert response.status_code == status and "error" in response.json()
+        # issue 24 #6 on the real command: JSON only; loopback Host names and --allowed_hosts proxy.example.com only
+        plain = http.post("/v1/completions", content=json.dumps({"prompt": "hi"}),
+                          headers={"Content-Type": "text/plain"})
+        assert plain.status_code == 415 and plain.json()["error"]["code"] == "unsupported_media_type"
+        for host, status in (("evil.example:8000", 403), ("proxy.example.com", 200), ("localhost:1", 200)):
+            response = http.get("/v1/models", headers={"Host": host})
+            assert response.status_code == status, (host, response.text)
         assert http.get("/health").json()["status"] == "ok"  # still serving
     assert chat(client_for(base), PROMPTS[3])[0] == greedy(small_checkpoint, PROMPTS[3])
+
+
+def test_a_web_page_cannot_drive_a_server_without_a_key(small_checkpoint):
+    """Issue 24 #6 (the class of Ollama's CVE-2024-28224): a page in a browser can POST text/plain or a form to any
+    site without asking, and with DNS rebinding its own name resolves to 127.0.0.1. A loopback server without a key
+    answers only JSON, addressed to a loopback name or one given with --allowed_hosts."""
+    with in_process_server(small_checkpoint) as (base, service):  # no key, on 127.0.0.1
+        port = base.rsplit(":", 1)[1]
+        body = json.dumps({"prompt": "Hi", "max_tokens": 2})
+        with httpx.Client(base_url=base, timeout=60) as http:
+            for media_type in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x",
+                               "text/plain; application/json", None):
+                response = http.post("/v1/completions", content=body,
+                                     headers={"Content-Type": media_type} if media_type else {})
+                assert response.status_code == 415, media_type
+                error = response.json()["error"]
+                assert set(error) == {"message", "type", "param", "code"} and "application/json" in error["message"]
+
+            def status(host: str, method="POST", path="/v1/completions") -> int:
+                return http.request(method, path, content=body, headers={
+                    "Host": host, "Origin": f"http://{host}", "Content-Type": "application/json; charset=utf-8"}
+                ).status_code
+
+            for host in ("evil.example", f"evil.example:{port}", "localhost.evil.example", "127.0.0.1.nip.io",
+                         f"0.0.0.0:{port}", "[::2]", "proxy.example.com", "localhost:port", "[::1"):
+                assert status(host) == 403, host
+                assert status(host, "GET", "/health") == status(host, "GET", "/v1/models") == 403
+            response = http.get("/v1/models", headers={"Host": "evil.example"})
+            assert response.json()["error"]["code"] == "host_not_allowed" and "--allowed_hosts" in response.text
+            for host in ("localhost", f"localhost:{port}", "LocalHost.", "127.0.0.1", f"127.0.0.5:{port}", "[::1]",
+                         f"[::1]:{port}"):
+                assert status(host) == 200, host
+
+            # a reverse proxy forwards its own name: allowed by --allowed_hosts, with any port
+            service.allowed_hosts = serve_module.host_allowlist("127.0.0.1", "proxy.example.com, [fd00::1]")
+            assert status("proxy.example.com:443") == status("[fd00::1]") == status("localhost") == 200
+            assert status("evil.example") == 403
+    assert serve_module.host_allowlist("0.0.0.0", None) is None  # every network, no list: any Host
+    assert serve_module.host_allowlist("::1", None) == frozenset()
 
 
 def test_setup_errors_are_one_line(cli_server, tmp_path, capsys, monkeypatch):
@@ -491,6 +538,10 @@ def test_setup_errors_are_one_line(cli_server, tmp_path, capsys, monkeypatch):
     assert main(["serve", "--checkpoint_dir", str(missing), "--host", "0.0.0.0", "--port", str(free_port())]) == 1
     err = capsys.readouterr().err
     assert "warning" not in err and KEY not in err
+    for hosts in ("proxy.example.com:8000", "a b", "", "http://x"):
+        assert main(["serve", "--checkpoint_dir", str(missing), "--allowed_hosts", hosts]) == 1
+        err = capsys.readouterr().err
+        assert "--allowed_hosts" in err and "not a host name" in err and len(err.strip().splitlines()) == 1
     # flag ranges, and the server packages named in one line when missing
     assert main(["serve", "--checkpoint_dir", str(missing), "--port", "0"]) == 1
     assert "--port 0: must be >= 1 and <= 65535" in capsys.readouterr().err
