@@ -19,10 +19,15 @@ A gated or private repo is served normally to `Authorization: Bearer <its token>
 Every request is recorded (`server.requests`: method, path, headers) so tests can check what was fetched, with which
 Range and Authorization headers. `server.drop_after[(repo_id, filename)] = n` makes the next GET of that file send
 its headers and n bytes, then close the connection (an interrupted download).
+
+A hostile mirror: a repo file whose name climbs out (`../../x.safetensors`) is listed as it is and also served at the
+path its download URL normalizes to (HTTP clients resolve `..` in a URL: `/org/name/resolve/main/../../x` is
+requested as `/org/x`), so a client that trusts such a name really gets the bytes and writes them where it points.
 """
 
 import hashlib
 import json
+import posixpath
 import re
 import threading
 from dataclasses import dataclass, field
@@ -168,7 +173,20 @@ class _Handler(BaseHTTPRequestHandler):
             return self._api(m, head)
         if m := _RESOLVE.match(path):
             return self._resolve(m, head)
+        if climbing := self._climbing_file(path):
+            return self._resolve(climbing, head)
         self._error(404, "EntryNotFound", "not a Hub path")
+
+    def _climbing_file(self, path: str) -> Optional[dict]:
+        """The repo file with `..` in its name whose resolve URL normalizes to `path` (see the module docstring)."""
+        for repo_id, repo in list(self.hub.repos.items()):
+            for name in repo.files:
+                if ".." not in name:
+                    continue
+                for rev in ("main", repo.sha):
+                    if posixpath.normpath(f"/{repo_id}/resolve/{rev}/{name}") == path:
+                        return {"repo": repo_id, "rev": rev, "file": name}
+        return None
 
     def _repo(self, repo_id: str) -> Optional[Repo]:
         repo = self.hub.repos.get(repo_id)

@@ -7,6 +7,7 @@ independent, so the module starts them all at once on a small thread pool and ea
 the whole file stays well under a minute and a half on two cores.
 """
 
+import json
 import os
 import shlex
 import shutil
@@ -34,8 +35,6 @@ WORKERS = 3  # CLI runs are mostly import time; three keep both cores busy while
 
 def write_unsupported(folder: Path) -> Path:
     """A GPT-2 repo: real config.json keys, a weights file, a tokenizer."""
-    import json
-
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True)
@@ -95,6 +94,11 @@ def sources(tmp_path_factory) -> dict:
     # a .bin-only repo whose pytorch_model.bin runs a command when unpickled
     shutil.copytree(root / "bin", root / "evil_bin")
     write_malicious_bin(root / "evil_bin" / "pytorch_model.bin", root / "evil_bin.marker")
+    # a hostile mirror's repo: its index names a shard two folders up, and the listing holds that name
+    climbing = root / "climbing"
+    shutil.copytree(root / "gpt_neox", climbing, ignore=shutil.ignore_patterns("*.safetensors"))
+    (climbing / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: "../../escape.safetensors" for k in models["gpt_neox"].state_dict()}}))
     no_weights = root / "no_weights"
     shutil.copytree(root / "falcon", no_weights, ignore=shutil.ignore_patterns("*.safetensors"))
     write_unsupported(root / "gpt2")
@@ -112,6 +116,9 @@ def hub(sources):
             ("org/evil-bin", "evil_bin"),
         ]:
             server.add_folder(repo, root / folder)
+        climbing = {p.name: p.read_bytes() for p in (root / "climbing").iterdir()}
+        climbing["../../escape.safetensors"] = (root / "gpt_neox" / "model.safetensors").read_bytes()
+        server.add_files("org/climbing-index", climbing)
         server.add_folder("org/private", root / "falcon", access="private", token=TOKEN)
         server.add_folder("org/private-ok", root / "falcon", access="private", token=TOKEN)
         server.add_folder("org/gated", root / "falcon", access="gated", token=GATED_TOKEN)
@@ -182,6 +189,7 @@ def runs(hub, tmp_path_factory):
         "hf_token": single("hf_token", "org/gated-ok", "--convert", "false", HF_TOKEN=GATED_TOKEN),
         "tokenizer_only": single("tokenizer_only", "org/tiny-tok", "--tokenizer_only", "true"),
         "evil_bin": single("evil_bin", "org/evil-bin"),
+        "climbing_index": single("climbing_index", "org/climbing-index", "--convert", "false"),
         "not_found": single("not_found", "org/does-not-exist"),
         "gated": single("gated", "org/gated"),
         "private": single("private", "org/private"),
@@ -268,6 +276,23 @@ def test_models_and_repo_id_list(capsys):
     assert capsys.readouterr().out.splitlines() == listed
 
 
+@pytest.mark.parametrize("flags, fragment", [
+    (["--repo_id", "org/.."], "expected ORG/NAME"),
+    (["--repo_id", "../x"], "expected ORG/NAME"),
+    (["--repo_id", "org/x", "--gguf_file", "../../m.gguf"], "--gguf_file"),
+    (["--repo_id", "org/x", "--gguf_file", "/tmp/m.gguf"], "--gguf_file"),
+])
+def test_download_names_that_climb_out_are_refused_first(tmp_path, capsys, monkeypatch, flags, fragment):
+    """ORG/NAME and --gguf_file become paths under --checkpoint_dir: `..` is refused before the Hub is asked."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{free_port()}")  # never the real Hub
+    result = run_main(capsys, "download", *flags, "--checkpoint_dir", str(tmp_path / "c" / "d"),
+                      "--access_token", "unused")
+    one_error_line(result, fragment)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_convert_folder_without_weights(sources, tmp_path, capsys):
     folder = tmp_path / "no-weights"
     shutil.copytree(sources["root"] / "no_weights", folder)
@@ -304,7 +329,6 @@ def test_convert_truncated_weights(sources, tmp_path, capsys):
 
 def rewrite_safetensors_header(path: Path, change) -> None:
     """Rewrite a .safetensors file's JSON header in place with `change(header)`; the data bytes stay as they are."""
-    import json
     import struct
 
     raw = path.read_bytes()
@@ -349,6 +373,38 @@ def test_convert_refuses_bad_safetensors_header(sources, tmp_path, capsys, case)
     assert listing(folder) == before
 
 
+@pytest.mark.parametrize("index, shard", [
+    ("model.safetensors.index.json", "../outside/model.safetensors"),
+    ("model.safetensors.index.json", "ABSOLUTE"),
+    ("pytorch_model.bin.index.json", "../outside/pytorch_model.bin"),
+    ("pytorch_model.bin.index.json", "..\\outside\\pytorch_model.bin"),
+    ("model.safetensors.index.json", "config.json"),
+], ids=["parent", "absolute", "bin_parent", "backslashes", "not_weights"])
+def test_convert_refuses_shard_names_outside_the_folder(sources, tmp_path, capsys, index, shard):
+    """An index's shard names must be plain weight-file names in the folder: `..`, absolute paths, backslashes and
+    files that are not weights are refused (before, the file outside was converted)."""
+    outside = tmp_path / "outside"
+    shutil.copytree(sources["root"] / "gpt_neox", outside)
+    shutil.copyfile(sources["root"] / "bin" / "pytorch_model.bin", outside / "pytorch_model.bin")
+    folder = tmp_path / "tiny-neox-index"
+    shutil.copytree(sources["root"] / "gpt_neox", folder, ignore=shutil.ignore_patterns("*.safetensors"))
+    if shard == "ABSOLUTE":
+        shard = str(outside / "model.safetensors")
+    (folder / index).write_text(json.dumps({"weight_map": {"gpt_neox.embed_in.weight": shard}}))
+    before = listing(folder)
+    one_error_line(run_main(capsys, "convert", "--checkpoint_dir", str(folder)), index, repr(shard))
+    assert listing(folder) == before
+
+
+def test_convert_refuses_damaged_index(sources, tmp_path, capsys):
+    folder = tmp_path / "tiny-neox-badindex"
+    shutil.copytree(sources["root"] / "gpt_neox", folder)
+    (folder / "model.safetensors.index.json").write_text('{"weight_map": ')
+    before = listing(folder)
+    one_error_line(run_main(capsys, "convert", "--checkpoint_dir", str(folder)), "model.safetensors.index.json")
+    assert listing(folder) == before
+
+
 def test_convert_unknown_tensor(sources, tmp_path, capsys):
     """A tensor litgpt's name map does not know (here a classification head): a clean error, not a KeyError."""
     from safetensors.torch import load_file, save_file
@@ -364,8 +420,6 @@ def test_convert_unknown_tensor(sources, tmp_path, capsys):
 
 def test_convert_mismatch_leaves_no_partial_output(sources, tmp_path, capsys):
     """config.json says 3 layers, the weights have 2: found after streaming, and nothing is left behind."""
-    import json
-
     folder = tmp_path / "tiny-neox-3"
     shutil.copytree(sources["root"] / "gpt_neox", folder)
     config = json.loads((folder / "config.json").read_text())
@@ -475,6 +529,16 @@ def test_download_refuses_pickle_that_runs_code(runs, sources):
     one_error_line(job.result, "pytorch_model.bin", "posix.system")
     assert not (sources["root"] / "evil_bin.marker").exists()
     assert not (job.run.checkpoints / "org/evil-bin/lit_model.pth").exists()
+
+
+def test_download_refuses_shard_names_that_climb_out(runs):
+    """A weight index from a hostile mirror naming `../../escape.safetensors` (and a listing and a server that
+    serve it): refused before anything is fetched, nothing written outside (or inside) the checkpoint folder."""
+    job = runs["climbing_index"].result()
+    line = one_error_line(job.result, "model.safetensors.index.json", "../../escape.safetensors")
+    assert "org/climbing-index" in line
+    assert list(job.run.folder.rglob("escape*")) == []
+    assert_no_weight_files_fetched(job.result.gets)
 
 
 def test_sharded_repo_fetches_indexed_shards_only(runs, sources):

@@ -264,21 +264,68 @@ def save_model_config(config, checkpoint_dir: Path) -> None:
 
 
 def find_weight_files(checkpoint_dir: Path) -> list[Path]:
-    """The weight files of an HF folder: the index's shards, else *.safetensors, else *.bin (not training_args)."""
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+    """The weight files of an HF folder: the index's shards, else *.safetensors, else *.bin (not training_args).
+
+    Every index in the folder is checked, not only the one used: litgpt's own conversion prefers the .bin one.
+    """
+    indexed = []
+    for index_name in WEIGHT_INDEXES:
         index = checkpoint_dir / index_name
         if index.is_file():
-            shards = sorted({checkpoint_dir / f for f in json.loads(index.read_text())["weight_map"].values()})
-            missing = [s.name for s in shards if not s.is_file()]
-            if missing:
-                raise UserError(f"{index}: shard files missing: {', '.join(missing)} (re-run littune download)")
-            return shards
+            names = index_shards(read_index(index), index_name, str(index))
+            indexed.append((index, [checkpoint_dir / name for name in names]))
+    for index, shards in indexed[:1]:
+        missing = [s.name for s in shards if not s.is_file()]
+        if missing:
+            raise UserError(f"{index}: shard files missing: {', '.join(missing)} (re-run littune download)")
+        return shards
     files = sorted(checkpoint_dir.glob("*.safetensors")) or sorted(
         f for f in checkpoint_dir.glob("*.bin") if f.name not in NOT_WEIGHTS
     )
     if not files:
         raise UserError(f"{checkpoint_dir}: no weight files (*.safetensors or *.bin) to convert")
     return files
+
+
+# weight index file -> the suffix of the shards it names
+WEIGHT_INDEXES = {"model.safetensors.index.json": ".safetensors", "pytorch_model.bin.index.json": ".bin"}
+INDEX_MAX_BYTES = 64 << 20  # real indexes are at most a few MB (one line per tensor)
+
+
+def read_index(path: Path, where: str = "") -> Any:
+    """A weight index's JSON (not yet checked: `index_shards`), or a UserError saying what is wrong with the file."""
+    where = where or str(path)
+    if path.stat().st_size > INDEX_MAX_BYTES:
+        raise UserError(f"{where}: {path.stat().st_size:,} bytes, too large for a weight index")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{where}: not a valid weight index ({type(e).__name__}: {first_line(e)})") from e
+
+
+def index_shards(index: Any, index_name: str, where: str) -> list[str]:
+    """The shard file names a weight index (`index_name`, one of WEIGHT_INDEXES; `where`: what errors call it) maps
+    tensors to, sorted, each checked by `check_shard_name`: a name from someone else's repo is joined onto the
+    checkpoint folder."""
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise UserError(f"{where}: not a weight index (no weight_map of tensor names to shard files)")
+    names = list(weight_map.values())
+    for name in names:
+        check_shard_name(name, WEIGHT_INDEXES[index_name], where)
+    return sorted(set(names))
+
+
+def check_shard_name(name: Any, suffix: str, where: str) -> None:
+    """A weight file name from an index or a repo listing must be a plain file name in the folder, with a weight
+    file's suffix: no path separator (either kind), no `..`, no drive, so that it cannot point outside."""
+    if not isinstance(name, str):
+        raise UserError(f"{where}: shard name {name!r} is not a string")
+    if not name or any(c in name for c in "/\\:\0") or ".." in name:
+        raise UserError(f"{where}: shard name {name!r} is not a plain file name (no '/', '\\', ':' or '..'); refusing "
+                        f"a file outside the checkpoint folder")
+    if not name.endswith(suffix):
+        raise UserError(f"{where}: shard name {name!r} is not a {suffix} weight file")
 
 
 class _StreamingStateDict(dict):
@@ -450,7 +497,9 @@ def load_bin(path: Path) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL (\S+)", str(e))
-        what = f"it names {found[1]}" if found else f"it holds objects other than tensors ({first_line(e)})"
+        detail = [line for line in str(e).splitlines()  # torch's own advice around it is to load unsafely
+                  if line.strip() and not line.startswith(("Weights only load failed", "Check the documentation"))]
+        what = f"it names {found[1]}" if found else f"it is not a plain file of tensors ({(detail or ['?'])[0][:200]})"
         raise UserError(
             f"{path}: refused: {what}, and a pickle can run code when it is loaded; littune reads only tensors "
             f"from .bin files (use the repo's .safetensors weights if it has them)"

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from littune.checkpoints.gguf import convert_gguf
-from littune.checkpoints.hf import (CONFIG_FILES, NOT_WEIGHTS, TOKENIZER_FILES, _check_convertible,
-                                         find_weight_files, models)
+from littune.checkpoints.hf import (CONFIG_FILES, NOT_WEIGHTS, TOKENIZER_FILES, _check_convertible, check_shard_name,
+                                    find_weight_files, index_shards, models, read_index)
 from littune.checkpoints.hf import convert as convert_folder
 from littune.common import UserError, first_line
 
@@ -47,10 +47,13 @@ def download(
     if repo_id == "list":
         models()
         return
-    if not _REPO_ID.fullmatch(repo_id):
+    if not _REPO_ID.fullmatch(repo_id) or {".", ".."} & set(repo_id.split("/")):  # ORG/NAME is a folder path
         raise UserError(
             f"--repo_id {repo_id!r}: expected ORG/NAME, e.g. tiiuae/falcon-7b (`--repo_id list` lists models)"
         )
+    if gguf_file and (gguf_file.startswith("/") or "\\" in gguf_file or ".." in gguf_file.split("/")):
+        raise UserError(f"--gguf_file {gguf_file!r}: expected the file's path in the repo, e.g. model.Q4_K_M.gguf "
+                        f"(no '..', no leading '/')")
     from huggingface_hub import constants
 
     local_dir = Path(checkpoint_dir) / repo_id
@@ -160,6 +163,8 @@ def _wanted_files(repo_id: str, files: list[str], tokenizer_only: bool, read_ind
                 raise UserError(f"{repo_id}: {index} names shards the repo does not have: {', '.join(missing[:3])}")
             return wanted + [index] + shards
         weights = sorted(f for f in top_level if f.endswith(suffix) and f not in NOT_WEIGHTS)
+        for name in weights:  # each is written to local_dir / name
+            check_shard_name(name, suffix, f"{repo_id}: the repo's file list")
         if weights:
             return wanted + weights + [index] * (index in top_level)
     raise UserError(f"{repo_id}: the repo has no weight files (*.safetensors or *.bin); nothing to convert")
@@ -175,14 +180,13 @@ def _wanted_gguf(repo_id: str, files: list[str], gguf_file: str) -> list[str]:
 
 
 def _remote_index(repo_id: str, revision: Optional[str], token: Optional[str], name: str) -> list[str]:
-    """The shard names of a weight index on the Hub (fetched into the HF cache, like config.json)."""
+    """The shard names of a weight index on the Hub (fetched into the HF cache, like config.json), each a plain
+    weight-file name (`check_shard_name`): the files are written to local_dir / name."""
     from huggingface_hub import hf_hub_download
 
     path = hf_hub_download(repo_id, name, revision=revision, token=token)
-    try:
-        return list(json.loads(Path(path).read_text(encoding="utf-8"))["weight_map"].values())
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
-        raise UserError(f"{repo_id}: {name} on the Hub is not a valid weight index ({type(e).__name__})") from e
+    where = f"{repo_id}: {name} on the Hub"
+    return index_shards(read_index(Path(path), where), name, where)
 
 
 def _check_offline_folder(repo_id: str, local_dir: Path, tokenizer_only: bool) -> None:
