@@ -11,15 +11,15 @@ a conversation of several turns needs a chat template. /v1/completions continues
 Request fields: messages (text content; OpenAI's text parts are joined) or prompt (one string), max_tokens
 (max_completion_tokens; default: the rest of the context), temperature (default 1.0, as OpenAI's API; 0 = greedy),
 top_p, seed, stop (up to 4 strings of up to 256 characters), stream, stream_options.include_usage; two extensions,
-named as vLLM names them: top_k and ignore_eos. Fields littune cannot honour (n > 1, penalties, logit_bias, logprobs, echo, best_of,
-suffix) are refused with 400 rather than ignored; other unknown fields are ignored. usage counts the prompt's
-tokens and the tokens generated, a stop token included.
+named as vLLM names them: top_k and ignore_eos. Fields littune cannot honour (n > 1, penalties, logit_bias,
+logprobs, echo, best_of, suffix) are refused with 400 rather than ignored; other unknown fields are ignored. usage
+counts the prompt's tokens and the tokens generated, a stop token included.
 
-Limits, so that no request holds up the others: a body over 16 MB gets 413; a request that finds --max_concurrency
-running and --max_queue waiting gets 429 before its body is read; a body is parsed, its messages rendered and its
-prompt tokenised on a worker thread (the event loop goes on answering meanwhile); prompt text longer than 16
-characters per token of context (4,096 for a 256-token context), or more messages than the context has tokens, is
-refused with 400 before it is rendered or tokenised.
+Limits, so that no request holds up the others: a body over 16 MB gets 413; a request that finds
+--max_concurrency running and --max_queue waiting gets 429 before its body is parsed; a body is parsed, its messages
+rendered and its prompt tokenised on a worker thread (the event loop goes on answering meanwhile); prompt text longer
+than 16 characters per token of context (4,096 for a 256-token context), or more messages than the context has
+tokens, is refused with 400 before it is rendered or tokenised; stop strings are limited to 4 of 256 characters.
 
 Web pages cannot drive the server (the class of Ollama's CVE-2024-28224: a page can POST text/plain or a form to any
 site without asking, and with DNS rebinding its own name resolves to 127.0.0.1): request bodies must come with
@@ -989,7 +989,8 @@ def build_app(service: Service):
         if media_type != "application/json":
             raise ApiError(415, f"the request body must be JSON sent with 'Content-Type: application/json', got "
                                 f"{media_type or 'no Content-Type'}", code="unsupported_media_type")
-        # the queue first: a request that cannot get a place costs nothing more
+        raw = await read_body(request)  # no place taken yet: a client that sends its body slowly holds none
+        # the queue before anything that costs time: a request that cannot get a place costs nothing more
         if service.in_flight >= service.max_concurrency + service.max_queue:
             raise ApiError(429, f"the server is busy ({service.max_concurrency} requests running, "
                                 f"{service.max_queue} waiting); retry later", kind="rate_limit_error",
@@ -1007,7 +1008,6 @@ def build_app(service: Service):
                     job.cancelled = True
 
         try:
-            raw = await read_body(request)
             # parsing, rendering and tokenising take time in proportion to the request: on a worker thread, so the
             # event loop goes on answering everyone else (/health included) meanwhile
             prepared = await run_in_threadpool(prepare_request, service, raw, kind)

@@ -322,20 +322,20 @@ def test_queue_limit_429_and_disconnects_free_their_place(chat_checkpoint):
         assert chat(client_for(base), PROMPTS[3])[0] == greedy(chat_checkpoint, PROMPTS[3])
 
 
-def test_huge_prompts_are_refused_untokenised_and_the_event_loop_keeps_answering(small_checkpoint):
+def test_huge_prompts_are_refused_untokenised_and_the_event_loop_keeps_answering(small_checkpoint, monkeypatch):
     """Issue 24 #3: a 15 MB prompt is refused at once (it was tokenised on the event loop first: 16 s, /health
     waited as long); prompt text beyond 16 characters per token of context is never rendered or tokenised; a
-    prompt being tokenised does not hold up /health; a full server answers 429 before reading a request."""
+    prompt being tokenised does not hold up /health; a full server answers 429 before parsing a request."""
     with in_process_server(small_checkpoint, max_concurrency=1, max_queue=0) as (base, service):
-        encode, seen, gate = service.tokenizer.encode, [], threading.Event()
+        encode, seen, gate = serve_module.encode, [], threading.Event()
 
-        def slow_encode(text, **kwargs):  # records what is tokenised; holds a prompt that says SLOW
+        def slow_encode(tokenizer, text):  # records what is tokenised; holds a prompt that says SLOW
             seen.append(len(text))
             if "SLOW" in text:
                 gate.wait(60)
-            return encode(text, **kwargs)
+            return encode(tokenizer, text)
 
-        service.tokenizer.encode = slow_encode
+        monkeypatch.setattr(serve_module, "encode", slow_encode)
         limit = 16 * service.context
         huge = "word " * (3 << 20)  # 15 MB, under the 16 MB body cap
         with httpx.Client(base_url=base, timeout=60) as http, httpx.Client(base_url=base, timeout=60) as other:
