@@ -7,7 +7,8 @@
                     "output": "label"}' --output_values '{"1": "positive", "0": "negative"}'
 
 Every record becomes `prompt = style.apply(instruction, input=input)` and `prompt + output`, tokenised with the
-checkpoint's own tokenizer exactly as litgpt's `Tokenizer.encode` does it one string at a time, but in batches on
+checkpoint's own tokenizer by `littune.prepared.encode_batch` (the text's own tokens, special-token text included,
+BOS first where the tokenizer uses one: transformers' `apply_chat_template` ids for a chat prompt), in batches on
 two threads. The test split is an official test file (--test_file) or a seeded random hold-out; the validation split
 (model selection, early stopping) is always held out of the training file, so choosing a model never sees the test
 split. Everything is validated and built in memory first; the files are written at the very end, each atomically, so
@@ -35,7 +36,7 @@ import littune
 from littune.common import (Check, UserError, atomic_path, checked, first_line, json_type, replace_outputs, save_json,
                             sha256_file, write_torch)
 from littune.metrics import detect_labels
-from littune.prepared import encode_batch, litgpt_special_tokens, load_tokenizer, tokenizer_identity_of
+from littune.prepared import encode_batch, load_tokenizer, tokenizer_identity_of, with_eos
 from littune.prompts import STYLE_FILE, check_style_name, default_style_name, style_by_name, style_yaml
 
 FIELDS = ("instruction", "input", "output")
@@ -292,16 +293,16 @@ def without_gc(fn):
 def tokenize(tokenizer, style, instructions: list[str], inputs: list[str], outputs: list[str], max_seq_length: int):
     """(prompt ids, full ids, how many were truncated) of every record, as Lit-GPT's prepare_alpaca made them.
 
-    full = encode(prompt + output) + [EOS]. The prompt and the full text are tokenised separately, not prompt and
-    response: BPE can merge across the seam, so the response's tokens alone may differ. Truncation keeps the first
-    max_seq_length tokens (a cut record loses its EOS: its response does not end there).
+    full = encode(prompt + output) + [EOS] (`with_eos`). The prompt and the full text are tokenised separately, not
+    prompt and response: BPE can merge across the seam, so the response's tokens alone may differ. Truncation keeps
+    the first max_seq_length tokens (a cut record loses its EOS: its response does not end there).
     """
     prompts = [style.apply(instruction, input=input) for instruction, input in zip(instructions, inputs)]
     full_texts = [prompt + output for prompt, output in zip(prompts, outputs)]
     token_ids = encode_batch(tokenizer, prompts + full_texts)
     n = len(prompts)
-    prompt_ids = [litgpt_special_tokens(ids, tokenizer) for ids in token_ids[:n]]
-    full_ids = [litgpt_special_tokens(ids, tokenizer) + [tokenizer.eos_id] for ids in token_ids[n:]]
+    prompt_ids = token_ids[:n]
+    full_ids = [with_eos(ids, tokenizer) for ids in token_ids[n:]]
     truncated = sum(len(ids) > max_seq_length for ids in full_ids)
     prompt_ids = [ids if len(ids) <= max_seq_length else ids[:max_seq_length] for ids in prompt_ids]
     full_ids = [ids if len(ids) <= max_seq_length else ids[:max_seq_length] for ids in full_ids]

@@ -17,6 +17,7 @@ import torch
 
 from littune.common import Check, UserError, checked
 from littune.model import Precision, default_precision, load_for_inference, peak_memory_gb
+from littune.prepared import encode
 from littune.sampling import generate_tokens, stream_text
 
 
@@ -62,7 +63,7 @@ def generate(
     model, tokenizer, run_dir = load_for_inference(fabric, checkpoint_dir, adapter_path)
     style = choose_prompt_style(prompt_style, run_dir, checkpoint_dir, system)
     text = style.apply(prompt, input=input)
-    prompt_ids = tokenizer.encode(text, device=fabric.device)
+    prompt_ids = encode(tokenizer, text).to(fabric.device)
     check_fits(prompt_ids, max_new_tokens, model.config.block_size)
     stop_tokens = style.stop_tokens(tokenizer)
 

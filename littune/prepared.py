@@ -130,45 +130,48 @@ def tokenizer_identity_of(tokenizer, checkpoint_dir: Path) -> dict:
     }
 
 
-def encode_batch(tokenizer, texts: list[str]) -> list[list[int]]:
-    """The processor's raw ids of every text, what litgpt's `Tokenizer.encode` starts from, in ordered batches.
+def encode(tokenizer, text: str) -> "torch.Tensor":
+    """One text's token ids as littune feeds every prompt to the model (`encode_batch`'s rule), int64."""
+    import torch
+
+    return torch.tensor(encode_batch(tokenizer, [text], progress=False)[0], dtype=torch.int64)
+
+
+def encode_batch(tokenizer, texts: list[str], progress: bool = True) -> list[list[int]]:
+    """The token ids of every text, in ordered batches: the text's own tokens (a special token the text writes, such
+    as a chat template's <|im_start|>, included; nothing added by the tokenizer's post-processor), then BOS put
+    first where the tokenizer uses one (litgpt's `use_bos`), as transformers' `apply_chat_template(tokenize=True)`
+    tokenises a rendered conversation (add_special_tokens=False). litgpt's `Tokenizer.encode` differs in one way:
+    it drops a leading BOS (and a trailing EOS) even where the text itself wrote it, which cut the first
+    <|im_start|> of ChatML prompts whose BOS token is <|im_start|>.
 
     Two threads at most: the Hugging Face tokenizer releases the GIL inside a batch, so two Python threads run two
     batches at once whatever TOKENIZERS_PARALLELISM says; SentencePiece holds the GIL but threads a batch itself.
     """
     threads = min(2, os.cpu_count() or 1)
     chunks = [texts[i : i + CHUNK_SIZE] for i in range(0, len(texts), CHUNK_SIZE)]
-    processor = tokenizer.processor
+    bos = [tokenizer.bos_id] if tokenizer.use_bos else []
     ids: list[list[int]] = []
-    with tqdm(total=len(texts), desc="Tokenizing", unit=" texts", disable=None, file=sys.stderr) as progress:
-        for chunk_ids in _encode_chunks(processor, tokenizer.backend, chunks, threads):
-            ids.extend(chunk_ids)
-            progress.update(len(chunk_ids))
+    with tqdm(total=len(texts), desc="Tokenizing", unit=" texts", disable=None if progress else True,
+              file=sys.stderr) as bar:
+        for chunk_ids in _encode_chunks(tokenizer.processor, tokenizer.backend, chunks, threads):
+            ids.extend(bos + t if bos and (not t or t[0] != bos[0]) else t for t in chunk_ids)
+            bar.update(len(chunk_ids))
     return ids
 
 
 def _encode_chunks(processor, backend: str, chunks: list[list[str]], threads: int) -> Iterator[list[list[int]]]:
     if backend == "huggingface":
-        # as `processor.encode(text)` does (special tokens added by the post-processor); no offsets needed
+        # special-token text in the string is still read as that token; no post-processor BOS/EOS, no offsets
         encode = getattr(processor, "encode_batch_fast", processor.encode_batch)
         with ThreadPoolExecutor(threads) as pool:
-            yield from pool.map(lambda chunk: [encoding.ids for encoding in encode(chunk)], chunks)
-    else:
+            yield from pool.map(lambda chunk: [e.ids for e in encode(chunk, add_special_tokens=False)], chunks)
+    else:  # SentencePiece adds no BOS/EOS unless asked
         for chunk in chunks:
             yield processor.encode(chunk, num_threads=threads)
 
 
-def litgpt_special_tokens(ids: list[int], tokenizer) -> list[int]:
-    """litgpt `Tokenizer.encode(text)`'s rules (bos=None, eos=False) applied to the processor's raw ids.
-
-    BOS first if the tokenizer uses one, else a leading BOS the processor added is removed; a trailing EOS the
-    processor added is removed (prepare appends its own to the full text).
-    """
-    if tokenizer.use_bos:
-        if not ids or ids[0] != tokenizer.bos_id:
-            ids = [tokenizer.bos_id] + ids
-    elif ids and ids[0] == tokenizer.bos_id:
-        ids = ids[1:]
-    if ids and ids[-1] == tokenizer.eos_id:
-        ids = ids[:-1]
-    return ids
+def with_eos(ids: list[int], tokenizer) -> list[int]:
+    """A full text's ids ending in one EOS: the one training appends, or the text's own where it ends with the EOS
+    text (a response that writes EOS itself gets no second one, as litgpt's prepare scripts build it)."""
+    return ids if ids and ids[-1] == tokenizer.eos_id else ids + [tokenizer.eos_id]

@@ -66,7 +66,7 @@ def label_texts(expected: list[str], labels: list[str]) -> list[str]:
 def label_requests(tokenizer, style, records: list[dict], texts: list[str], block_size: int) -> list[dict]:
     """Per record: {"prompt": the prompt text, "context": its ids, "continuations": each label's ids}.
 
-    Tokenised with prepare's rules (`encode_batch` + `litgpt_special_tokens`), so the context is the record's
+    Tokenised with prepare's rule (`littune.prepared.encode_batch`), so the context is the record's
     `input_ids_no_response` (unless prepare cut that at --max_seq_length: then it is the whole prompt), and context +
     a label's ids is the sequence prepare builds for a record answering that label. Where BPE merges the prompt's
     last token with a label (a prompt ending in a space: "Sentiment: " + "positive" -> "Sentiment", ":",
@@ -74,11 +74,11 @@ def label_requests(tokenizer, style, records: list[dict], texts: list[str], bloc
     len(prompt ids) would leave that label nothing but EOS to score. A context too long for block_size with its
     longest label loses its first tokens (as lm-evaluation-harness truncates).
     """
-    from littune.prepared import encode_batch, litgpt_special_tokens
+    from littune.prepared import encode_batch, with_eos
 
     prompts = [style.apply(r["instruction"], input=r["input"]) for r in records]
     full_texts = [prompt + text for prompt in prompts for text in texts]
-    ids = [litgpt_special_tokens(i, tokenizer) for i in encode_batch(tokenizer, prompts + full_texts)]
+    ids = encode_batch(tokenizer, prompts + full_texts)
     contexts, full = ids[:len(prompts)], ids[len(prompts):]
     requests = []
     for index, (prompt, context) in enumerate(zip(prompts, contexts)):
@@ -87,7 +87,7 @@ def label_requests(tokenizer, style, records: list[dict], texts: list[str], bloc
         if shared == 0:
             raise UserError(f"record {index}: its prompt and a label share no first token once tokenised; likelihood "
                             f"scoring needs a prompt to score the labels after")
-        continuations = [row[shared:] + [tokenizer.eos_id] for row in rows]
+        continuations = [with_eos(row, tokenizer)[shared:] for row in rows]
         room = block_size - max(len(c) for c in continuations) + 1  # the last label token is never an input
         if room < 1:
             raise UserError(f"a label of {max(map(len, continuations))} tokens does not fit the model's context of "

@@ -176,7 +176,9 @@ def test_labels_eos_and_prompt_prefix(masked, alpaca_masked, alpaca_unmasked):
 @pytest.mark.parametrize("family, block_size_file", [("pythia", "config.json"), ("falcon", "model_config.yaml"),
                                                      ("llama", "config.json")])
 def test_batched_tokens_equal_litgpt_encode_per_record(family, block_size_file, tmp_path):
-    """Batched, threaded tokenisation gives what litgpt's Tokenizer.encode gives one record at a time."""
+    """Batched, threaded tokenisation gives what litgpt's Tokenizer.encode gives one record at a time (for texts
+    that do not begin with the BOS text: littune keeps a BOS the text writes, see
+    test_chat_prompt_ids_equal_apply_chat_template_ids)."""
     folder = checkpoint(tmp_path / family, family, block_size_file)
     records = json.loads(ALPACA_335.read_text())
     # edge cases of the BOS/EOS rules: a text that itself ends in the EOS token, unicode, an empty output
@@ -708,6 +710,36 @@ def test_chat_style_renders_like_transformers(smollm2_files, tmp_path):
     style = style_by_name("chat", folder)
     assert style.apply("Hi.").startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
     assert style.apply("Hi.", sys_prompt="Be brief.").startswith("<|im_start|>system\nBe brief.<|im_end|>")
+
+
+@pytest.mark.parametrize("case", ["chatml, BOS is <|im_start|>, not added", "chatml with --system",
+                                  "BOS added by the tokenizer"])
+def test_chat_prompt_ids_equal_apply_chat_template_ids(smollm2_files, tmp_path, case):
+    """prepare's prompt ids are the ids transformers' apply_chat_template(tokenize=True) gives: no special token the
+    template writes is dropped. SmolLM2's BOS token is <|im_start|>, its turn marker: litgpt's Tokenizer.encode
+    drops a leading BOS id where the tokenizer does not add one, which cut the prompt's first <|im_start|>."""
+    records = [{"instruction": instruction, "input": input, "output": "ok"} for instruction, input, _ in CHAT_CASES]
+    data_file = write(tmp_path / "records.json", json.dumps(records * 4))
+    flags, system = [], None
+    if case.startswith("BOS added"):  # a tokenizer that adds BOS (add_bos_token) whose template writes it too
+        folder = with_chat_template(tmp_path / "neox-chat", "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] "
+                                    "{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}[assistant] "
+                                    "{% endif %}", bos_token="<|endoftext|>", add_bos_token=True)
+    else:  # a folder name litgpt does not special-case: its Tokenizer does not add BOS here
+        folder = smollm2_checkpoint(smollm2_files, tmp_path / "my-chat-model")
+        if case.endswith("--system"):
+            flags, system = ["--system", "You are terse."], "You are terse."
+    assert prepare(data_file, folder, tmp_path / "out", "--prompt_style", "chat", "--test_size", "4",
+                   "--val_size", "0", *flags)[0] == 0
+    tokenizer = hf_tokenizer(folder)
+    for record in load_all(tmp_path / "out"):
+        messages = [{"role": "system", "content": system}] if system else []
+        messages.append({"role": "user", "content": record["instruction"] + (
+            f"\n\n{record['input']}" if record["input"] else "")})
+        expected = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        expected = list(expected["input_ids"] if hasattr(expected, "keys") else expected)
+        assert record["input_ids_no_response"].tolist() == expected, case
+        assert expected[0] == tokenizer.bos_token_id  # the case this test is about: the prompt starts with BOS
 
 
 def test_chat_style_template_features_match_transformers(tmp_path):
