@@ -214,6 +214,19 @@ def sequence_length(model, length: int) -> Iterator[torch.nn.Module]:
         module.max_seq_length = before
 
 
+@contextmanager
+def final_norm_keeps(model, select) -> Iterator[None]:
+    """Within the block the model's final norm returns `select(its output)` (B x T x C), e.g. `lambda out: out[:, -1:]`
+    for the last position: the vocabulary projection (lm_head, litgpt's last step, 49,152 x 576 for SmolLM2) then
+    runs only on the positions kept (a prefill needs its last one; scoring and the loss their target ones), and
+    litgpt's forward returns logits for those alone."""
+    handle = unwrap(model).transformer.ln_f.register_forward_hook(lambda _, __, out: select(out))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 # --------------------------------------------------------------------------------------------------- token losses
 
 

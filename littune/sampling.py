@@ -20,12 +20,11 @@ where the two best tokens are closer than that; the tests check every record on 
 """
 
 import sys
-from contextlib import contextmanager
 from typing import Iterator, Optional, Sequence
 
 import torch
 
-from littune.model import sequence_length, unwrap
+from littune.model import final_norm_keeps, sequence_length, unwrap
 
 
 # Temperatures below this are greedy, as vLLM's (its _SAMPLING_EPS): the logits divided by 1e-45 overflow to inf
@@ -71,7 +70,7 @@ def generate_tokens(
     # a KV cache (and RoPE table) exactly as long as this answer can get, no longer
     with sequence_length(model, n + max_new_tokens) as module:
         module.set_kv_cache(batch_size=1, device=device)
-        with last_position_only(module):
+        with final_norm_keeps(module, lambda out: out[:, -1:]):
             logits = module(prompt_ids[None], torch.arange(n, device=device), input_pos_maxp1=n)
         for step in range(max_new_tokens):
             token = sample_token(logits[0, -1], temperature, top_k, top_p, generator)
@@ -178,7 +177,8 @@ def _greedy_batch(module, prompts: list[torch.Tensor], max_new_tokens: int, stop
 
     # Prefill: every row at positions 0..width-1 (pads after a row's prompt are never attended by its real tokens);
     # only each row's last prompt position goes through the vocabulary projection
-    with _only_positions(module, lengths - 1):
+    every_row, last = torch.arange(rows, device=device), lengths - 1
+    with final_norm_keeps(module, lambda out: out[every_row, last][:, None]):
         logits = module(idx, torch.arange(width, device=device), input_pos_maxp1=width)
     positions = lengths.clone()
     for step in range(max_new_tokens):
@@ -193,25 +193,3 @@ def _greedy_batch(module, prompts: list[torch.Tensor], max_new_tokens: int, stop
         positions += 1
     return [m.output for m in matchers]
 
-
-@contextmanager
-def _only_positions(module, last: torch.Tensor) -> Iterator[None]:
-    """Within the block, the model's final norm returns only position `last[b]` of each row b (shape B x 1 x C), so
-    the vocabulary projection runs on one position per row instead of all of them."""
-    rows = torch.arange(len(last), device=last.device)
-    handle = module.transformer.ln_f.register_forward_hook(lambda _, __, out: out[rows, last][:, None])
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
-@contextmanager
-def last_position_only(module) -> Iterator[None]:
-    """Within the block the final norm returns only the last position, so a prefill's vocabulary projection runs on
-    one position instead of the whole prompt."""
-    handle = module.transformer.ln_f.register_forward_hook(lambda _, __, out: out[:, -1:])
-    try:
-        yield
-    finally:
-        handle.remove()

@@ -38,14 +38,13 @@ rounding); under bf16 the logits themselves are rounded to bf16 first.
 
 import sys
 from collections import Counter
-from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 
 from littune.common import UserError
 from littune.metrics import normalize
-from littune.model import sequence_length, unwrap
+from littune.model import final_norm_keeps, sequence_length, unwrap
 
 TOKENS_PER_FORWARD = 4096  # caps B x T of a batch: where every position needs its logits they are B x T x vocab
 CONTINUATION_ROWS = 256  # continuation rows per forward (each holds a copy of its record's KV cache)
@@ -358,18 +357,8 @@ def _forward(module, idx: torch.Tensor, input_pos: torch.Tensor, input_pos_maxp1
     device = idx.device
     rows_t, cols_t = torch.tensor(rows, dtype=torch.int64, device=device), torch.tensor(cols, dtype=torch.int64,
                                                                                          device=device)
-    with _gather(module, rows_t, cols_t):
+    with final_norm_keeps(module, lambda out: out[rows_t, cols_t][None]):  # the pairs only, as 1 x N x C
         return module(idx, input_pos, input_pos_maxp1=input_pos_maxp1)
-
-
-@contextmanager
-def _gather(module, rows: torch.Tensor, cols: torch.Tensor) -> Iterator[None]:
-    """Within the block, the model's final norm returns only the positions (rows[i], cols[i]), as 1 x N x C."""
-    handle = module.transformer.ln_f.register_forward_hook(lambda _, __, out: out[rows, cols][None])
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 def _target_logprobs(logits: torch.Tensor, targets: list[int]) -> list[float]:

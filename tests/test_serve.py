@@ -26,6 +26,10 @@ import torch
 
 from littune import generate as generate_module
 from littune import serve as serve_module
+from littune.serve import app as app_module
+from littune.serve import engine as engine_module
+from littune.serve import protocol as protocol_module
+from littune.serve.engine import End, Text
 from littune.cli import main
 
 KEY = "sk-test-3f1a9c"  # must never appear in the server's output
@@ -119,7 +123,7 @@ def in_process_server(checkpoint, adapter_path=None, **kwargs):
     """The same app served by uvicorn on a thread of this process: (base URL, the Service)."""
     service = serve_module.load_service(checkpoint, adapter_path, **kwargs)
     sock = serve_module.bind_socket("127.0.0.1", 0)
-    server = serve_module.make_server(serve_module.build_app(service), service, log_level="warning")
+    server = serve_module.make_server(app_module.build_app(service), service, log_level="warning")
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{sock.getsockname()[1]}"
@@ -315,9 +319,9 @@ def test_queue_limit_429_and_disconnects_free_their_place(chat_checkpoint):
             time.sleep(0.05)
         assert not service.engine.rows and service.in_flight == 0
         assert len(jobs) == 2 and all(job.cancelled for job, _ in jobs)
-        assert not any(event[0] == "end" for _, events in jobs for event in events)  # neither ran to its end
+        assert not any(isinstance(event, End) for _, events in jobs for event in events)  # neither ran to its end
         room = service.context - jobs[0][0].prompt.numel()
-        assert sum(event[0] == "text" for event in jobs[0][1]) < room
+        assert sum(isinstance(event, Text) for event in jobs[0][1]) < room
         # and the next client is answered as if nothing had happened
         assert chat(client_for(base), PROMPTS[3])[0] == greedy(chat_checkpoint, PROMPTS[3])
 
@@ -327,7 +331,7 @@ def test_huge_prompts_are_refused_untokenised_and_the_event_loop_keeps_answering
     waited as long); prompt text beyond 16 characters per token of context is never rendered or tokenised; a
     prompt being tokenised does not hold up /health; a full server answers 429 before parsing a request."""
     with in_process_server(small_checkpoint, max_concurrency=1, max_queue=0) as (base, service):
-        encode, seen, gate = serve_module.encode, [], threading.Event()
+        encode, seen, gate = protocol_module.encode, [], threading.Event()
 
         def slow_encode(tokenizer, text):  # records what is tokenised; holds a prompt that says SLOW
             seen.append(len(text))
@@ -335,7 +339,7 @@ def test_huge_prompts_are_refused_untokenised_and_the_event_loop_keeps_answering
                 gate.wait(60)
             return encode(tokenizer, text)
 
-        monkeypatch.setattr(serve_module, "encode", slow_encode)
+        monkeypatch.setattr(protocol_module, "encode", slow_encode)
         limit = 16 * service.context
         huge = "word " * (3 << 20)  # 15 MB, under the 16 MB body cap
         with httpx.Client(base_url=base, timeout=60) as http, httpx.Client(base_url=base, timeout=60) as other:
@@ -384,7 +388,7 @@ def stream_with_stops(text: str, stops: tuple) -> tuple[list[str], bool]:
     ids, emitted, pieces = [], "", []
     for k, character in enumerate(text):
         ids.append(ord(character))
-        piece, emitted, hit = serve_module.advance_text(CharTokens, ids, emitted, stops, k == len(text) - 1)
+        piece, emitted, hit = engine_module.advance_text(CharTokens, ids, emitted, stops, k == len(text) - 1)
         pieces.append(piece)
         if hit:
             return pieces, True
@@ -396,7 +400,7 @@ def test_stop_strings_end_the_text_at_their_first_match_and_hold_back_only_what_
     searched; checked against the plain definition on every prefix of random texts."""
     import random
 
-    assert serve_module.MAX_STOP_STRINGS == 4 and serve_module.MAX_STOP_CHARS == 256
+    assert protocol_module.MAX_STOP_STRINGS == 4 and protocol_module.MAX_STOP_CHARS == 256
     # S, ST, STO are held back (they may begin STOP), P completes it: the first match, END is never reached
     assert stream_with_stops("say then STOP and END", ("END", "STOP")) == ([*"say then ", "", "", "", ""], True)
     assert stream_with_stops("xaaab", ("aab",)) == (["x", "", "", "a", ""], True)  # a second start inside a first
@@ -514,11 +518,11 @@ def test_a_web_page_cannot_drive_a_server_without_a_key(small_checkpoint):
                 assert status(host) == 200, host
 
             # a reverse proxy forwards its own name: allowed by --allowed_hosts, with any port
-            service.allowed_hosts = serve_module.host_allowlist("127.0.0.1", "proxy.example.com, [fd00::1]")
+            service.allowed_hosts = app_module.host_allowlist("127.0.0.1", "proxy.example.com, [fd00::1]")
             assert status("proxy.example.com:443") == status("[fd00::1]") == status("localhost") == 200
             assert status("evil.example") == 403
-    assert serve_module.host_allowlist("0.0.0.0", None) is None  # every network, no list: any Host
-    assert serve_module.host_allowlist("::1", None) == frozenset()
+    assert app_module.host_allowlist("0.0.0.0", None) is None  # every network, no list: any Host
+    assert app_module.host_allowlist("::1", None) == frozenset()
 
 
 def test_setup_errors_are_one_line(cli_server, tmp_path, capsys, monkeypatch):
@@ -588,7 +592,7 @@ def test_a_failing_request_fails_alone(small_checkpoint, monkeypatch):
                 raise RuntimeError("CUDA out of memory (simulated)")
 
         service.engine.module.transformer.h[2].register_forward_pre_hook(out_of_memory)
-        sample_row, draws = serve_module.sample_row, []
+        sample_row, draws = engine_module.sample_row, []
 
         def failing_draw(logits, job, generator):  # the third draw of the request with seed 13: in a decode step
             draws.append(job.seed)
@@ -596,7 +600,7 @@ def test_a_failing_request_fails_alone(small_checkpoint, monkeypatch):
                 raise RuntimeError("probability tensor contains either inf, nan or element < 0 (simulated)")
             return sample_row(logits, job, generator)
 
-        monkeypatch.setattr(serve_module, "sample_row", failing_draw)
+        monkeypatch.setattr(engine_module, "sample_row", failing_draw)
         with httpx.Client(base_url=base, timeout=120) as http:
             long = {"messages": [{"role": "user", "content": PROMPTS[3]}], "temperature": 0,
                     "max_tokens": long_tokens, "stream": True}
