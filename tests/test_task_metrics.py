@@ -45,17 +45,41 @@ def metric_rows(out: Path) -> list[dict]:
     return [r for r in read_metrics(out) if r["val_loss"]]
 
 
+def validate_adapter(checkpoint: Path, data: Path, adapter_file: Path) -> float:
+    """The validation loss of a saved adapter by the training loop's loss pass (`validate`), float32."""
+    import lightning as L
+
+    from littune.finetune.loop import validate
+    from littune.methods.adapter_v2 import METHOD
+    from littune.model import load_model
+    from littune.prepared import load_prepare_json, load_split
+
+    fabric = L.Fabric(devices=1, accelerator="cpu", precision="32-true")
+    adapter = torch.load(adapter_file, weights_only=True)
+    model = load_model(fabric, checkpoint, METHOD, METHOD.args(), adapter=adapter, trainable=True)
+    ignore_index = int(load_prepare_json(data).get("ignore_index", -100))
+    return validate(fabric, model, METHOD, load_split(data, "val"), 8, ignore_index)
+
+
 def test_logged_task_metrics_equal_evaluate_on_the_saved_adapter_and_best_is_their_argmax(small_checkpoint, sst2,
                                                                                          tmp_path):
-    out = tmp_path / "run"
-    assert main(finetune(small_checkpoint, sst2, out, "--max_steps", 6, "--eval_interval", 2,
-                         "--save_interval", 2)) == 0
+    from littune.finetune import loop
+
+    out, loss_passes = tmp_path / "run", []
+    with pytest.MonkeyPatch.context() as patch:  # a label task's evaluation is one scoring pass, no loss pass
+        patch.setattr(loop, "validate", lambda *a, **k: loss_passes.append(a) or 0.0)
+        assert main(finetune(small_checkpoint, sst2, out, "--max_steps", 6, "--eval_interval", 2,
+                             "--save_interval", 2)) == 0
+    assert loss_passes == []
     rows = metric_rows(out)
     assert [int(r["step"]) for r in rows] == [2, 4, 6]
     assert all(r["val_accuracy"] and r["val_f1_macro"] and r["val_mcc"] and float(r["eval_sec"]) > 0 for r in rows)
     assert len({r["val_loss"] for r in rows}) == 3
     for row in rows:  # the adapter saved at that step, scored by littune evaluate on the same records
         step_dir = out / f"step-{int(row['step']):06d}"
+        # the scoring pass's val_loss is the loss pass's (validate: the mean token loss of the training forward)
+        assert float(row["val_loss"]) == pytest.approx(validate_adapter(small_checkpoint, sst2, step_dir / ADAPTER),
+                                                       rel=2e-5)
         assert main(["evaluate", "--checkpoint_dir", str(small_checkpoint), "--data_dir", str(sst2), "--adapter_path",
                      str(step_dir / ADAPTER), "--split", "val", "--scoring", "likelihood", "--precision", "32-true",
                      "--out_dir", str(tmp_path / f"eval-{row['step']}")]) == 0

@@ -229,32 +229,43 @@ def train_step(fabric, model, optimizer, method: Method, data: list, step_batche
 def evaluate_now(fabric, model, method: Method, records: list, micro_batch_size: int, ignore_index: int,
                  task: Optional[tuple]) -> dict:
     """val_loss of the records; for a label task also val_accuracy, val_f1_macro and val_mcc, the labels scored by
-    likelihood (`littune.scoring`, as `littune evaluate --scoring likelihood` scores them). Rank 0 scores; every rank
-    gets its figures, since every rank decides best/ and early stopping. eval_sec: how long it all took."""
+    likelihood (`littune.scoring`, as `littune evaluate --scoring likelihood` scores them) in the same pass that
+    gives the loss: rank 0 scores, every rank gets the figures (every rank decides best/ and early stopping).
+    Without labels: `validate`, shared by every rank. eval_sec: how long it all took."""
     started = time.perf_counter()
-    evaluation = {"val_loss": validate(fabric, model, method, records, micro_batch_size, ignore_index)}
-    if task is not None:
-        figures = torch.zeros(len(TASK_METRICS), dtype=torch.float64, device=fabric.device)
+    if task is None:
+        evaluation = {"val_loss": validate(fabric, model, method, records, micro_batch_size, ignore_index)}
+    else:
+        figures = torch.zeros(1 + len(TASK_METRICS), dtype=torch.float64, device=fabric.device)
         if fabric.global_rank == 0:
-            figures[:] = torch.tensor(task_metrics(model, method, records, *task), dtype=torch.float64)
+            figures[:] = torch.tensor(task_figures(model, method, records, ignore_index, *task), dtype=torch.float64)
         if fabric.world_size > 1:
             figures = fabric.broadcast(figures, src=0)
-        evaluation.update(zip(TASK_METRICS, figures.tolist()))
+        evaluation = dict(zip(["val_loss", *TASK_METRICS], figures.tolist()))
     return {**evaluation, "eval_sec": time.perf_counter() - started}
 
 
-def task_metrics(model, method: Method, records: list, tokenizer, style, labels: list) -> list[float]:
-    """[accuracy, macro F1, MCC] of the records' labels predicted by likelihood."""
+def task_figures(model, method: Method, records: list, ignore_index: int, tokenizer, style, labels: list) -> list:
+    """[mean token loss, accuracy, macro F1, MCC] of the records from one likelihood-scoring pass: each record's
+    loss targets ride along with its labels (`scoring.with_loss`, as in `littune evaluate`), so the prompt runs once
+    for both. The loss is `validate`'s: the same target tokens, summed over the records, over their number. It runs on
+    the model itself, not Fabric's wrapper: under bf16-mixed in float32, as `littune evaluate` scores."""
     from littune.metrics import classification_metrics
-    from littune.scoring import score_labels
+    from littune.scoring import label_requests, label_result, label_texts, loss_terms, token_logprobs, with_loss
 
+    texts = label_texts([r["output"] for r in records], labels)
+    requests = label_requests(tokenizer, style, records, texts, unwrap(model).config.block_size)
+    scored, plans = with_loss(requests, records, ignore_index)
     model.eval()
     method.before_forward(unwrap(model))
-    predicted = [r["predicted"] for r in score_labels(model, tokenizer, style, records, labels)]
+    results = token_logprobs(model, scored)
     method.before_forward(unwrap(model))
     model.train()
+    loss_sum, targets = loss_terms(scored, results, plans)
+    predicted = [label_result(request, result, labels, texts)["predicted"]
+                 for request, result in zip(requests, results)]  # the records' own requests come first
     metrics = classification_metrics([r["output"] for r in records], predicted, labels)
-    return [metrics["accuracy"], metrics["f1_macro"], metrics["mcc"]]
+    return [loss_sum / max(targets, 1), metrics["accuracy"], metrics["f1_macro"], metrics["mcc"]]
 
 
 def better(value: float, best: float, metric: str) -> bool:
