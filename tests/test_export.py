@@ -291,7 +291,8 @@ def test_gguf_export_is_read_by_transformers_and_by_littunes_import(models, tmp_
     assert {"token_embd.weight", "output.weight", "output_norm.weight", "blk.1.attn_q.weight",
             "blk.1.ffn_down.weight"} <= names  # the head has LoRA: written as output.weight
     assert meta["general.architecture"] == "llama" and meta["tokenizer.ggml.pre"] == "smollm"
-    assert meta["tokenizer.chat_template"] == CHAT_TEMPLATE and meta["tokenizer.ggml.model"] == "gpt2"
+    # the run's prompt (make_run's alpaca style) as the chat template (tests/test_export_template.py checks its ids)
+    assert "### Instruction:" in meta["tokenizer.chat_template"] and meta["tokenizer.ggml.model"] == "gpt2"
     assert (meta["tokenizer.ggml.bos_token_id"], meta["tokenizer.ggml.eos_token_id"]) == (1, 2)
     # the tokenizer littune rebuilds from the file encodes like the original
     from litgpt import Tokenizer
@@ -307,6 +308,7 @@ def test_gguf_export_is_read_by_transformers_and_by_littunes_import(models, tmp_
     reader = gguf.GGUFReader(next(out.glob("*.gguf")))
     types = {t.name: t.tensor_type.name for t in reader.tensors}
     assert "output.weight" not in types  # tied, no LoRA on the head
+    assert read_metadata(reader)["tokenizer.chat_template"] == CHAT_TEMPLATE  # no run: the base's own template
     assert types["token_embd.weight"] == "Q8_0" and types["blk.0.attn_norm.weight"] == "F32"
     transformers_logits, imported_logits, _ = gguf_reads(out, m.ids, tmp_path)
     assert max_diff(transformers_logits, imported_logits) <= TOLERANCE

@@ -25,7 +25,12 @@ the base model can express. Everything is checked before anything is written; th
 temporary folder beside --out_dir and renamed into place at the end, so a failed or interrupted export leaves no
 half-written folder.
 
-One file per format: `hf.py` (also the model families and config.json every format shares), `peft.py`, `gguf.py`.
+hf, peft and gguf exports of a run carry a chat template that writes the run's prompt (its style, system message
+and BOS rule) from one user message, so that the exported model is prompted as it was trained (`template.py`); an
+export of a base model keeps the base's template.
+
+One file per format: `hf.py` (also the model families and config.json every format shares), `peft.py`, `gguf.py`;
+`template.py` (the chat template), `card.py` (the model card).
 This is the inference side: it never imports the training package.
 """
 
@@ -46,6 +51,7 @@ from littune.export.card import write_model_card
 from littune.export.gguf import gguf_tokenizer, write_gguf
 from littune.export.hf import check_family, copy_tokenizer_files, write_hf, write_safetensors
 from littune.export.peft import peft_adapter
+from littune.export.template import chat_template, run_prompt, write_chat_template
 from littune.model import build_model, check_adapter_fits, resolve_adapter
 
 ExportFormat = Literal["hf", "peft", "gguf"]
@@ -120,6 +126,10 @@ def export(
     adapter = read_adapter(adapter_path, checkpoint_dir) if adapter_path is not None else None
     if format == "gguf":
         tokenizer = gguf_tokenizer(checkpoint_dir, config)  # refuses a tokenizer llama.cpp could not read first
+    run_dir = adapter["run_dir"] if adapter else merged_run(checkpoint_dir)
+    # the run's prompt as a chat template (none for a base model: its own template stays)
+    prompt = run_prompt(run_dir, checkpoint_dir)
+    template = chat_template(prompt, gguf=format == "gguf") if prompt is not None else None
     check_out_dir(out_dir, overwrite, [checkpoint_dir] + ([adapter["run_dir"]] if adapter else []))
 
     if format == "peft":
@@ -128,7 +138,9 @@ def export(
             write_safetensors(tensors, tmp / "adapter_model.safetensors", None)
             save_json(adapter_config, tmp / "adapter_config.json")
             copy_tokenizer_files(checkpoint_dir, tmp)
-            write_model_card(tmp, "peft", checkpoint_dir, config, adapter["run_dir"])
+            if template is not None:
+                write_chat_template(tmp, template)
+            write_model_card(tmp, "peft", checkpoint_dir, config, run_dir)
         print(f"Wrote the PEFT adapter to {out_dir} (r={adapter_config['r']}, lora_alpha="
               f"{adapter_config['lora_alpha']}, {len(tensors)} tensors); load it onto the original model with "
               f"PeftModel.from_pretrained", file=sys.stderr)
@@ -139,12 +151,13 @@ def export(
     if format == "hf":
         with building(out_dir, "export hf") as tmp:
             write_hf(tmp, config, family, state, checkpoint_dir, dtype, shard_bytes)
-            run_dir = adapter["run_dir"] if adapter else merged_run(checkpoint_dir)
+            if template is not None:
+                write_chat_template(tmp, template)
             write_model_card(tmp, "hf", checkpoint_dir, config, run_dir)
         print(f"Wrote a transformers model to {out_dir}", file=sys.stderr)
     else:
         with building(out_dir, "export gguf") as tmp:
-            path = write_gguf(tmp, config, state, checkpoint_dir, tokenizer, dtype or "float16")
+            path = write_gguf(tmp, config, state, checkpoint_dir, tokenizer, dtype or "float16", prompt, template)
         print(f"Wrote {out_dir / path.name}", file=sys.stderr)
     return out_dir
 

@@ -181,12 +181,21 @@ def data_section(prepare: dict) -> str:
 
 
 def prompt_section(style, example: Optional[dict]) -> str:
+    from littune.prompts import ChatTemplate
+
     instruction = example["instruction"] if example else "INSTRUCTION"
     input_text = example["input"] if example else "INPUT"
     prompt = style.apply(instruction, input=input_text)
     name = type(style).__name__
+    # the chat template exported with the model (littune/export/template.py) writes this prompt from one user message
+    message = {"role": "user", "content": instruction + (f"\n\n{input_text}" if input_text else "")}
+    split = "" if isinstance(style, ChatTemplate) else " (the text before the first blank line is the instruction)"
     return (f"## Prompt format\n\nThe model was trained on prompts in the `{name}` style; the answer follows the "
-            f"prompt. One example:\n\n```text\n{prompt}\n```")
+            f"prompt. One example:\n\n```text\n{prompt}\n```\n\nThe exported chat template (`chat_template.jinja`; "
+            f"`tokenizer.chat_template` in a GGUF file) writes this prompt, BOS included where training had one, from "
+            f"one user message: the instruction and the input separated by a blank line{split}.\n\n```python\n"
+            f"messages = [{json.dumps(message, ensure_ascii=False)}]\n"
+            f"ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)\n```")
 
 
 def evaluation_section(evaluation: dict) -> str:

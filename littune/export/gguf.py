@@ -5,6 +5,7 @@ import json
 import re
 import sys
 from pathlib import Path
+from typing import Optional
 
 import torch
 from tqdm import tqdm
@@ -135,8 +136,10 @@ def _spm_vocab(checkpoint_dir: Path, n_vocab: int) -> dict:
     return {"model": "llama", "pre": "default", "tokens": tokens, "types": types, "scores": scores}
 
 
-def write_gguf(folder: Path, config, state: dict, checkpoint_dir: Path, tokenizer: dict, dtype_name: str) -> Path:
-    """One .gguf file in folder, written tensor by tensor (the header first, from the tensors' sizes)."""
+def write_gguf(folder: Path, config, state: dict, checkpoint_dir: Path, tokenizer: dict, dtype_name: str,
+               prompt=None, template: Optional[str] = None) -> Path:
+    """One .gguf file in folder, written tensor by tensor (the header first, from the tensors' sizes). prompt (a
+    `template.RunPrompt`) and template: the run's BOS rule and chat template (`littune.export.template`)."""
     import numpy as np
 
     from littune.checkpoints.gguf import _import_gguf
@@ -164,7 +167,8 @@ def write_gguf(folder: Path, config, state: dict, checkpoint_dir: Path, tokenize
 
     path = folder / f"{config.name}-{GGUF_SUFFIX[dtype_name]}.gguf"
     writer = gguf.GGUFWriter(str(path), "llama")
-    _gguf_metadata(gguf, writer, config, checkpoint_dir, tokenizer, getattr(gguf.LlamaFileType, file_type))
+    _gguf_metadata(gguf, writer, config, checkpoint_dir, tokenizer, getattr(gguf.LlamaFileType, file_type), prompt,
+                   template)
     for name, _, qtype, np_dtype, shape in plan:
         nbytes = int(np.prod(shape)) * np.dtype(np_dtype).itemsize
         writer.add_tensor_info(name, shape, np.dtype(np_dtype), nbytes, raw_dtype=qtype)
@@ -182,9 +186,12 @@ def write_gguf(folder: Path, config, state: dict, checkpoint_dir: Path, tokenize
     return path
 
 
-def _gguf_metadata(gguf, writer, config, checkpoint_dir: Path, tokenizer: dict, file_type) -> None:
+def _gguf_metadata(gguf, writer, config, checkpoint_dir: Path, tokenizer: dict, file_type, prompt=None,
+                   template: Optional[str] = None) -> None:
     """The keys llama.cpp's converter writes for a LlamaForCausalLM (`TextModel.set_gguf_parameters`,
-    `LlamaModel.set_gguf_parameters` and `set_vocab`)."""
+    `LlamaModel.set_gguf_parameters` and `set_vocab`). With a run's prompt: its chat template, and llama.cpp adds
+    BOS exactly where littune's tokenizer does (add_bos_token = use_bos, bos_token_id = littune's BOS) and never an
+    EOS after the prompt; the template leaves BOS to llama.cpp (`littune.export.template`)."""
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(config.name)
     writer.add_block_count(config.n_layer)
@@ -212,6 +219,11 @@ def _gguf_metadata(gguf, writer, config, checkpoint_dir: Path, tokenizer: dict, 
     # merges, bos/eos/unk/pad ids, add_bos/add_eos and the chat template, read as llama.cpp reads them
     special = gguf.SpecialVocab(checkpoint_dir, load_merges=tokenizer["model"] == "gpt2",
                                 n_vocab=len(tokenizer["tokens"]))
+    if prompt is not None:
+        special.chat_template = template
+        special.add_special_token.update(bos=prompt.use_bos, eos=False)
+        if prompt.use_bos:
+            special.special_token_ids["bos"] = prompt.bos_id
     special.add_to_gguf(writer, quiet=True)
     tokenizer_config = Path(checkpoint_dir) / "tokenizer_config.json"
     if tokenizer_config.is_file():
