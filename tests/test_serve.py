@@ -190,6 +190,16 @@ def test_answers_equal_littune_generate_streamed_or_not(server, small_checkpoint
         model="m", prompt=Alpaca().apply(PROMPTS[1]), max_tokens=MAX_TOKENS, temperature=0, stream=True)]
     assert "".join(pieces) == raw.choices[0].text
 
+    # a one-message chat in a litgpt style: instruction + "\n\n" + input, as littune prepares and exports it
+    instruction, input = "Classify the sentiment.", "a gorgeous, witty film"
+    with_input = generate_module.generate(prompt=instruction, input=input, checkpoint_dir=small_checkpoint,
+                                          temperature=0, max_new_tokens=MAX_TOKENS)[0]
+    text, _, usage_with_input = chat(client, f"{instruction}\n\n{input}")
+    from littune.prepared import encode, load_tokenizer
+
+    prompt_ids = encode(load_tokenizer(small_checkpoint), Alpaca().apply(instruction, input=input))
+    assert text == with_input and usage_with_input.prompt_tokens == len(prompt_ids)
+
     models = client.models.list().data
     assert [m.id for m in models] == [small_checkpoint.name]
 

@@ -201,7 +201,8 @@ def render_messages(style, messages: list[dict]) -> str:
 
     A chat template renders any conversation, as `littune generate` renders one message (its default system
     message first when the request has none; a leading BOS dropped where the tokenizer adds it). A litgpt style
-    (e.g. Alpaca) has a single instruction: one user message, after an optional system message (its sys_prompt).
+    (e.g. Alpaca) has a single instruction: one user message, after an optional system message (its sys_prompt),
+    split at its first blank line into instruction and input, as `littune export` writes the template.
     """
     from littune.prompts import ChatTemplate
 
@@ -222,7 +223,9 @@ def render_messages(style, messages: list[dict]) -> str:
                             f"user message (after an optional system message), not a conversation of several turns; "
                             f"serve a model with a chat template, or an adapter prepared with --prompt_style chat",
                        param="messages", code="invalid_value")
-    return style.apply(rest[0]["content"], **({"sys_prompt": system} if system is not None else {}))
+    # the user message as littune's chat style and the exported templates build it: instruction + "\n\n" + input
+    instruction, _, input = rest[0]["content"].partition("\n\n")
+    return style.apply(instruction, input=input, **({"sys_prompt": system} if system is not None else {}))
 
 
 def parse_prompt(body: dict) -> str:
