@@ -10,7 +10,11 @@ subprocesses against the local Hub of tests/hub_server.py, started before the in
 """
 
 import json
+import os
+import re
 import shutil
+import struct
+import subprocess
 import sys
 import types
 from concurrent.futures import ThreadPoolExecutor
@@ -546,6 +550,223 @@ def test_gguf_package_missing(tmp_path, bpe, capsys, monkeypatch):
     before = listing(folder)
     line = one_error_line(run_main(capsys, "convert", "--checkpoint_dir", str(folder)), GGUF_MISSING)
     assert line == f"littune: error: {GGUF_MISSING}"
+    assert listing(folder) == before
+
+
+# -------------------------------------------------------------------------- crafted headers: bounded cost, one line
+# GGUF files written byte by byte (docs/gguf.md of llama.cpp): what GGUFWriter would refuse to write, or would take
+# long to, such as a million strings.
+
+
+def packed(text) -> bytes:
+    data = text.encode() if isinstance(text, str) else text
+    return struct.pack("<Q", len(data)) + data
+
+
+def kv_string(key: str, value) -> bytes:
+    return packed(key) + struct.pack("<I", 8) + packed(value)
+
+
+def kv_u32(key: str, value: int) -> bytes:
+    return packed(key) + struct.pack("<II", 4, value)
+
+
+def kv_strings(key: str, values: list) -> bytes:
+    return packed(key) + struct.pack("<IIQ", 9, 8, len(values)) + b"".join(map(packed, values))
+
+
+def kv_numbers(key: str, kind: int, code: str, values: list) -> bytes:
+    return packed(key) + struct.pack("<IIQ", 9, kind, len(values)) + struct.pack(f"<{len(values)}{code}", *values)
+
+
+LLAMA_SIZES = [kv_string("general.architecture", "llama"), kv_u32("llama.embedding_length", 64),
+               kv_u32("llama.block_count", 1), kv_u32("llama.feed_forward_length", 128),
+               kv_u32("llama.attention.head_count", 4), kv_u32("llama.context_length", 64)]
+
+
+def raw_gguf(path: Path, values: list, tensor_table: bytes = b"", n_tensors: int = 0, version: int = 3,
+             n_values: int = None) -> Path:
+    """A GGUF file from encoded metadata values (and, optionally, a tensor table and a lying count)."""
+    counts = struct.pack("<IQQ", version, n_tensors, len(values) if n_values is None else n_values)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"GGUF" + counts + b"".join(values) + tensor_table)
+    return path
+
+
+COST_SCRIPT = """
+import json, sys, time
+from pathlib import Path
+import gguf, tokenizers  # imported first: the measure is of reading the file, not of imports
+from littune.checkpoints.gguf import _read, build_tokenizer
+
+def status_kb(field):
+    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(field + ":"))
+    return int(line.split()[1])
+
+def measure(call):
+    # the peak resident size of this call alone: Linux resets the process's peak (VmHWM) on "5" to clear_refs
+    Path("/proc/self/clear_refs").write_text("5")
+    rss, cpu = status_kb("VmRSS"), time.process_time()
+    value = call()
+    return value, {"cpu_s": time.process_time() - cpu, "rss_mb": (status_kb("VmHWM") - rss) / 1024}
+
+path = Path(sys.argv[1])
+(meta, tensors), read = measure(lambda: _read(gguf, path))
+tokenizer, built = measure(lambda: build_tokenizer(meta, str(path))[0])
+print(json.dumps({"read": read, "tokenizer": built, "tokens": len(meta["tokenizer.ggml.tokens"]),
+                  "vocabulary": tokenizer.get_vocab_size()}))
+"""
+
+
+def test_million_empty_tokens_cost_little(tmp_path):
+    """8 MB of metadata, a million empty token strings: gguf.GGUFReader took 1.64 GB and 17 s over it. Read in a
+    fresh process (CPU time and peak resident memory of each step, Linux's /proc): the metadata in under a second
+    and 200 MB, the tokenizer built from it (one distinct token) in a bounded time and memory too."""
+    path = raw_gguf(tmp_path / "m" / "m.gguf", LLAMA_SIZES + [
+        kv_string("tokenizer.ggml.model", "llama"),
+        packed("tokenizer.ggml.tokens") + struct.pack("<IIQ", 9, 8, 1_000_000) + struct.pack("<Q", 0) * 1_000_000])
+    assert 8_000_000 < path.stat().st_size < 8_100_000
+    result = subprocess.run([sys.executable, "-c", COST_SCRIPT, str(path)], capture_output=True, text=True,
+                            timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    cost = json.loads(result.stdout.splitlines()[-1])
+    assert cost["tokens"] == 1_000_000 and cost["vocabulary"] == 1
+    assert cost["read"]["cpu_s"] < 1 and cost["read"]["rss_mb"] < 200, cost
+    assert cost["tokenizer"]["cpu_s"] < 3 and cost["tokenizer"]["rss_mb"] < 200, cost
+
+
+def test_header_reader_matches_gguf_package(converted):
+    """littune's own header reader gives what gguf.GGUFReader gives: every kept key's value, every tensor."""
+    from littune.checkpoints.gguf import _kept_key, _read, read_metadata
+
+    path = converted[Q.Q4_K] / "tiny.Q4_K.gguf"
+    meta, tensors = _read(gguf, path)
+    reader = gguf.GGUFReader(path)
+    assert meta == {k: v for k, v in read_metadata(reader).items() if _kept_key(k)}
+    assert len(meta["tokenizer.ggml.tokens"]) > 500 and "tokenizer.chat_template" in meta
+    assert {name: tuple(t[1:]) for name, t in tensors.items()} == {
+        t.name: (t.tensor_type, tuple(int(n) for n in t.shape), int(t.n_bytes), int(t.data_offset))
+        for t in reader.tensors}
+
+
+def test_large_real_size_vocabulary_loads(tmp_path):
+    """A vocabulary of 262,144 tokens (Gemma 3's size) with as many merges: no bound meant for crafted files refuses
+    it, and the tokenizer is built from it."""
+    from tokenizers import pre_tokenizers
+
+    from littune.checkpoints.gguf import _read, build_tokenizer, hf_config
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    letters = sorted(alphabet)[:64]
+    pairs = [a + b for a in letters for b in letters]
+    triples = [p + c for p in pairs for c in letters]  # 262,144
+    tokens = sorted(alphabet) + pairs + triples[:262_144 - len(alphabet) - len(pairs)]
+    merges = [f"{t[0]} {t[1]}" for t in pairs] + [f"{t[:2]} {t[2]}" for t in tokens[len(alphabet) + len(pairs):]]
+    path = raw_gguf(tmp_path / "m" / "big.gguf", LLAMA_SIZES + [
+        kv_string("tokenizer.ggml.model", "gpt2"), kv_string("tokenizer.ggml.pre", "gpt2"),
+        kv_strings("tokenizer.ggml.tokens", tokens), kv_numbers("tokenizer.ggml.token_type", 5, "i", [1] * len(tokens)),
+        kv_strings("tokenizer.ggml.merges", merges)])
+    assert len(tokens) == 262_144
+    meta, tensors = _read(gguf, path)
+    hf_config(meta, tensors, path)
+    tokenizer = build_tokenizer(meta, str(path))[0]
+    assert tokenizer.get_vocab_size() == 262_144
+    first_triple = len(alphabet) + len(pairs)  # letters[0] three times: a pair merge, then a triple merge
+    assert [t.id for t in tokenizer.model.tokenize(tokens[first_triple])] == [first_triple]
+
+
+def test_long_sentencepiece_piece_refused():
+    """One 100,000-character piece made the merge rebuild cut it 100,000 times: SentencePiece itself allows 512."""
+    from littune.checkpoints.gguf import build_tokenizer
+    from littune.common import UserError
+
+    meta = {"general.architecture": "llama", "tokenizer.ggml.model": "llama",
+            "tokenizer.ggml.tokens": ["a", "b", "ab" * 50_000, "ab" * 256], "tokenizer.ggml.token_type": [1, 1, 1, 1]}
+    with pytest.raises(UserError, match="100,000 characters.*512"):
+        build_tokenizer(meta, "m.gguf")
+    meta["tokenizer.ggml.tokens"][2] = "ba"
+    assert build_tokenizer(meta, "m.gguf")[0].get_vocab_size() == 4  # 512 characters are fine
+
+
+BAD_VOCABULARIES = {  # metadata change -> words of the error
+    "types_short": ({"tokenizer.ggml.token_type": [1]}, "token_type has 1 entries"),
+    "scores_not_numbers": ({"tokenizer.ggml.scores": ["x", "y", "z"]}, "scores is not a list of numbers"),
+    "tokens_not_strings": ({"tokenizer.ggml.tokens": [1, 2, 3]}, "tokens is not a list of strings"),
+    "pre_not_string": ({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": ["smollm"]}, "tokenizer.ggml.pre"),
+    "template_not_string": ({"tokenizer.chat_template": 7}, "tokenizer.chat_template"),
+    "merge_of_unknown_piece": ({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.merges": ["x y"]},
+                               "does not make a tokenizer"),
+    "too_many_control_tokens": ({"tokenizer.ggml.tokens": [f"<t{i}>" for i in range(20_001)],
+                                 "tokenizer.ggml.token_type": [3] * 20_001}, "20,001 control"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_VOCABULARIES)
+def test_bad_tokenizer_metadata_is_one_error(case):
+    """Tokenizer metadata of the wrong shape or kind: a UserError (one line), not an IndexError or TypeError."""
+    from littune.checkpoints.gguf import build_tokenizer
+    from littune.common import UserError
+
+    change, words = BAD_VOCABULARIES[case]
+    meta = {"general.architecture": "llama", "tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": ["a", "b", "ab"],
+            "tokenizer.ggml.token_type": [1, 1, 1], **change}
+    with pytest.raises(UserError, match=re.escape(words)):
+        build_tokenizer(meta, "m.gguf")
+
+
+def tensor_entry(name: str, dims: list, kind: int = 0, offset: int = 0) -> bytes:
+    return packed(name) + struct.pack(f"<I{len(dims)}QIQ", len(dims), *dims, kind, offset)
+
+
+BAD_HEADERS = {  # file -> words of the error; each is read in a moment, whatever its counts claim
+    "huge_value_count": (lambda p: raw_gguf(p, LLAMA_SIZES, n_values=1 << 60), "metadata count"),
+    "huge_tensor_count": (lambda p: raw_gguf(p, LLAMA_SIZES, n_tensors=1 << 60), "tensor table"),
+    "huge_string": (lambda p: raw_gguf(p, LLAMA_SIZES + [packed("k") + struct.pack("<IQ", 8, 1 << 60)]), "past the end"),
+    "huge_array": (lambda p: raw_gguf(p, LLAMA_SIZES + [packed("tokenizer.ggml.tokens")
+                                                      + struct.pack("<IIQ", 9, 8, 1 << 60)]), "tokenizer.ggml.tokens"),
+    "nested_arrays": (lambda p: raw_gguf(p, LLAMA_SIZES + [packed("x") + struct.pack("<I", 9) +
+                                                          struct.pack("<IQ", 9, 1) * 50]), "nested"),
+    "unknown_value_type": (lambda p: raw_gguf(p, LLAMA_SIZES + [packed("x") + struct.pack("<I", 77)]), "type 77"),
+    "duplicate_key": (lambda p: raw_gguf(p, LLAMA_SIZES + LLAMA_SIZES[-1:]), "twice"),
+    "big_endian": (lambda p: p.write_bytes(b"GGUF" + struct.pack(">IQQ", 3, 0, 0)), "big-endian"),
+    "version_1": (lambda p: raw_gguf(p, LLAMA_SIZES, version=1), "version 1"),
+    "five_dims": (lambda p: raw_gguf(p, LLAMA_SIZES, tensor_entry("token_embd.weight", [1] * 5), 1), "5 dimensions"),
+    "unknown_tensor_type": (lambda p: raw_gguf(p, LLAMA_SIZES, tensor_entry("token_embd.weight", [64, 8], 99), 1),
+                            "unknown type 99"),
+    "zero_dim": (lambda p: raw_gguf(p, LLAMA_SIZES, tensor_entry("token_embd.weight", [64, 0]), 1), "shape [64, 0]"),
+    "partial_block": (lambda p: raw_gguf(p, LLAMA_SIZES, tensor_entry("token_embd.weight", [48, 8], 8), 1),
+                      "Q8_0 blocks of 32"),
+    "bad_alignment": (lambda p: raw_gguf(p, LLAMA_SIZES + [kv_u32("general.alignment", 24)]), "power of two"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_HEADERS)
+def test_crafted_header_is_one_error(tmp_path, capsys, case):
+    folder = tmp_path / case
+    folder.mkdir()
+    make, words = BAD_HEADERS[case]
+    make(folder / "m.gguf")
+    before = listing(folder)
+    one_error_line(run_main(capsys, "convert", "--checkpoint_dir", str(folder)), "m.gguf", words)
+    assert listing(folder) == before
+
+
+@pytest.mark.parametrize("key, value, words", [
+    ("llama.embedding_length", "wide", "not a positive number"),
+    ("llama.attention.head_count", 0, "not a positive number"),
+    ("split.count", "two", "split.count"),
+    ("general.architecture", ["llama"], "architecture"),
+])
+def test_bad_model_metadata_is_one_error(tmp_path, capsys, key, value, words):
+    """Sizes that are strings or zero (a ValueError or a division by zero before), an architecture that is a list
+    (unhashable before)."""
+    encode = {int: kv_u32, str: kv_string, list: kv_strings}[type(value)]
+    values = [v for v in LLAMA_SIZES if not v.startswith(packed(key))]
+    values += [encode(key, value), kv_string("tokenizer.ggml.model", "llama"), kv_strings("tokenizer.ggml.tokens", ["a"])]
+    folder = tmp_path / "m"
+    raw_gguf(folder / "m.gguf", values)
+    before = listing(folder)
+    one_error_line(run_main(capsys, "convert", "--checkpoint_dir", str(folder)), "m.gguf", words)
     assert listing(folder) == before
 
 

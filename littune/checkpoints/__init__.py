@@ -6,7 +6,8 @@
 - `hub.py`: the download (huggingface_hub), its errors as one line;
 - `hf.py`: Lit-GPT configs built from `config.json`, streamed HF -> Lit conversion with litgpt's copiers;
 - `gguf.py`: GGUF files (llama.cpp's format, `--gguf_file`): dequantized weights, config and tokenizer files from the
-  file's metadata, through the same streamed conversion.
+  file's metadata, through the same streamed conversion; `gguf_header.py` reads the header (checked, bounded cost),
+  `gguf_tokenizer.py` rebuilds the tokenizer from the metadata.
 
 torch is imported inside the functions that use it, so that commands that fail early (or only download) start fast.
 """

@@ -7,23 +7,27 @@ A GGUF file holds everything: the weights (often quantized), the model's sizes a
 weights are dequantized with the `gguf` package (every type its dequantizer reads: F32, F16, BF16, Q8_0, Q4_0/1,
 Q5_0/1, the K-quants, ...), renamed to the Hugging Face names and streamed through the same litgpt copier, checks and
 atomic writes as an HF checkpoint (`hf.py`). The Lit-GPT config is built by `config_for` from an HF-style config dict
-derived from the metadata. The tokenizer is rebuilt with the `tokenizers` library from the GGUF vocabulary:
-byte-level BPE (`tokenizer.ggml.model` "gpt2") with the pre-tokenizer named by `tokenizer.ggml.pre`, or
-SentencePiece-style BPE ("llama"), and written as tokenizer.json, tokenizer_config.json (bos/eos, add_bos_token,
-chat_template) and generation_config.json.
+derived from the metadata. The tokenizer is rebuilt with the `tokenizers` library from the GGUF vocabulary
+(`gguf_tokenizer.py`): byte-level BPE (`tokenizer.ggml.model` "gpt2") with the pre-tokenizer named by
+`tokenizer.ggml.pre`, or SentencePiece-style BPE ("llama"), and written as tokenizer.json, tokenizer_config.json
+(bos/eos, add_bos_token, chat_template) and generation_config.json. The header (metadata and tensor table) is read by
+`gguf_header.py`, at a cost bounded by the file's size, not by gguf.GGUFReader.
 
 Nothing is written until the file has been checked (architecture, tensor names, types, sizes, tokenizer), and every
 output is written to a temporary name and renamed: a failed conversion leaves the folder as it was.
 """
 
+import math
 import re
 import sys
 from functools import partial
 from pathlib import Path
-from typing import Any, NamedTuple, Optional
+from typing import Optional
 
 from tqdm import tqdm
 
+from littune.checkpoints.gguf_header import HeaderError, TensorInfo, read_header  # noqa: F401  (TensorInfo: API)
+from littune.checkpoints.gguf_tokenizer import PRE_TOKENIZERS, build_tokenizer, token_id  # noqa: F401  (the API)
 from littune.common import UserError, atomic_path, first_line, save_json
 
 GGUF_MISSING = "reading GGUF needs the gguf package: pip install 'littune[gguf]'"
@@ -55,34 +59,6 @@ _QKV_BIASES = {
     "attn_v.bias": "self_attn.v_proj.bias",
 }
 _BLOCK = re.compile(r"blk\.(\d+)\.(.+)")
-
-# llama.cpp's token types (gguf.TokenType)
-NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
-
-# tokenizer.ggml.pre -> how the original tokenizer.json split text before byte-level BPE: a regex applied first
-# (None: GPT-2's, which the byte-level step applies itself) and whether digits are split one by one. The regexes are
-# the ones of the models' tokenizer.json files, which llama.cpp's llama-vocab.cpp reimplements per pre type.
-_LLAMA3_REGEX = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
-    r"\s+(?!\S)|\s+"
-)
-_QWEN2_REGEX = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-PRE_TOKENIZERS = {
-    # "default": files written before llama.cpp recorded the pre-tokenizer; GPT-2's is what transformers uses too
-    "default": (None, False), "gpt2": (None, False), "gpt-2": (None, False), "mpt": (None, False),
-    "olmo": (None, False),
-    "smollm": (None, True), "starcoder": (None, True), "refact": (None, True),
-    "llama-bpe": (_LLAMA3_REGEX, False), "llama3": (_LLAMA3_REGEX, False), "llama-v3": (_LLAMA3_REGEX, False),
-    "dbrx": (_LLAMA3_REGEX, False), "smaug-bpe": (_LLAMA3_REGEX, False),
-    "qwen2": (_QWEN2_REGEX, False), "stablelm2": (_QWEN2_REGEX, False),
-}
-# pre types whose tokenizer.json has `ignore_merges` (a word that is a token is not re-merged), as llama.cpp sets it
-_IGNORE_MERGES = {"llama-bpe", "llama3", "llama-v3"}
-# pre types whose BPE tokenizers add BOS when the metadata does not say (llama.cpp's defaults)
-_ADD_BOS = {"llama-bpe", "llama3", "llama-v3"}
-
 
 # ----------------------------------------------------------------------------------------------------- commands
 
@@ -131,19 +107,23 @@ def convert_gguf(
     gguf = _import_gguf()
     meta, tensors = _read(gguf, gguf_path)
     arch = meta.get("general.architecture")
-    if arch not in ARCHITECTURES:
+    if not isinstance(arch, str) or arch not in ARCHITECTURES:
         raise UserError(f"{gguf_path}: cannot convert GGUF architecture {arch!r}; littune converts {ARCHITECTURE_HELP}")
-    if int(meta.get("split.count") or 1) > 1:
+    split_count = meta.get("split.count")
+    if split_count is not None and type(split_count) is not int:
+        raise UserError(f"{gguf_path}: split.count is {split_count!r}, not a number of files")
+    if (split_count or 1) > 1:
         raise UserError(
             f"{gguf_path}: part of a split GGUF ({meta['split.count']} files); merge them first "
             f"(llama-gguf-split --merge FIRST.gguf OUT.gguf)"
         )
     hf = hf_config(meta, tensors, gguf_path)
+    if not tokenizer_only:  # cheap checks first: a file without the model's tensors is refused before its vocabulary
+        hf_names = _hf_names(tensors, arch, gguf_path)  # unknown tensors, types, sizes: all refused before writing
+        _check_tensor_data(gguf, tensors, gguf_path)
     tokenizer, tokenizer_config, generation_config = build_tokenizer(meta, str(gguf_path))
 
     if not tokenizer_only:
-        hf_names = _hf_names(tensors, arch, gguf_path)  # unknown tensors, types, sizes: all refused before writing
-        _check_tensor_data(gguf, tensors, gguf_path)
         config, family = _lit_config(hf, arch, checkpoint_dir.name, model_name, str(gguf_path))
         torch_dtype = getattr(torch, dtype) if dtype else torch.float32
         copy_fn, state_dict = _copier(family, config)
@@ -195,34 +175,26 @@ def _import_gguf():
     return gguf
 
 
-class TensorInfo(NamedTuple):
-    name: str
-    tensor_type: Any  # gguf.GGMLQuantizationType
-    shape: tuple  # ggml order: innermost (row length) first
-    n_bytes: int
-    data_offset: int  # from the start of the file
-
-
 def _read(gguf, path: Path) -> tuple[dict, dict]:
-    """(metadata, name -> TensorInfo). The reader itself is dropped: its per-value objects take far more memory
-    than the values (~150 MB for a 49K-token vocabulary)."""
+    """(metadata of the keys littune reads, name -> TensorInfo), by `gguf_header.read_header`: not gguf.GGUFReader,
+    whose per-value objects take far more memory than the values (~150 MB for a 49K-token vocabulary, 1.6 GB for
+    an 8 MB file of a million empty strings)."""
     if not path.is_file():
         raise UserError(f"{path}: no such file")
     try:
-        reader = gguf.GGUFReader(path)
-    except Exception as e:  # bad magic, a header or tensor table cut short, an empty file, ...
-        raise UserError(
-            f"{path}: not a GGUF file, or truncated ({first_line(e)}); delete it and download it again"
-        ) from e
-    tensors = {
-        t.name: TensorInfo(t.name, t.tensor_type, tuple(int(n) for n in t.shape), int(t.n_bytes), int(t.data_offset))
-        for t in reader.tensors
-    }
-    return read_metadata(reader), tensors
+        return read_header(path, _kept_key, gguf)
+    except HeaderError as e:  # bad magic, a header or tensor table cut short, an empty file, counts past the end, ...
+        raise UserError(f"{path}: not a GGUF file, or truncated ({e}); delete it and download it again") from e
+
+
+def _kept_key(key: str) -> bool:
+    return (key == "general.architecture" or key.startswith(("tokenizer.", "split."))
+            or key.split(".", 1)[0] in ARCHITECTURES)
 
 
 def read_metadata(reader) -> dict:
-    """The GGUF key/value metadata as Python values (strings, numbers, bools, lists)."""
+    """A `gguf.GGUFReader`'s key/value metadata as Python values (strings, numbers, bools, lists); for files littune
+    wrote itself (export checks), not for reading a user's file (`_read`)."""
     return {name: _field_value(field) for name, field in reader.fields.items()}
 
 
@@ -392,17 +364,25 @@ def hf_config(meta: dict, tensors: dict, path: Path) -> dict:
             return default
         if isinstance(value, list):
             raise UserError(f"{path}: {arch}.{key} differs between layers, which cannot be converted")
+        if isinstance(value, (str, bool)) or not math.isfinite(value) or value <= 0:
+            raise UserError(f"{path}: {arch}.{key} is {value!r}, not a positive number")
         return value
+
+    def size(key: str, default=...) -> int:
+        value = get(key, default)
+        if value != int(value):
+            raise UserError(f"{path}: {arch}.{key} is {value!r}, not a whole number")
+        return int(value)
 
     scaling = meta.get(f"{arch}.rope.scaling.type")
     if scaling not in (None, "none"):
         raise UserError(f"{path}: rope scaling {scaling!r} cannot be converted (only default RoPE)")
-    n_embd, n_head = int(get("embedding_length")), int(get("attention.head_count"))
-    head_dim = int(get("attention.key_length", n_embd // n_head))
-    rotary = int(get("rope.dimension_count", head_dim))
+    n_embd, n_head = size("embedding_length"), size("attention.head_count")
+    head_dim = size("attention.key_length", n_embd // n_head or 1)
+    rotary = size("rope.dimension_count", head_dim)
     embedding = tensors.get("token_embd.weight")
     n_tokens = len(meta.get("tokenizer.ggml.tokens") or [])
-    vocab_size = int(embedding.shape[-1]) if embedding is not None else int(get("vocab_size", n_tokens))
+    vocab_size = int(embedding.shape[-1]) if embedding is not None else size("vocab_size", n_tokens or 1)
     if n_tokens > vocab_size:
         raise UserError(f"{path}: the tokenizer has {n_tokens} tokens but the embedding only {vocab_size} rows")
     hf = {
@@ -410,12 +390,12 @@ def hf_config(meta: dict, tensors: dict, path: Path) -> dict:
         "model_type": arch,
         "hidden_act": "silu",
         "hidden_size": n_embd,
-        "num_hidden_layers": int(get("block_count")),
-        "intermediate_size": int(get("feed_forward_length")),
+        "num_hidden_layers": size("block_count"),
+        "intermediate_size": size("feed_forward_length"),
         "num_attention_heads": n_head,
-        "num_key_value_heads": int(get("attention.head_count_kv", n_head)),
+        "num_key_value_heads": size("attention.head_count_kv", n_head),
         "head_dim": head_dim,
-        "max_position_embeddings": int(get("context_length", 2048)),
+        "max_position_embeddings": size("context_length", 2048),
         "rms_norm_eps": _float32(get("attention.layer_norm_rms_epsilon", 1e-6)),
         "rope_theta": _float32(get("rope.freq_base", 10000.0)),
         "vocab_size": vocab_size,
@@ -424,7 +404,7 @@ def hf_config(meta: dict, tensors: dict, path: Path) -> dict:
     if rotary != head_dim:
         hf["partial_rotary_factor"] = rotary / head_dim
     for key in ("bos_token_id", "eos_token_id"):
-        if isinstance(meta.get(f"tokenizer.ggml.{key}"), int):
+        if token_id(meta, f"tokenizer.ggml.{key}", n_tokens) is not None:
             hf[key] = meta[f"tokenizer.ggml.{key}"]
     return hf
 
@@ -471,148 +451,3 @@ def _has_hf_weights(checkpoint_dir: Path) -> bool:
         return bool(find_weight_files(checkpoint_dir))
     except UserError:
         return False
-
-
-# ---------------------------------------------------------------------------------------------------- tokenizer
-
-
-def build_tokenizer(meta: dict, where: str) -> tuple:
-    """(tokenizers.Tokenizer, tokenizer_config.json dict, generation_config.json dict) from the GGUF metadata."""
-    tokens = meta.get("tokenizer.ggml.tokens")
-    if not tokens:
-        raise UserError(f"{where}: the GGUF metadata has no tokenizer (tokenizer.ggml.tokens)")
-    types = meta.get("tokenizer.ggml.token_type")
-    if not types:  # a file without token types: at least bos/eos/unk must stay one token each
-        types = [NORMAL] * len(tokens)
-        for key in ("bos", "eos", "unknown"):
-            i = meta.get(f"tokenizer.ggml.{key}_token_id")
-            if isinstance(i, int) and 0 <= i < len(types):
-                types[i] = CONTROL
-    model = meta.get("tokenizer.ggml.model")
-    pre = meta.get("tokenizer.ggml.pre") or "default"
-    if model == "gpt2":
-        tokenizer = _bpe_tokenizer(tokens, types, meta.get("tokenizer.ggml.merges") or [], pre, where)
-        add_bos_default = pre in _ADD_BOS
-    elif model == "llama":
-        scores = meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
-        add_prefix = meta.get("tokenizer.ggml.add_space_prefix", True)
-        tokenizer = _spm_tokenizer(tokens, types, scores, meta.get("tokenizer.ggml.unknown_token_id"), add_prefix)
-        add_bos_default = True
-    else:
-        raise UserError(
-            f"{where}: tokenizer type {model!r} cannot be converted; littune builds gpt2 (byte-level BPE) and llama "
-            f"(SentencePiece) tokenizers"
-        )
-
-    def token(key: str) -> Optional[str]:
-        i = meta.get(f"tokenizer.ggml.{key}")
-        return tokens[i] if isinstance(i, int) and 0 <= i < len(tokens) else None
-
-    config = {
-        # "LlamaTokenizer" in the class name makes litgpt decode single SentencePiece tokens with their leading space
-        "tokenizer_class": "LlamaTokenizerFast" if model == "llama" else "PreTrainedTokenizerFast",
-        "bos_token": token("bos_token_id"),
-        "eos_token": token("eos_token_id"),
-        "unk_token": token("unknown_token_id"),
-        "pad_token": token("padding_token_id"),
-        "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", add_bos_default)),
-        "add_eos_token": bool(meta.get("tokenizer.ggml.add_eos_token", False)),
-        "clean_up_tokenization_spaces": False,
-        "chat_template": meta.get("tokenizer.chat_template"),
-    }
-    arch = meta.get("general.architecture")
-    if isinstance(meta.get(f"{arch}.context_length"), int):
-        config["model_max_length"] = meta[f"{arch}.context_length"]
-    config = {k: v for k, v in config.items() if v is not None}
-    generation = {
-        f"{key}_token_id": meta[f"tokenizer.ggml.{gguf_key}_token_id"]
-        for key, gguf_key in (("bos", "bos"), ("eos", "eos"), ("pad", "padding"))
-        if isinstance(meta.get(f"tokenizer.ggml.{gguf_key}_token_id"), int)
-    }
-    return tokenizer, config, generation
-
-
-def _bpe_tokenizer(tokens: list, types: list, merges: list, pre: str, where: str):
-    """A byte-level BPE tokenizer.json like the model's original one (GPT-2, Llama 3, SmolLM, Qwen2 families)."""
-    from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
-    from tokenizers.models import BPE
-
-    if pre not in PRE_TOKENIZERS:
-        raise UserError(
-            f"{where}: pre-tokenizer {pre!r} (tokenizer.ggml.pre) cannot be converted; littune knows "
-            f"{', '.join(sorted(PRE_TOKENIZERS))}"
-        )
-    if not merges:
-        raise UserError(f"{where}: a gpt2 (BPE) tokenizer without merges (tokenizer.ggml.merges)")
-    regex, individual_digits = PRE_TOKENIZERS[pre]
-    vocab = _vocab(tokens)
-    pairs = []
-    for merge in merges:
-        split = merge.find(" ", 1)  # as llama.cpp: a piece may itself start with a space
-        if split < 0:
-            raise UserError(f"{where}: malformed merge {merge!r} in tokenizer.ggml.merges")
-        pairs.append((merge[:split], merge[split + 1:]))
-    tokenizer = Tokenizer(BPE(vocab, pairs, ignore_merges=pre in _IGNORE_MERGES))
-    steps = []
-    if individual_digits:
-        steps.append(pre_tokenizers.Digits(individual_digits=True))
-    if regex is not None:
-        steps.append(pre_tokenizers.Split(Regex(regex), behavior="isolated"))
-    steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=regex is None))
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(steps)
-    if pre == "qwen2":
-        tokenizer.normalizer = normalizers.NFC()
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
-    _add_tokens(tokenizer, tokens, types)
-    return tokenizer
-
-
-def _spm_tokenizer(tokens: list, types: list, scores: list, unk_id: Optional[int], add_prefix: bool):
-    """A SentencePiece-style BPE (Llama 2, Mistral): merges ranked by the merged piece's score, byte fallback.
-
-    As transformers' LlamaConverter builds it from tokenizer.model, in its "legacy" form, which is llama.cpp's
-    behaviour: a "▁" is prepended to the text and after every special token.
-    """
-    from tokenizers import Tokenizer, decoders, normalizers
-    from tokenizers.models import BPE
-
-    vocab = _vocab(tokens)
-    mergeable = {t for t, kind in zip(tokens, types) if kind == NORMAL}
-    candidates = []
-    for i, (piece, kind) in enumerate(zip(tokens, types)):
-        if kind != NORMAL or len(piece) < 2:
-            continue
-        for cut in range(1, len(piece)):
-            left, right = piece[:cut], piece[cut:]
-            if left in mergeable and right in mergeable:
-                candidates.append((-scores[i], i, vocab[left], vocab[right], left, right))
-    merges = [(c[4], c[5]) for c in sorted(candidates)]
-    unk = tokens[unk_id] if isinstance(unk_id, int) and 0 <= unk_id < len(tokens) else None
-    tokenizer = Tokenizer(BPE(vocab, merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
-    replace = normalizers.Replace(" ", "▁")
-    tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), replace]) if add_prefix else replace
-    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
-    tokenizer.decoder = decoders.Sequence(steps + [decoders.Strip(" ", 1, 0)] * bool(add_prefix))
-    _add_tokens(tokenizer, tokens, types)
-    return tokenizer
-
-
-def _vocab(tokens: list) -> dict:
-    vocab = {}
-    for i, t in enumerate(tokens):
-        vocab.setdefault(t, i)  # a repeated string keeps its first id
-    return vocab
-
-
-def _add_tokens(tokenizer, tokens: list, types: list) -> None:
-    """Control tokens (<|im_start|>, <s>) become special added tokens, user-defined ones plain added tokens, so
-    that each is matched in the text as one id, before the pre-tokenizer could split it."""
-    from tokenizers import AddedToken
-
-    special = [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k in (CONTROL, UNKNOWN)]
-    user = [AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == USER_DEFINED]
-    if special:
-        tokenizer.add_special_tokens(special)
-    if user:
-        tokenizer.add_tokens(user)
