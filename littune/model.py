@@ -9,7 +9,7 @@ before that would be lost, so FSDP would train a random model. Set up first, the
 import resource
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Literal, Optional
+from typing import Callable, Iterator, Literal, Optional
 
 import torch
 import yaml
@@ -267,21 +267,30 @@ def token_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, ignore_i
 
 
 def forward_loss_sum(model, input_ids: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """`token_cross_entropy_sum` of the model's logits, the vocabulary projected only where there is a target.
+    """`token_cross_entropy_sum` of the model's logits, the vocabulary projected only where there is a target (see
+    `target_loss_sum`)."""
+    return target_loss_sum(model, lambda: model(input_ids), shifted_targets(labels, ignore_index), ignore_index)
+
+
+def target_loss_sum(model, forward: Callable[[], torch.Tensor], targets: torch.Tensor, ignore_index: int = -100,
+                    weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Sum of the cross-entropies of `forward()`'s logits (B x T x vocab, from `model`) against `targets` (B x T,
+    the target of each position, ignore_index where none), each times its `weights` entry where given.
 
     With masked inputs a classification record has a few target tokens among dozens of prompt tokens, and the
     lm_head (49,152 x 576 for SmolLM2) on every position is about a fifth of a step's FLOPs and its largest
-    activation. As in `scoring`, a hook makes the final norm return only the target positions, so lm_head projects
-    those alone (litgpt's forward returns lm_head's output as it is). Where most positions are targets (unmasked
-    instruction data) gathering them would cost more than it saves: the logits are computed whole.
+    activation. As in `scoring`, the final norm returns only the target positions (`final_norm_keeps`), so lm_head
+    projects those alone. Where most positions are targets (unmasked instruction data) and nothing is weighted,
+    gathering them would cost more than it saves: the logits are computed whole.
     """
-    targets = shifted_targets(labels, ignore_index)
     keep = targets != ignore_index
-    if int(keep.sum()) > keep.numel() // 2:
-        return token_cross_entropy_sum(model(input_ids), labels, ignore_index)
-    handle = unwrap(model).transformer.ln_f.register_forward_hook(lambda _, __, out: out[keep])
-    try:
-        logits = model(input_ids)
-    finally:
-        handle.remove()
-    return torch.nn.functional.cross_entropy(logits.float(), targets[keep], reduction="sum")
+    if weights is None and int(keep.sum()) > keep.numel() // 2:
+        logits = forward()
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
+                                                 ignore_index=ignore_index, reduction="sum")
+    with final_norm_keeps(model, lambda out: out[keep]):
+        logits = forward()
+    if weights is None:
+        return torch.nn.functional.cross_entropy(logits.float(), targets[keep], reduction="sum")
+    losses = torch.nn.functional.cross_entropy(logits.float(), targets[keep], reduction="none")
+    return (losses * weights[keep]).sum()

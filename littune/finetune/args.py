@@ -57,6 +57,11 @@ class TrainArgs:
     """After warmup: constant, or cosine decay over the remaining steps."""
     group_by_length: bool = same_run(True)
     """Put records of similar length in the same micro-batch (less padding; batches stay shuffled)."""
+    shared_prefix: bool = same_run(True)
+    """Run the first tokens the records of a micro-batch share (a chat template's system message, an instruction)
+    once, as one row, where it pays: at least 2 records sharing at least 8 tokens (measured; see README). The loss
+    and gradients are those of the plain forward; false runs every record whole. Off under FSDP and with
+    --lora_dropout > 0 (said in the run's header)."""
     eval_interval: Annotated[int, Check(ge=1)] = 100
     """Steps between evaluations on the validation split: loss, task metrics (label tasks), one sample answer."""
     eval_iters: Union[Annotated[int, Check(ge=1)], Literal["all"]] = 100

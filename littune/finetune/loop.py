@@ -29,6 +29,7 @@ from littune.prepared import load_prepare_json, load_split, load_tokenizer, vali
 from littune.prompts import load_style_file
 from littune.finetune.args import TrainArgs, hyperparameters, resolve_defaults, same_run_values, total_steps
 from littune.finetune.logs import TASK_METRICS, keep_metrics_until, log_row, make_loggers, make_progress
+from littune.finetune.prefix import packed_batch, plain_reason, prefix_to_share, shared_prefix_loss_sum
 from littune.finetune.schedule import learning_rate_at, make_optimizer, steps_from
 from littune.finetune.state import (Progress, StopRequest, find_resume_state, fingerprint, load_training_state,
                                     remove_stale_temporaries, save_training_state, step_folder, trained_state)
@@ -55,6 +56,9 @@ def finetune(method: Method, args: TrainArgs, method_args) -> Path:
     label_task = meta.get("labels") is not None and args.strategy != "fsdp"
     args = resolve_defaults(args, method.name, len(train), default_precision(training=True), label_task)
     check_precision(args.precision)
+    plain = plain_reason(args.shared_prefix, args.strategy, method_args, config)
+    print(f"shared prefix: off ({plain})" if plain else "shared prefix: on (the first tokens a micro-batch's records "
+          "share run once where that pays; --shared_prefix false turns it off)")
     world = args.devices * args.num_nodes
     steps = total_steps(len(train), args.batch_size, args.epochs, args.max_steps)
     print(f"{steps} steps of {args.batch_size} records ({len(train):,} training records), warmup {args.warmup_steps} "
@@ -108,6 +112,8 @@ def fit(fabric, method: Method, method_args, args: TrainArgs, train: list, val: 
     ignore_index = int(meta.get("ignore_index", -100))
     scored = val if args.eval_iters == "all" else val[:args.eval_iters * args.micro_batch_size]
     task = None  # a label task: (tokenizer, prompt style, labels) for likelihood-scored task metrics
+    shared_prefix = plain_reason(args.shared_prefix, "fsdp" if sharded else args.strategy, method_args,
+                                 unwrap(model).config) is None
     if meta.get("labels") is not None and not sharded:
         task = (tokenizer, load_style_file(Path(args.data_dir)), meta["labels"])
     batches = steps_from([len(r["input_ids"]) for r in train], args.batch_size, args.micro_batch_size,
@@ -125,7 +131,7 @@ def fit(fabric, method: Method, method_args, args: TrainArgs, train: list, val: 
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss, tokens = train_step(fabric, model, optimizer, method, train, step_batches, ignore_index,
-                                      args.grad_clip)
+                                      args.grad_clip, shared_prefix)
             session_tokens += tokens
             seconds = time.perf_counter() - session_start
             progress = replace(progress, step=step, epoch=epoch, step_in_epoch=step_in_epoch,
@@ -195,8 +201,9 @@ def launching_process() -> bool:
 
 
 def train_step(fabric, model, optimizer, method: Method, data: list, step_batches: list, ignore_index: int,
-               grad_clip: float) -> tuple:
+               grad_clip: float, shared_prefix: bool = False) -> tuple:
     """One optimizer step: this rank's micro-batches, loss = sum of token losses / target tokens of the whole step.
+    shared_prefix: the first tokens a micro-batch's records share run once (`littune.finetune.prefix`), where it pays.
 
     Returns (the step's mean token loss over all ranks, the step's input tokens over all ranks).
     """
@@ -211,10 +218,15 @@ def train_step(fabric, model, optimizer, method: Method, data: list, step_batche
     for i in range(n_micro):
         weight = 1.0 if i < len(mine) else 0.0
         indices = mine[i] if i < len(mine) else (mine or step_batches[0])[0]
-        input_ids, labels = collate(data, indices, ignore_index, fabric.device)
+        prefix = prefix_to_share(data, indices, unwrap(model)) if shared_prefix else 0
         with fabric.no_backward_sync(model, enabled=i < n_micro - 1):
             method.before_forward(unwrap(model))
-            token_loss_sum = forward_loss_sum(model, input_ids, labels, ignore_index)
+            if prefix:
+                batch = {k: v.to(fabric.device) for k, v in packed_batch(data, indices, prefix, ignore_index).items()}
+                token_loss_sum = shared_prefix_loss_sum(model, batch, ignore_index, method.before_forward)
+            else:
+                input_ids, labels = collate(data, indices, ignore_index, fabric.device)
+                token_loss_sum = forward_loss_sum(model, input_ids, labels, ignore_index)
             # DDP averages gradients over ranks: scale by world size so the result is sum / step_targets
             fabric.backward(token_loss_sum * (weight * world / max(step_targets, 1)))
         loss_sum += token_loss_sum.detach() * weight

@@ -1,0 +1,276 @@
+"""Shared-prefix training (`littune.finetune.prefix`): the loss and every trainable gradient equal the plain
+forward's; the real loop with it on and off trains the same weights, alone and under DDP; a resumed run keeps it.
+
+Driven on the tiny GPT-NeoX (conftest's `small_checkpoint`) and real SST-2 sentences prepared as a label task: every
+prompt starts with the same template and instruction (~107 of its 512-token BPE's tokens), then its own sentence."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import SST2_TRAIN, read_metrics
+from littune.cli import main
+from littune.finetune import prefix as prefix_module
+from littune.finetune.prefix import (MIN_PREFIX_TOKENS, packed_batch, packed_loss_sum, shared_prefix_length,
+                                     sharing_pays)
+from littune.methods import get_method
+from littune.model import collate, forward_loss_sum
+from test_finetune import max_difference  # leaves out a slice whose gradient is pure rounding noise
+
+COLUMNS = json.dumps({"instruction": "=Is the sentiment of this review positive or negative?", "input": "text",
+                      "output": "label"})
+VALUES = json.dumps({"1": "positive", "0": "negative"})
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def sst2(small_checkpoint, tmp_path_factory) -> dict:
+    """64 SST-2 sentences (48 training), prepared with masked prompts (as a label task is by default) and without."""
+    folder = tmp_path_factory.mktemp("sst2")
+    lines = SST2_TRAIN.read_text(encoding="utf-8").splitlines(keepends=True)[:65]
+    (folder / "sst2.tsv").write_text("".join(lines), encoding="utf-8")
+    prepared = {}
+    for prompts, mask in (("masked", "true"), ("unmasked", "false")):
+        prepared[prompts] = folder / prompts
+        assert main(["prepare", "--data_file", str(folder / "sst2.tsv"), "--checkpoint_dir", str(small_checkpoint),
+                     "--destination_path", str(prepared[prompts]), "--test_size", "8", "--val_size", "8",
+                     "--mask_inputs", mask, "--columns", COLUMNS, "--output_values", VALUES]) == 0
+    return prepared
+
+
+def records(sst2: dict, prompts: str) -> list:
+    return torch.load(sst2[prompts] / "train.pt", weights_only=True)
+
+
+def trained_model(checkpoint: Path, method_name: str):
+    """The method's model on the checkpoint's base weights, its trainable parameters moved off their
+    initialisation (adapter_v2's gates and LoRA's B start at 0, which would leave parts of the gradient 0)."""
+    from littune.checkpoints import load_model_config
+
+    method = get_method(method_name)
+    method_args = method.args(lora_dropout=0.0, lora_targets=["query", "key", "value", "mlp"]) \
+        if method_name == "lora" else method.args()
+    config = load_model_config(checkpoint)
+    config.block_size = 512  # room for two whole records that share nothing, packed
+    torch.manual_seed(0)
+    model = method.build_model(config, method_args)
+    model.load_state_dict(torch.load(checkpoint / "lit_model.pth", weights_only=True), strict=False)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.requires_grad = method.is_trainable(name)
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    return model.train(), method
+
+
+def loss_and_gradients(model, method, compute) -> tuple:
+    model.zero_grad(set_to_none=True)
+    method.before_forward(model)
+    loss = compute()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def assert_close_to(shared: tuple, plain: tuple) -> None:
+    """max element-wise |difference| <= 1e-5 x max |value|, for the loss and every trainable gradient."""
+    assert shared[0].item() == pytest.approx(plain[0].item(), rel=1e-5)
+    assert shared[1].keys() == plain[1].keys()
+    for name, expected in plain[1].items():
+        worst = (shared[1][name] - expected).abs().max().item()
+        assert worst <= 1e-5 * expected.abs().max().item(), (name, worst, expected.abs().max().item())
+
+
+# ------------------------------------------------------------------------------------------ which tokens share
+
+
+def test_shared_prefix_length_stops_before_the_first_difference_in_ids_or_labels(sst2):
+    train = records(sst2, "unmasked")
+    assert shared_prefix_length(train, [5, 5, 5]) == len(train[5]["input_ids"]) - 1  # each record keeps one token
+    template = shared_prefix_length(train, [0, 1, 2, 3])  # the template and the instruction, at least
+    assert 50 < template < min(len(train[i]["input_ids"]) for i in range(4)) - 1
+    ids = torch.stack([train[i]["input_ids"][:template + 1] for i in range(4)])
+    assert (ids == ids[0]).all()  # the last prefix position's target is common too
+    assert shared_prefix_length(train, [0]) == 0  # one record: nothing to share
+
+    edited = [dict(r) for r in train[:3]]
+    edited[2]["input_ids"] = edited[2]["input_ids"].clone()
+    edited[2]["input_ids"][0] += 1
+    assert shared_prefix_length(edited, [0, 1, 2]) == 0  # no common first token
+    edited[2]["input_ids"] = train[2]["input_ids"]
+    edited[1]["labels"] = edited[1]["labels"].clone()
+    edited[1]["labels"][11] = -100  # the same tokens, one label masked: shared only before it
+    assert shared_prefix_length(edited, [0, 1, 2]) == 10
+
+
+def test_sharing_pays_where_the_prefix_saves_more_than_the_packed_attention_costs():
+    width = 576  # SmolLM2-135M
+    assert sharing_pays(37, [59] * 4, width, 8192)  # SST-2 with the chat template, micro-batch 4
+    assert sharing_pays(37, [59] * 8, width, 8192)
+    assert not sharing_pays(MIN_PREFIX_TOKENS - 1, [59] * 4, width, 8192)  # too few tokens saved
+    assert not sharing_pays(37, [59], width, 8192)  # one record
+    assert not sharing_pays(37, [59] * 4, width, 124)  # 125 packed tokens: more than the model takes
+    assert not sharing_pays(30, [220] * 4, width, 8192)  # long records: the attention over 790 tokens costs more
+
+
+# ------------------------------------------------------------------------------------------------- exactness
+
+
+@pytest.mark.parametrize("method_name", ["adapter_v2", "lora"])
+@pytest.mark.parametrize("prompts", ["unmasked", "masked"])
+def test_loss_and_every_gradient_equal_the_plain_forward(small_checkpoint, sst2, method_name, prompts):
+    """float32, on micro-batches whose records share all their tokens but one, the template, a few tokens (any
+    prefix length works; the loop packs only from MIN_PREFIX_TOKENS on) or none; of different lengths (the plain
+    forward pads them, the packed sequence has no pads)."""
+    model, method = trained_model(small_checkpoint, method_name)
+    data = sorted(records(sst2, prompts), key=lambda r: len(r["input_ids"]))[:3]
+    other = dict(data[1], input_ids=data[1]["input_ids"].clone(), labels=data[1]["labels"].clone())
+    other["input_ids"][0] = (other["input_ids"][0] + 1) % 500
+    other["labels"][0] = other["input_ids"][0] if prompts == "unmasked" else -100
+    data.append(other)
+    assert len({len(r["input_ids"]) for r in data[:3]}) > 1
+    cases = {"all": ([0, 0, 0], [len(data[0]["input_ids"]) - 1]), "template": ([0, 1, 2], None),
+             "few": ([0, 1], [1, 3]), "none": ([0, 3], [0])}
+    cos = model.cos
+    for case, (indices, prefixes) in cases.items():
+        prefixes = prefixes or [shared_prefix_length(data, indices)]
+        assert prefixes[0] == shared_prefix_length(data, indices) or case == "few", case
+        input_ids, labels = collate(data, indices, -100, "cpu")
+        plain = loss_and_gradients(model, method, lambda: forward_loss_sum(model, input_ids, labels))
+        for prefix in prefixes:
+            batch = packed_batch(data, indices, prefix, -100)
+            for _ in range(2):  # twice: nothing of a step's graph may stay on the model
+                shared = loss_and_gradients(model, method, lambda: packed_loss_sum(model, batch, -100,
+                                                                                   method.before_forward))
+                assert_close_to(shared, plain)
+            assert all(block.attn.kv_cache is None for block in model.transformer.h) and model.mask_cache is None
+            assert all(getattr(m, "adapter_kv_cache", None) is None for m in model.modules())
+            assert model.cos is cos
+
+
+# ------------------------------------------------------------------------------------------------ the real loop
+
+
+def finetune_args(checkpoint, data, out_dir, *flags, method: str = "adapter_v2") -> list:
+    return ["finetune", method, "--checkpoint_dir", str(checkpoint), "--data_dir", str(data), "--out_dir",
+            str(out_dir), "--eval_interval", "1000", "--eval_iters", "1", "--save_interval", "1000",
+            "--precision", "32-true", "--micro_batch_size", "2", *map(str, flags)]
+
+
+def counting_packed_forwards(monkeypatch) -> dict:
+    calls = {"packed": 0}
+    original = prefix_module.packed_loss_sum
+
+    def counted(*args, **kwargs):
+        calls["packed"] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(prefix_module, "packed_loss_sum", counted)
+    return calls
+
+
+def assert_same_run(a: Path, b: Path, adapter_file: str, tolerance: float) -> None:
+    wa, wb = (torch.load(d / adapter_file, weights_only=True) for d in (a, b))
+    assert wa.keys() == wb.keys()
+    worst = max_difference(wa, wb)
+    assert worst <= tolerance, worst
+    la, lb = ([float(r["train_loss"]) for r in read_metrics(d)] for d in (a, b))
+    assert la == pytest.approx(lb, rel=1e-5)
+
+
+def test_finetune_with_shared_prefix_on_and_off_trains_the_same_weights(small_checkpoint, sst2, tmp_path,
+                                                                         monkeypatch, capsys):
+    """adapter_v2 (masked prompts) and LoRA with --lora_dropout 0 (unmasked), 3 steps of 2 micro-batches at lr
+    1e-4: the same losses and weights to float32 rounding (Adam's normalised step amplifies it: 1e-5 after three
+    updates, as in test_finetune's accumulation test). LoRA with dropout runs plain and its header says why."""
+    flags = ["--max_steps", 3, "--batch_size", 4, "--warmup_steps", 0, "--seed", 4, "--learning_rate", 1e-4]
+    calls = counting_packed_forwards(monkeypatch)
+    for name, prompts, extra in (("adapter_v2", "masked", []),
+                                 ("lora", "unmasked", ["--lora_dropout", 0, "--lora_targets", "[query, mlp]"])):
+        capsys.readouterr()
+        assert main(finetune_args(small_checkpoint, sst2[prompts], tmp_path / f"{name}-shared", *flags, *extra,
+                                  method=name)) == 0
+        assert "shared prefix: on" in capsys.readouterr().out
+        assert calls["packed"] >= 3, calls  # micro-batches short enough for the tiny model's 256 positions
+        packed = calls["packed"]
+        assert main(finetune_args(small_checkpoint, sst2[prompts], tmp_path / f"{name}-plain", *flags, *extra,
+                                  "--shared_prefix", "false", method=name)) == 0
+        assert "shared prefix: off (--shared_prefix false)" in capsys.readouterr().out
+        assert calls["packed"] == packed
+        calls["packed"] = 0
+        assert_same_run(tmp_path / f"{name}-shared", tmp_path / f"{name}-plain", get_method(name).adapter_file, 1e-5)
+    assert main(finetune_args(small_checkpoint, sst2["masked"], tmp_path / "dropout", "--max_steps", 1,
+                              "--batch_size", 4, method="lora")) == 0
+    assert "shared prefix: off (--lora_dropout 0.05" in capsys.readouterr().out
+    assert calls["packed"] == 0
+
+
+def test_resume_is_bit_identical_and_keeps_the_setting(small_checkpoint, sst2, tmp_path, monkeypatch, capsys):
+    """From a step-2 state, steps 3-4 of a packed run give the uninterrupted run's weights bit for bit; resuming
+    with the other --shared_prefix is refused (it is part of the run's fingerprint)."""
+    import shutil
+
+    calls = counting_packed_forwards(monkeypatch)
+    run, resumed = tmp_path / "run", tmp_path / "resumed"
+    flags = ["--max_steps", 4, "--batch_size", 4, "--save_interval", 2, "--learning_rate", 0.01]
+    assert main(finetune_args(small_checkpoint, sst2["masked"], run, *flags)) == 0
+    assert calls["packed"] >= 2
+    shutil.copytree(run / "step-000002", resumed / "step-000002")
+    assert main(finetune_args(small_checkpoint, sst2["masked"], resumed, *flags, "--resume", "auto")) == 0
+    adapter_file = get_method("adapter_v2").adapter_file
+    final, again = (torch.load(d / adapter_file, weights_only=True) for d in (run, resumed))
+    assert all(torch.equal(again[k], final[k]) for k in final)
+    assert [r["train_loss"] for r in read_metrics(resumed)] == [r["train_loss"] for r in read_metrics(run)][2:]
+
+    capsys.readouterr()
+    assert main(finetune_args(small_checkpoint, sst2["masked"], resumed, *flags, "--shared_prefix", "false",
+                              "--resume", str(resumed / "step-000002"))) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("littune: error: ") and "cannot resume" in err and "shared_prefix" in err, err
+
+
+# `littune ARGS`, printing at exit how many micro-batches this process packed (every DDP rank runs this script)
+COUNTING = r"""
+import atexit, os, sys
+from littune.finetune import prefix
+
+calls = [0]
+packed_loss_sum = prefix.packed_loss_sum
+
+def counted(*args, **kwargs):
+    calls[0] += 1
+    return packed_loss_sum(*args, **kwargs)
+
+prefix.packed_loss_sum = counted
+atexit.register(lambda: print(f"rank {os.environ.get('LOCAL_RANK', '0')} packed {calls[0]}", flush=True))
+from littune.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_ddp_two_processes_sharing_equal_one_process_without(small_checkpoint, sst2, tmp_path):
+    """Two CPU processes (gloo), each packing its micro-batches through DDP's forward, give the weights of one
+    process that packs nothing (tolerances as in test_finetune's DDP test)."""
+    import subprocess
+    import sys
+
+    flags = ["--max_steps", 3, "--batch_size", 4, "--warmup_steps", 0, "--seed", 9, "--learning_rate", 1e-4,
+             "--save_interval", 1]
+    data = sst2["masked"]
+    script = tmp_path / "counting.py"
+    script.write_text(COUNTING)
+    ddp = subprocess.run([sys.executable, str(script), *finetune_args(small_checkpoint, data, tmp_path / "ddp", *flags,
+                                                                      "--devices", 2, "--strategy", "ddp")],
+                         capture_output=True, text=True, timeout=600)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert "shared prefix: on" in ddp.stdout
+    packed = {line.split()[1]: int(line.split()[3]) for line in ddp.stdout.splitlines() if " packed " in line}
+    assert packed.keys() == {"0", "1"} and min(packed.values()) >= 1, ddp.stdout[-2000:]
+    assert main(finetune_args(small_checkpoint, data, tmp_path / "one", *flags, "--shared_prefix", "false")) == 0
+    adapter_file = get_method("adapter_v2").adapter_file
+    first = [torch.load(d / "step-000001" / adapter_file, weights_only=True) for d in (tmp_path / "ddp",
+                                                                                         tmp_path / "one")]
+    assert max_difference(*first) <= 1e-6
+    assert_same_run(tmp_path / "ddp", tmp_path / "one", adapter_file, 1e-5)
