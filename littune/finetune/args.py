@@ -78,8 +78,8 @@ class TrainArgs:
     """Continue a run: `auto` (the newest complete state in out_dir) or a step-NNNNNN folder."""
     overwrite: bool = False
     """Start over in an out_dir that holds another run: its checkpoints, best/, eval folders and logs are removed."""
-    logger: list[Literal["csv", "tensorboard", "mlflow"]] = field(default_factory=lambda: ["csv"])
-    """Where metrics go besides out_dir/metrics.csv: csv, tensorboard (out_dir/tensorboard), mlflow."""
+    logger: list[Literal["csv", "tensorboard", "mlflow", "wandb"]] = field(default_factory=lambda: ["csv"])
+    """Where metrics go besides out_dir/metrics.csv: csv, tensorboard (out_dir/tensorboard), mlflow, wandb (Weights & Biases, files in out_dir/wandb; WANDB_MODE=offline to log without network; pip install 'littune[wandb]')."""
     mlflow_tracking_uri: Optional[str] = None
     """MLflow tracking URI (default: a local out_dir/mlruns store)."""
 

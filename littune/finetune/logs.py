@@ -1,5 +1,5 @@
 """Logging of a run: metrics.csv (always), the progress bar, and Lightning's experiment loggers (TensorBoard,
-MLflow)."""
+MLflow, Weights & Biases)."""
 
 import csv
 import os
@@ -33,8 +33,10 @@ def keep_metrics_until(path: Path, step: int) -> None:
         writer.writerows({k: r.get(k, "") for k in METRIC_COLUMNS} for r in rows)
 
 
-def make_loggers(hparams: dict, out_dir: Path, mlflow_run_id: Optional[str] = None) -> list:
-    """Fabric/Lightning experiment loggers besides metrics.csv (which is always written)."""
+def make_loggers(hparams: dict, out_dir: Path, mlflow_run_id: Optional[str] = None,
+                 wandb_run_id: Optional[str] = None) -> list:
+    """Fabric/Lightning experiment loggers besides metrics.csv (which is always written); a resumed run passes the
+    MLflow and W&B run ids it logged to, and goes on logging there."""
     loggers = []
     if "tensorboard" in hparams["logger"]:
         from lightning.fabric.loggers import TensorBoardLogger
@@ -50,7 +52,38 @@ def make_loggers(hparams: dict, out_dir: Path, mlflow_run_id: Optional[str] = No
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         loggers.append(MLFlowLogger(experiment_name=f"littune-{hparams['method']}", run_name=out_dir.name,
                                     run_id=mlflow_run_id, tracking_uri=uri or (out_dir / "mlruns").resolve().as_uri()))
+    if "wandb" in hparams["logger"]:
+        try:
+            import wandb  # noqa: F401  (Lightning's WandbLogger imports it only when the run starts)
+            from lightning.pytorch.loggers import WandbLogger
+        except ModuleNotFoundError as e:
+            raise UserError("--logger wandb needs Weights & Biases: pip install 'littune[wandb]'") from e
+        (out_dir / "wandb").mkdir(parents=True, exist_ok=True)
+        # the key comes from `wandb login` or WANDB_API_KEY, never from littune's flags or files
+        loggers.append(WandbLogger(project=f"littune-{hparams['method']}", name=out_dir.name, save_dir=str(out_dir),
+                                   id=wandb_run_id, resume="allow" if wandb_run_id else None))
     return loggers
+
+
+def logger_run_ids(loggers: list) -> dict:
+    """The MLflow and W&B run ids the loggers log to, kept with the training state so a resumed run continues them."""
+    ids = {}
+    for experiment_logger in loggers:
+        if type(experiment_logger).__name__ == "MLFlowLogger":
+            ids["mlflow_run_id"] = experiment_logger.run_id
+        elif type(experiment_logger).__name__ == "WandbLogger":
+            ids["wandb_run_id"] = experiment_logger.experiment.id
+    return ids
+
+
+def close_loggers(loggers: list, status: str) -> None:
+    """Flush and mark every logger's run with how the session ended ("success", "FAILED", "KILLED"); a W&B run is
+    finished (uploaded, or synced to its offline folder) now, not at interpreter exit, so that a resumed session
+    continues a closed run."""
+    for experiment_logger in loggers:
+        experiment_logger.finalize(status)
+        if type(experiment_logger).__name__ == "WandbLogger":  # started by logger_run_ids
+            experiment_logger.experiment.finish(exit_code=0 if status == "success" else 1)
 
 
 def log_row(path: Path, loggers: list, row: dict) -> None:

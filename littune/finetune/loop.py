@@ -28,7 +28,8 @@ from littune.common import UserError, atomic_folder, replace_outputs, save_text,
 from littune.prepared import load_prepare_json, load_split, load_tokenizer, validation_split_name
 from littune.prompts import load_style_file
 from littune.finetune.args import TrainArgs, hyperparameters, resolve_defaults, same_run_values, total_steps
-from littune.finetune.logs import TASK_METRICS, keep_metrics_until, log_row, make_loggers, make_progress
+from littune.finetune.logs import (TASK_METRICS, close_loggers, keep_metrics_until, log_row, logger_run_ids,
+                                   make_loggers, make_progress)
 from littune.finetune.prefix import packed_batch, plain_reason, prefix_to_share, shared_prefix_loss_sum
 from littune.finetune.schedule import learning_rate_at, make_optimizer, steps_from
 from littune.finetune.state import (Progress, StopRequest, find_resume_state, fingerprint, load_training_state,
@@ -102,11 +103,11 @@ def fit(fabric, method: Method, method_args, args: TrainArgs, train: list, val: 
         for name, text in run_files.items():
             save_text(text, out_dir / name)
         keep_metrics_until(metrics_path, progress.step)
-    loggers = make_loggers(hparams, out_dir, progress.mlflow_run_id) if rank == 0 else []
+    loggers = make_loggers(hparams, out_dir, progress.mlflow_run_id, progress.wandb_run_id) if rank == 0 else []
     for experiment_logger in loggers:
         if resume_dir is None:
             experiment_logger.log_hyperparams(hparams)
-        progress.mlflow_run_id = getattr(experiment_logger, "run_id", progress.mlflow_run_id)
+    progress = replace(progress, **logger_run_ids(loggers))
 
     tokenizer = load_tokenizer(Path(args.checkpoint_dir))
     ignore_index = int(meta.get("ignore_index", -100))
@@ -176,8 +177,7 @@ def fit(fabric, method: Method, method_args, args: TrainArgs, train: list, val: 
     finally:  # whichever way the loop ends: signal handlers back, logs flushed and marked
         stop.restore()
         bar.close()
-        for experiment_logger in loggers:
-            experiment_logger.finalize(status)
+        close_loggers(loggers, status)
 
     save_weights(fabric, model, method, out_dir, {})
     seconds = time.perf_counter() - session_start
@@ -189,7 +189,7 @@ def fit(fabric, method: Method, method_args, args: TrainArgs, train: list, val: 
 
 def run_outputs(out_dir: Path) -> list[Path]:
     """What a fine-tuning run writes into its out_dir (and evaluate into its eval folders)."""
-    names = ["hyperparameters.yaml", "prompt_style.yaml", "metrics.csv", "best", "tensorboard", "mlruns"]
+    names = ["hyperparameters.yaml", "prompt_style.yaml", "metrics.csv", "best", "tensorboard", "mlruns", "wandb"]
     patterns = ["step-*", ".step-*", "eval", "eval-*", "*_finetuned.pth"]
     return [p for p in (out_dir / n for n in names) if p.exists()] + \
         [p for pattern in patterns for p in sorted(out_dir.glob(pattern))]

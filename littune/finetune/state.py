@@ -30,6 +30,7 @@ class Progress:
     best_step: int = 0
     evals_since_best: int = 0
     mlflow_run_id: Optional[str] = None  # a resumed run goes on logging into the same MLflow run
+    wandb_run_id: Optional[str] = None  # and the same W&B run
 
 
 def step_folder(step: int) -> str:
