@@ -3,7 +3,8 @@
 Every subcommand takes `--config file.yaml` and `--print_config`. Errors the user can fix (`UserError`) are printed
 as one line on stderr with exit code 1 and no traceback; a command line jsonargparse cannot parse gets one line too
 (the missing flag and what it is, or the closest valid flags to a mistyped one), exit code 2, and no usage block
-(`--help` prints that). Dashed spellings (`--data-dir`) are accepted for the underscored flags.
+(`--help` prints that). Dashed spellings (`--data-dir`) are accepted for the underscored flags. A flag that takes
+several strings (a `list[str]`, e.g. serve's --adapter) is given once per value: `--adapter a=x --adapter b=y`.
 """
 
 import difflib
@@ -59,6 +60,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     warnings.filterwarnings("ignore", message=r".*The epoch parameter in `scheduler.step\(\)`.*")
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
     components = _resolve(_selected(argv))
+    argv = _appended(argv, components)
     try:
         CLI(components, args=argv, as_positional=False, description=__doc__.splitlines()[0], prog="littune",
             exit_on_error=False, version=littune.__version__)
@@ -78,6 +80,36 @@ def _underscored(arg: str) -> str:
     """`--data-dir` -> `--data_dir` (and `--data-dir=x`): littune's flags are underscored, people type dashes."""
     match = re.fullmatch(r"(--[A-Za-z][\w-]*)(=.*)?", arg, flags=re.DOTALL)
     return match.group(1).replace("-", "_").replace("__", "--", 1) + (match.group(2) or "") if match else arg
+
+
+def _appended(argv: list[str], components: dict) -> list[str]:
+    """`--flag VALUE` (or `--flag=VALUE`) -> `--flag+=VALUE` for the command's list-of-strings flags: jsonargparse
+    reads a repeated flag's last value only (and a plain string is no list), `+=` appends. A YAML list (`[a, b]`)
+    is left as it is."""
+    _, function = _command_of(argv, components)
+    if isinstance(function, dict):
+        return argv
+    flags = {f"--{name}" for name in _string_list_flags(function)}
+    out, i = [], 0
+    while i < len(argv):
+        flag, equals, value = argv[i].partition("=")
+        if flag in flags and not equals and i + 1 < len(argv) and not argv[i + 1].startswith(("[", "--")):
+            out.append(f"{flag}+={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(f"{flag}+={value}" if flag in flags and equals and not value.startswith("[") else argv[i])
+        i += 1
+    return out
+
+
+def _string_list_flags(function) -> list[str]:
+    import typing
+
+    try:
+        hints = typing.get_type_hints(function)
+    except Exception:  # an annotation that cannot be resolved: nothing to rewrite
+        return []
+    return [name for name, hint in hints.items() if list[str] in (hint, *typing.get_args(hint))]
 
 
 def _command_of(argv: list[str], components: dict) -> tuple[list[str], object]:

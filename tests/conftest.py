@@ -178,3 +178,31 @@ def alpaca64(small_checkpoint, tmp_path_factory) -> Path:
                  "--destination_path", str(destination), "--test_size", "8", "--max_seq_length", "160",
                  "--seed", "42"]) == 0
     return destination
+
+
+def make_adapter_run(checkpoint: Path, folder: Path, method_name: str, seed: int = 0, style: str = "alpaca",
+                     **flags) -> Path:
+    """A run folder as `littune finetune METHOD` leaves it (its weights file, hyperparameters.yaml and prompt
+    style), the trained tensors random (norms and scales near 1) so that each adapter answers differently."""
+    from dataclasses import asdict
+
+    import torch
+    import yaml
+
+    from littune.checkpoints import load_model_config
+    from littune.methods import get_method
+    from littune.prompts import save_style, style_by_name
+
+    method = get_method(method_name)
+    args = method.args(**flags)
+    with torch.device("meta"):
+        model = method.build_model(load_model_config(checkpoint), args)
+    generator = torch.Generator().manual_seed(seed)
+    near_one = ("norm", "ln_f", "scale")  # adapter_v2's norms and scales multiply: random values around 1
+    weights = {name: float(any(s in name for s in near_one)) + 0.2 * torch.randn(value.shape, generator=generator)
+               for name, value in model.state_dict().items() if method.is_trainable(name)}
+    folder.mkdir(parents=True)
+    torch.save(weights, folder / method.adapter_file)
+    (folder / "hyperparameters.yaml").write_text(yaml.dump({"method": method_name, **asdict(args)}))
+    save_style(style_by_name(style, checkpoint), folder)
+    return folder

@@ -30,6 +30,7 @@ from littune.serve import app as app_module
 from littune.serve import engine as engine_module
 from littune.serve import protocol as protocol_module
 from littune.serve.engine import End, Text
+from conftest import make_adapter_run
 from littune.cli import main
 
 KEY = "sk-test-3f1a9c"  # must never appear in the server's output
@@ -71,16 +72,16 @@ def client_for(base: str, key: str = KEY) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0, timeout=120)
 
 
-def chat(client, content, stream=False, **kwargs):
+def chat(client, content, stream=False, model="m", **kwargs):
     """(answer text, finish reason, usage) through the official client, streamed or not."""
     messages = content if isinstance(content, list) else [{"role": "user", "content": content}]
     kwargs.setdefault("temperature", 0)
     kwargs.setdefault("max_tokens", MAX_TOKENS)
     if not stream:
-        response = client.chat.completions.create(model="m", messages=messages, **kwargs)
+        response = client.chat.completions.create(model=model, messages=messages, **kwargs)
         return response.choices[0].message.content, response.choices[0].finish_reason, response.usage
     pieces, reason, usage = [], None, None
-    for chunk in client.chat.completions.create(model="m", messages=messages, stream=True,
+    for chunk in client.chat.completions.create(model=model, messages=messages, stream=True,
                                                 stream_options={"include_usage": True}, **kwargs):
         if chunk.usage is not None:
             usage = chunk.usage
@@ -291,6 +292,66 @@ def test_adapter_run_is_served_with_its_prompt_style(small_checkpoint, adapter_r
         with pytest.raises(openai.BadRequestError, match="chat template"):
             chat(client, [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
                           {"role": "user", "content": "c"}])
+
+
+def test_many_adapters_on_one_base_through_the_real_command(small_checkpoint, adapter_run, tmp_path, capsys):
+    """Issue 27 #1, `littune serve --adapter sst=RUN --adapter rev=RUN` as written: a LoRA run (its prompt style
+    phi-2) and an adapter_v2 run (alpaca) on one base. /v1/models lists the base under its folder's name and each
+    adapter under its NAME; concurrent requests for all three, streamed or not, answer as `littune generate
+    --adapter_path` of that adapter (in its run's prompt style); another name gets OpenAI's 404 model_not_found."""
+    lora = make_adapter_run(small_checkpoint, tmp_path / "sst-run", "lora", seed=3, style="phi-2", lora_r=4,
+                            lora_dropout=0.0)
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "littune.cli", "serve", "--checkpoint_dir", str(small_checkpoint), "--port", str(port),
+         "--adapter", f"sst={lora}", "--adapter", f"rev={adapter_run}", "--log_level", "warning"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        runs = {small_checkpoint.name: None, "sst": lora, "rev": adapter_run}
+        expected = {(name, prompt): greedy(small_checkpoint, prompt, adapter_path=run)  # while the server starts
+                    for name, run in runs.items() for prompt in PROMPTS[:2]}
+        assert len({expected[name, PROMPTS[0]] for name in runs}) == 3  # each adapter answers differently
+        base = f"http://127.0.0.1:{port}"
+        wait_healthy(base, process)
+        client = client_for(base, "none")
+        assert [m.id for m in client.models.list().data] == list(runs)
+        requests = [(name, prompt, stream) for name, prompt in expected for stream in (False, True)]
+        with ThreadPoolExecutor(len(requests)) as pool:  # 12 at once: 4 decoded, the others waiting
+            answers = list(pool.map(lambda r: chat(client, r[1], stream=r[2], model=r[0]), requests))
+        assert [text for text, _, _ in answers] == [expected[name, prompt] for name, prompt, _ in requests]
+        prompt_tokens = {name: usage.prompt_tokens for (name, prompt, _), (_, _, usage) in zip(requests, answers)
+                         if prompt == PROMPTS[0]}
+        assert prompt_tokens["sst"] != prompt_tokens["rev"] == prompt_tokens[small_checkpoint.name]  # phi-2, alpaca
+
+        with pytest.raises(openai.NotFoundError) as missing:
+            chat(client, PROMPTS[0], model="m")
+        assert missing.value.code == "model_not_found" and "sst" in missing.value.message
+        response = httpx.post(f"{base}/v1/completions", json={"model": "rev", "prompt": "Hi", "max_tokens": 2})
+        assert response.status_code == 200 and response.json()["model"] == "rev"
+    finally:
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=60)
+    assert process.returncode == 0 and "Traceback" not in err, err[-3000:]
+
+    # flag errors: one line each, before any model is loaded
+    capsys.readouterr()  # generate's timing lines
+    flags = ["serve", "--checkpoint_dir", str(small_checkpoint), "--port", str(free_port())]
+    foreign = tmp_path / "foreign-run"
+    shutil.copytree(adapter_run, foreign, ignore=shutil.ignore_patterns("step-*", "best"))
+    torch.save({"transformer.h.0.attn.adapter_wte.weight": torch.zeros(3, 3)},
+               foreign / "lit_model_adapter_finetuned.pth")
+    for extra, message in (
+        (["--adapter", "sst"], "--adapter sst: give NAME=PATH"),
+        (["--adapter", "a b=x"], "must be letters, digits"),
+        (["--adapter", f"a={lora}", "--adapter", f"a={adapter_run}"], "'a' is given twice"),
+        (["--adapter", f"{small_checkpoint.name}={lora}"], "the base model's name"),
+        (["--adapter", f"a={tmp_path / 'nowhere'}"], f"--adapter a={tmp_path / 'nowhere'}: no such file"),
+        (["--adapter", f"a={foreign}"], "not an adapter for"),
+        (["--adapter", f"a={lora}", "--adapter_path", str(lora)], "--adapter_path and --adapter"),
+    ):
+        assert main(flags + extra) == 1, extra
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, (extra, err)
 
 
 # ------------------------------------------------------------------------- limits, disconnects, bad requests

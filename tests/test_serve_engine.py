@@ -1,5 +1,6 @@
 """littune.serve.engine driven directly, without HTTP: rows admitted and decoded together give `generate_tokens`'s
-tokens, a failing row fails alone, a cancelled row leaves the batch, a stop answers what is left with 503."""
+tokens, a failing row fails alone, a cancelled row leaves the batch, a stop answers what is left with 503; adapters
+on one copy of the base weights (littune.serve.models) answer as each alone and take turns."""
 
 import queue
 import time
@@ -7,10 +8,11 @@ import time
 import pytest
 import torch
 
+from conftest import make_adapter_run
 from littune.prepared import encode
 from littune.sampling import generate_tokens
 from littune.serve import engine as engine_module
-from littune.serve.engine import End, Engine, Failed, Job, Text
+from littune.serve.engine import End, Engine, Failed, Job, Served, Text
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -54,13 +56,20 @@ def outcome(events: queue.Queue, timeout: float = 30) -> tuple[str, object]:
             return "".join(pieces), event
 
 
-def started(model, tokenizer, max_concurrency: int) -> Engine:
-    engine = Engine(model, tokenizer, max_concurrency, context=model.config.block_size)
+def started(models, tokenizer, max_concurrency: int) -> Engine:
+    """An engine (not yet started) over a model or Served models, recording (model name, rows) of each step."""
+    if not isinstance(models, list):
+        models = [Served("tiny", models.module)]
+    engine = Engine(models, tokenizer, max_concurrency, context=models[0].module.config.block_size)
     steps = []
     step = engine._step
-    engine._step = lambda: (steps.append(len(engine.rows)), step())[1]  # how many rows each step decoded
+    engine._step = lambda batch: (steps.append((batch.served.name, len(batch.rows))), step(batch))[1]
     engine.steps = steps
     return engine
+
+
+def rows_per_step(engine) -> list[int]:
+    return [rows for _, rows in engine.steps]
 
 
 def test_rows_are_admitted_and_decoded_together_as_generate_tokens_decodes_each(loaded):
@@ -84,7 +93,7 @@ def test_rows_are_admitted_and_decoded_together_as_generate_tokens_decodes_each(
         for (text, end), tokens, prompt in zip(results, expected, prompts):
             assert text == tokenizer.decode(torch.tensor(tokens))
             assert end == End("length", prompt.numel(), NEW_TOKENS)
-        assert max(engine.steps) == max_concurrency and not engine.rows
+        assert max(rows_per_step(engine)) == max_concurrency and not engine.rows
         assert all(block.attn.kv_cache is None for block in engine.module.transformer.h)  # freed when idle
 
 
@@ -121,7 +130,7 @@ def test_a_failing_row_fails_alone(loaded, monkeypatch):
     assert draw_end.status == 500 and "simulated" in draw_end.message
     for (text, end), tokens in zip(results, expected):
         assert text == tokenizer.decode(torch.tensor(tokens)) and end.reason == "length"
-    assert max(engine.steps) == 3  # the two good rows and the sampled one were decoded together
+    assert max(rows_per_step(engine)) == 3  # the two good rows and the sampled one were decoded together
 
 
 def test_a_cancelled_row_leaves_the_batch_and_a_stop_answers_the_rest(loaded):
@@ -153,3 +162,49 @@ def test_a_cancelled_row_leaves_the_batch_and_a_stop_answers_the_rest(loaded):
     assert not engine.thread.is_alive() and not engine.rows and not engine.pending
     for events in (running_events, waiting_events):
         assert outcome(events)[1] == Failed(503, "the server is shutting down")
+
+
+def test_adapters_share_the_base_answer_as_alone_and_take_turns(small_checkpoint, loaded, tmp_path):
+    """Two LoRA runs of the same flags (one module, their tensors swapped), an adapter_v2 run and the base, served
+    at once on one copy of the base weights: each answer is `generate_tokens`' with that adapter loaded alone, and
+    the engine steps the four batches in turn."""
+    import lightning as L
+
+    from littune.model import load_for_inference
+    from littune.serve.models import load_models
+
+    runs = {"lora-a": make_adapter_run(small_checkpoint, tmp_path / "a", "lora", 0, lora_r=4, lora_dropout=0.0),
+            "lora-b": make_adapter_run(small_checkpoint, tmp_path / "b", "lora", 1, lora_r=4, lora_dropout=0.0),
+            "v2": make_adapter_run(small_checkpoint, tmp_path / "v2", "adapter_v2", 2)}
+    fabric = L.Fabric(devices=1, accelerator="cpu", precision="32-true")
+    base_model, tokenizer = loaded
+    prompts = [encode(tokenizer, text) for text in TEXTS[:2]]
+    expected = {small_checkpoint.name: [expected_tokens(base_model, p) for p in prompts]}
+    for name, run in runs.items():
+        alone, _, _ = load_for_inference(fabric, small_checkpoint, run)
+        expected[name] = [expected_tokens(alone, p) for p in prompts]
+    assert len({str(tokens) for tokens in expected.values()}) == 4  # every adapter changes the answer
+
+    models, _ = load_models(fabric, small_checkpoint, runs, None, None)
+    assert [m.name for m in models] == [small_checkpoint.name, *runs]
+    base, lora_a, lora_b, v2 = (m.served.module for m in models)
+    assert lora_a is lora_b and v2 is not lora_a and base is not v2
+    one_copy = base.transformer.h[0].attn.qkv.weight.data_ptr()  # the base weights, in memory once
+    assert lora_a.transformer.h[0].attn.qkv.linear.weight.data_ptr() == one_copy
+    assert v2.transformer.h[0].attn.qkv.linear.weight.data_ptr() == one_copy
+    assert v2.lm_head.linear.weight.data_ptr() == base.lm_head.weight.data_ptr()
+
+    engine = started([m.served for m in models], tokenizer, 8)
+    queues = {m.name: [queue.Queue() for _ in prompts] for m in models}
+    for m in models:
+        for prompt, events in zip(prompts, queues[m.name]):
+            engine.submit(new_job(prompt, events, served=m.served))
+    engine.start()
+    try:
+        answers = {name: [outcome(events) for events in qs] for name, qs in queues.items()}
+    finally:
+        engine.stop()
+    for name, results in answers.items():
+        assert [text for text, _ in results] == [tokenizer.decode(torch.tensor(t)) for t in expected[name]], name
+    # round-robin: one model's batch of two rows per step, the four in turn until all are done
+    assert engine.steps == [(m.name, 2) for m in models] * (NEW_TOKENS - 1)

@@ -1,15 +1,26 @@
-"""Serve: an OpenAI-compatible HTTP server for the base model, with or without a trained adapter.
+"""Serve: an OpenAI-compatible HTTP server for the base model, with or without trained adapters.
 
     littune serve --checkpoint_dir checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct --adapter_path out/adapter_v2/my
     curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \
         -d '{"model": "m", "messages": [{"role": "user", "content": "Name three primary colors."}]}'
 
+    littune serve --checkpoint_dir checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct \
+        --adapter sst=out/lora/sst --adapter rev=out/adapter_v2/rev       # then "model": "sst" or "rev"
+
 Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health.
 
+Models: with --adapter NAME=PATH (once per adapter; LoRA and adapter_v2 runs of the same base may be mixed), a
+request's `model` names the adapter that answers, or the base model by its checkpoint folder's name; another name
+gets 404 model_not_found, as OpenAI's API answers. Without --adapter there is one model, which answers whatever the
+`model` field says. The base weights are in memory once whatever the number of adapters (`models`); requests for
+different adapters are decoded in turn, one adapter's batch per step (`engine`). Each adapter's chat messages are
+written in its run's prompt style, as `littune generate --adapter_path` writes them.
+
 The package, one concern per file: this file is the command (flags, the listening socket, loading the model);
-`engine` the thread that batches and decodes requests (no HTTP in it); `protocol` OpenAI's request fields, errors
-and response shapes; `app` the routes, Server-Sent Events, the API key and the Host checks, with the limits that
-keep one request from holding up the others.
+`models` the base and its adapters on one copy of the base weights; `engine` the thread that batches and decodes
+requests (no HTTP in it); `protocol` OpenAI's request fields, errors and response shapes; `app` the routes,
+Server-Sent Events, the API key and the Host checks, with the limits that keep one request from holding up the
+others.
 
 Why FastAPI + uvicorn directly and not LitServe (measured on the 2-core development machine, alternating rounds of
 the same tiny model behind both, one request at a time): requests/s and latency were within the run-to-run noise
@@ -29,7 +40,9 @@ from typing import Annotated, Any, Literal, Optional
 from littune.common import Check, UserError, checked
 from littune.model import Precision
 from littune.serve.app import build_app, host_allowlist, is_loopback
-from littune.serve.engine import Engine
+from littune.serve.engine import Engine, Served
+from littune.serve.models import Model, load_models, parse_adapter_flags
+from littune.serve.protocol import ApiError
 
 SERVER_PACKAGES = ("fastapi", "uvicorn")
 API_KEY_ENV = "LITTUNE_API_KEY"
@@ -39,6 +52,7 @@ API_KEY_ENV = "LITTUNE_API_KEY"
 def serve(
     checkpoint_dir: Path,
     adapter_path: Optional[Path] = None,
+    adapter: Optional[list[str]] = None,
     host: str = "127.0.0.1",
     port: Annotated[int, Check(ge=1, le=65535)] = 8000,
     api_key: Optional[str] = None,
@@ -55,6 +69,7 @@ def serve(
     Arguments:
         checkpoint_dir: The converted base model.
         adapter_path: An adapter file, or a run folder (its final adapter). Without it, the base model answers.
+        adapter: A named adapter, NAME=PATH (a run folder or adapter file), given once per adapter: --adapter sst=out/lora/sst --adapter rev=out/adapter_v2/rev. A request's model field picks one by NAME (the base model: the checkpoint folder's name); one copy of the base weights serves them all.
         host: The address to listen on; 127.0.0.1 answers this machine only, 0.0.0.0 every network (then set an API key).
         port: The TCP port to listen on.
         api_key: Clients must send "Authorization: Bearer KEY" (default: the LITTUNE_API_KEY environment variable; none: no check). The environment variable keeps the key out of the process list.
@@ -68,6 +83,10 @@ def serve(
     """
     key = resolve_api_key(api_key)
     hosts = host_allowlist(host, allowed_hosts)
+    if adapter is not None and adapter_path is not None:
+        raise UserError("--adapter_path and --adapter: give one adapter with --adapter_path, or name each with "
+                        "--adapter NAME=PATH (once per adapter), not both")
+    adapters = parse_adapter_flags(adapter, Path(checkpoint_dir).resolve().name) if adapter is not None else None
     require_server_packages()
     if not is_loopback(host) and key is None:
         print(f"littune serve: warning: --host {host} accepts connections from other machines and no API key is set; "
@@ -75,8 +94,9 @@ def serve(
               file=sys.stderr, flush=True)
     sock = bind_socket(host, port)  # before loading the model: a port in use fails now, not after minutes
     try:
-        service = load_service(checkpoint_dir, adapter_path, precision=precision, max_concurrency=max_concurrency,
-                               max_queue=max_queue, api_key=key, prompt_style=prompt_style, system=system)
+        service = load_service(checkpoint_dir, adapter_path, adapters=adapters, precision=precision,
+                               max_concurrency=max_concurrency, max_queue=max_queue, api_key=key,
+                               prompt_style=prompt_style, system=system)
         service.url = f"http://{host if ':' not in host else f'[{host}]'}:{port}/v1"
         service.allowed_hosts = hosts
         server = make_server(build_app(service), service, log_level=log_level)
@@ -134,45 +154,63 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 @dataclass(eq=False)
 class Service:
-    """What the HTTP handlers share: the engine, how to turn a request into tokens, the limits, the key."""
+    """What the HTTP handlers share: the engine, the models a request can name, the limits, the key."""
 
     engine: Engine
     tokenizer: Any
-    style: Any
-    model_id: str
+    models: dict[str, Model]  # name -> model, the base first
+    named: bool  # a request's `model` must name one of them (--adapter); else the one model answers any name
     context: int  # the most tokens (prompt + answer) one request can have
     max_concurrency: int
     max_queue: int
-    stop_tokens: tuple = ()  # the prompt style's (EOS, a chat template's end-of-turn token)
     url: str = ""  # where it listens, for the start-up line
     api_key: Optional[str] = None
     allowed_hosts: Optional[frozenset] = frozenset()  # Host names accepted besides loopback ones; None: any
     created: int = field(default_factory=lambda: int(time.time()))
     in_flight: int = 0  # requests admitted and not yet answered (touched only on the event loop's thread)
 
+    def pick(self, name: Optional[str]) -> Model:
+        """The model a request's `model` field names (any name, or none, when only one is served)."""
+        if not self.named:
+            return next(iter(self.models.values()))
+        if name is None:
+            raise ApiError(400, f"'model' is required: one of {', '.join(self.models)}", param="model",
+                           code="missing_required_parameter")
+        if name not in self.models:
+            raise ApiError(404, f"The model '{name}' does not exist; this server has {', '.join(self.models)}",
+                           param="model", code="model_not_found")
+        return self.models[name]
 
-def load_service(checkpoint_dir: Path, adapter_path: Optional[Path] = None, *, precision: Optional[str] = None,
+
+def load_service(checkpoint_dir: Path, adapter_path: Optional[Path] = None, *,
+                 adapters: Optional[dict[str, Path]] = None, precision: Optional[str] = None,
                  max_concurrency: int = 4, max_queue: int = 64, api_key: Optional[str] = None,
                  prompt_style: Optional[str] = None, system: Optional[str] = None) -> Service:
-    """Load the model (one copy, on one device) and the prompt style `littune generate` would use with it."""
+    """Load the model (one copy, on one device) with one adapter (adapter_path) or with named ones (adapters: NAME
+    -> PATH), each with the prompt style `littune generate` would use with it."""
     import lightning as L
 
     from littune.generate import choose_prompt_style
-    from littune.model import check_precision, default_precision, load_for_inference
+    from littune.model import check_precision, default_precision, load_for_inference, unwrap
 
     checkpoint_dir = Path(checkpoint_dir)
     precision = precision or default_precision()
     check_precision(precision)
     fabric = L.Fabric(devices=1, precision=precision, accelerator="auto")
-    model, tokenizer, run_dir = load_for_inference(fabric, checkpoint_dir, adapter_path)
-    style = choose_prompt_style(prompt_style, run_dir, checkpoint_dir, system)
-    config = model.config
+    if adapters is not None:
+        models, tokenizer = load_models(fabric, checkpoint_dir, adapters, prompt_style, system)
+    else:
+        model, tokenizer, run_dir = load_for_inference(fabric, checkpoint_dir, adapter_path)
+        style = choose_prompt_style(prompt_style, run_dir, checkpoint_dir, system)
+        model_id = checkpoint_dir.resolve().name + (f"+{run_dir.resolve().name}" if run_dir is not None else "")
+        models = [Model(model_id, Served(model_id, unwrap(model)), style, tuple(style.stop_tokens(tokenizer)))]
+    config = models[0].served.module.config
     # a sliding-window layer keeps only the window in its cache: beyond it this engine's cache would be wrong
     context = min(config.block_size, config.sliding_window_size or config.block_size)
-    model_id = checkpoint_dir.resolve().name + (f"+{run_dir.resolve().name}" if run_dir is not None else "")
-    return Service(engine=Engine(model, tokenizer, max_concurrency, context), tokenizer=tokenizer, style=style,
-                   model_id=model_id, context=context, max_concurrency=max_concurrency, max_queue=max_queue,
-                   stop_tokens=tuple(style.stop_tokens(tokenizer)), api_key=api_key)
+    engine = Engine([m.served for m in models], tokenizer, max_concurrency, context)
+    return Service(engine=engine, tokenizer=tokenizer, models={m.name: m for m in models},
+                   named=adapters is not None, context=context, max_concurrency=max_concurrency,
+                   max_queue=max_queue, api_key=api_key)
 
 
 def make_server(app, service: Service, log_level: str = "info"):

@@ -59,7 +59,7 @@ async def lifespan(app):
     service = app.state.service
     service.engine.start()
     auth = "API key required" if service.api_key else "no API key"
-    print(f"littune serve: {service.model_id} ready {('on ' + service.url + ' ') if service.url else ''}"
+    print(f"littune serve: {', '.join(service.models)} ready {('on ' + service.url + ' ') if service.url else ''}"
           f"({service.context}-token context, up to {service.max_concurrency} requests at once, "
           f"{service.max_queue} waiting, {auth})", file=sys.stderr, flush=True)
     yield
@@ -103,8 +103,8 @@ async def health(request):
 async def models(request):
     service = request.app.state.service
     authorize(service, request)
-    return json_response({"object": "list", "data": [{"id": service.model_id, "object": "model",
-                                                     "created": service.created, "owned_by": "littune"}]})
+    return json_response({"object": "list", "data": [{"id": name, "object": "model", "created": service.created,
+                                                     "owned_by": "littune"} for name in service.models]})
 
 
 async def chat_completions(request):
@@ -193,12 +193,12 @@ async def answer(request, kind: str):
         raise
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
-    place.job = Job(prompt=prepared.prompt, stop_tokens=prepared.stop_tokens,
+    place.job = Job(prompt=prepared.prompt, stop_tokens=prepared.stop_tokens, served=prepared.model.served,
                     emit=lambda event: loop.call_soon_threadsafe(events.put_nowait, event), **prepared.settings)
     watcher = asyncio.create_task(watch_disconnect(request, place, events))
     service.engine.submit(place.job)
     meta = {"id": f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
-            "model": service.model_id}
+            "model": prepared.model.name}
     if prepared.stream:
         return StreamingResponse(sse_events(events, meta, kind, prepared.include_usage, place, watcher),
                                  media_type="text/event-stream",

@@ -21,13 +21,13 @@ import sys
 import threading
 import traceback
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional, Union
 
 import torch
 
 from littune.common import first_line
-from littune.model import final_norm_keeps, unwrap
+from littune.model import final_norm_keeps
 from littune.sampling import StopMatcher, is_greedy, sample_token
 
 CACHE_GRANULARITY = 256  # the KV cache grows in steps of this many positions (fewer reallocations)
@@ -66,6 +66,22 @@ Event = Union[Text, End, Failed]
 # --------------------------------------------------------------------------------------------------------- jobs
 
 
+def nothing(module) -> None:
+    pass
+
+
+@dataclass(eq=False)
+class Served:
+    """A model the engine runs rows through: a module, and the adapter tensors it must hold for them. Several may
+    share one module (adapters of one method and flags): before a model's rows run, its tensors are swapped into the
+    module's parameters (pointers, no copy) and `before_forward` drops what the module cached from the others."""
+
+    name: str
+    module: torch.nn.Module
+    tensors: dict = field(default_factory=dict)  # parameter name -> this model's tensor; empty: nothing to swap
+    before_forward: Callable[[torch.nn.Module], None] = nothing  # a method's (adapter_v2: its cached prefix K/V)
+
+
 @dataclass(eq=False)
 class Job:
     """One request's generation: what to generate, and where to send what happens (from the engine's thread)."""
@@ -79,12 +95,13 @@ class Job:
     seed: Optional[int] = None
     stop_tokens: tuple = ()
     stop_strings: tuple = ()
+    served: Optional[Served] = None  # which model answers (None: the engine's first)
     cancelled: bool = False  # set by the handler when the client has gone: the engine drops the row
 
 
 @dataclass(eq=False)
 class Row:
-    """A job in the batch: its decoding state."""
+    """A job in a batch: its decoding state."""
 
     job: Job
     matcher: StopMatcher
@@ -94,24 +111,38 @@ class Row:
     emitted: str = ""  # text sent so far
 
 
-class Engine:
-    """The thread that owns the model: admits waiting jobs, prefills each alone, decodes all rows together.
+@dataclass(eq=False)
+class Batch:
+    """The rows of one served model, decoded together, and their KV caches: litgpt's KVCache of each block (batch
+    dimension = rows, `length` positions) and the causal mask as long; installed in the module before it runs."""
 
-    The KV cache is litgpt's (one KVCache per block, batch dimension = rows), reshaped between steps: a new row's
-    prefill runs on a one-row cache that is then concatenated to the batch; rows that end are dropped with an
-    index_select; the cache length grows in steps of CACHE_GRANULARITY as rows get longer, and is freed when idle.
+    served: Served
+    rows: list = field(default_factory=list)
+    caches: Optional[list] = None
+    mask: Optional[torch.Tensor] = None
+    length: int = 0
+
+
+class Engine:
+    """The thread that owns the models: admits waiting jobs, prefills each alone, decodes each model's rows together,
+    one model's batch per step in turn (round-robin: requests for one adapter never starve another's).
+
+    A batch's KV caches are reshaped between steps: a new row's prefill runs on a one-row cache that is then
+    concatenated to the batch's; rows that end are dropped with an index_select; the cache length grows in steps of
+    CACHE_GRANULARITY as rows get longer, and is freed when the batch is empty.
     """
 
-    def __init__(self, model, tokenizer, max_concurrency: int, context: int):
-        self.module = unwrap(model)
+    def __init__(self, models: list[Served], tokenizer, max_concurrency: int, context: int):
+        self.batches = [Batch(served) for served in models]
+        self.module = models[0].module  # the first model's (the only one without --adapter)
         self.tokenizer = tokenizer
         self.device = next(self.module.parameters()).device
         self.max_concurrency = max_concurrency
         self.context = context
         self.pending: deque[Job] = deque()  # deque's append/popleft are thread-safe
         self.wakeup = threading.Event()
-        self.rows: list[Row] = []
-        self.cache_length = 0
+        self.holding: dict[int, Served] = {}  # id(module) -> the model whose tensors it holds
+        self.turn = -1  # index of the batch stepped last
         self.stopping = False
         self.thread = threading.Thread(target=self._run, name="littune-engine", daemon=True)
 
@@ -134,108 +165,141 @@ class Engine:
     def waiting(self) -> int:
         return len(self.pending)
 
+    @property
+    def rows(self) -> list[Row]:
+        """Every row being decoded, of every model."""
+        return [row for batch in self.batches for row in batch.rows]
+
     # -- the engine thread
 
     def _run(self) -> None:
         with torch.no_grad():  # not inference_mode, as in littune.sampling: the model stays usable by autograd
             while not self.stopping:
                 self.wakeup.clear()  # before looking at `pending`: a submit after this wakes the wait below
-                try:
-                    self._drop_cancelled()
-                    self._admit()
-                    if self.rows:
-                        self._step()
-                    elif not self.pending:
-                        self.wakeup.wait(0.5)  # a timeout, so `stopping` set by a signal handler is seen
-                except Exception as e:  # the batch's forward failed (e.g. out of memory): its requests, keep serving
-                    self._fail_all(e)
+                for batch in self.batches:
+                    self._guarded(batch, self._drop_cancelled)
+                self._admit()
+                batch = self._next_batch()
+                if batch is not None:
+                    self._guarded(batch, self._step)
+                elif not self.pending:
+                    self.wakeup.wait(0.5)  # a timeout, so `stopping` set by a signal handler is seen
         for leftover in [row.job for row in self.rows] + list(self.pending):
             emit(leftover, Failed(503, "the server is shutting down"))
         self.pending.clear()
-        self._reset()
+        for batch in self.batches:
+            self._reset(batch)
+
+    def _guarded(self, batch: Batch, work: Callable[[Batch], None]) -> None:
+        """The batch's forward failed (e.g. out of memory): its requests fail, the other batches go on."""
+        try:
+            work(batch)
+        except Exception as e:
+            self._fail_all(batch, e)
+
+    def _next_batch(self) -> Optional[Batch]:
+        """The next batch with rows after the one stepped last."""
+        for k in range(1, len(self.batches) + 1):
+            index = (self.turn + k) % len(self.batches)
+            if self.batches[index].rows:
+                self.turn = index
+                return self.batches[index]
+        return None
 
     def _admit(self) -> None:
-        """Prefill waiting jobs while the batch has room; a prompt that fails (e.g. out of memory) fails alone."""
+        """Prefill waiting jobs while there is room; a prompt that fails (e.g. out of memory) fails alone."""
         while len(self.rows) < self.max_concurrency and self.pending and not self.stopping:
             job = self.pending.popleft()
             if not job.cancelled:
+                batch = next((b for b in self.batches if b.served is job.served), self.batches[0])
                 try:
-                    self._prefill(job)
+                    self._prefill(batch, job)
                 except Exception as e:
                     fail(job, e)
 
-    def _prefill(self, job: Job) -> None:
+    def _use(self, batch: Batch) -> torch.nn.Module:
+        """The batch's module, holding the batch's model's tensors, KV caches and mask."""
+        served, module = batch.served, batch.served.module
+        if served.tensors and self.holding.get(id(module)) is not served:
+            for name, tensor in served.tensors.items():
+                module.get_parameter(name).data = tensor
+            served.before_forward(module)
+            self.holding[id(module)] = served
+        for block, cache in zip(module.transformer.h, batch.caches or [None] * len(module.transformer.h)):
+            block.attn.kv_cache = cache
+        module.mask_cache = batch.mask
+        return module
+
+    def _prefill(self, batch: Batch, job: Job) -> None:
         """The prompt alone through the model, on a fresh one-row cache (as `littune generate` prefills), then that
-        cache joins the batch's. If anything fails, the other rows' caches are put back and only this job fails."""
-        blocks = self.module.transformer.h
-        saved = [block.attn.kv_cache for block in blocks] if self.rows else None
+        cache joins the batch's. If anything fails, the batch's caches are put back and only this job fails."""
+        module = self._use(batch)
+        saved = batch.caches if batch.rows else None
         n = job.prompt.numel()
         try:
-            length = max(self.cache_length, round_up(n + 1, self.context))
-            if saved is not None and length > self.cache_length:
-                self._grow(length, saved)
-            self.module.set_kv_cache(batch_size=1, max_seq_length=length, device=self.device)
-            with final_norm_keeps(self.module, lambda out: out[:, -1:]):
-                logits = self.module(job.prompt[None], torch.arange(n, device=self.device), input_pos_maxp1=n)
+            length = max(batch.length, round_up(n + 1, self.context))
+            if saved is not None and length > batch.length:
+                grow(saved, length)
+            module.set_kv_cache(batch_size=1, max_seq_length=length, device=self.device)
+            with final_norm_keeps(module, lambda out: out[:, -1:]):
+                logits = module(job.prompt[None], torch.arange(n, device=self.device), input_pos_maxp1=n)
+            caches = [block.attn.kv_cache for block in module.transformer.h]
             if saved is not None:
-                for block, old in zip(blocks, saved):
-                    new = block.attn.kv_cache
+                for new, old in zip(caches, saved):
                     new.k, new.v = torch.cat([old.k, new.k]), torch.cat([old.v, new.v])
         except Exception:
-            self._restore(saved)
+            self._restore(batch, saved)
             raise
-        self.cache_length = length
-        self.rows.append(Row(job=job, matcher=StopMatcher(job.stop_tokens), generator=new_generator(job, self.device),
-                             position=n))
-        self._take_all(logits[:, -1], [len(self.rows) - 1])
+        batch.caches, batch.mask, batch.length = caches, module.mask_cache, length
+        batch.rows.append(Row(job=job, matcher=StopMatcher(job.stop_tokens),
+                              generator=new_generator(job, self.device), position=n))
+        self._take_all(batch, logits[:, -1], [len(batch.rows) - 1])
 
-    def _restore(self, saved: Optional[list]) -> None:
-        """After a failed prefill: the batch's own caches back in every block, at the batch's cache length (a grow
-        that failed half-way is cut back: views, no new memory), the causal mask as long. Without a batch (saved is
-        None), nothing to keep. If even this fails, every request in the batch fails."""
+    def _restore(self, batch: Batch, saved: Optional[list]) -> None:
+        """After a failed prefill: the batch's caches cut back to its length (a grow that failed half-way: views, no
+        new memory). Without rows (saved is None), nothing to keep. If even this fails, the batch's requests fail."""
         if saved is None:
-            self._reset()
+            self._reset(batch)
             return
         try:
-            from litgpt.model import build_mask_cache
-
-            for block, cache in zip(self.module.transformer.h, saved):
-                cache.k, cache.v = cache.k[:, :, :self.cache_length], cache.v[:, :, :self.cache_length]
-                cache.max_cache_len = self.cache_length
-                block.attn.kv_cache = cache
-            mask = self.module.mask_cache
-            if mask is None or mask.size(3) != self.cache_length:
-                self.module.mask_cache = build_mask_cache(self.cache_length, self.device)
+            for cache in saved:
+                cache.k, cache.v = cache.k[:, :, :batch.length], cache.v[:, :, :batch.length]
+                cache.max_cache_len = batch.length
         except Exception as e:
-            self._fail_all(e)
+            self._fail_all(batch, e)
 
-    def _fail_all(self, error: Exception) -> None:
+    def _fail_all(self, batch: Batch, error: Exception) -> None:
         """The batch is lost (its forward failed): every row's request gets the error, the cache is freed."""
-        failed = [row.job for row in self.rows]
-        self._reset()
+        failed = [row.job for row in batch.rows]
+        self._reset(batch)
         for job in failed:
             fail(job, error)
 
-    def _step(self) -> None:
-        """One new token for every row."""
-        need = max(row.position for row in self.rows) + 1
-        if need > self.cache_length:
-            self._grow(round_up(need, self.context))
-        tokens = torch.tensor([[row.last] for row in self.rows], device=self.device)
-        positions = torch.tensor([[row.position] for row in self.rows], device=self.device)
-        logits = self.module(tokens, positions, input_pos_maxp1=need)
-        for row in self.rows:
-            row.position += 1
-        self._take_all(logits[:, -1], range(len(self.rows)))
+    def _step(self, batch: Batch) -> None:
+        """One new token for every row of the batch."""
+        from litgpt.model import build_mask_cache
 
-    def _take_all(self, logits: torch.Tensor, indices) -> None:
+        need = max(row.position for row in batch.rows) + 1
+        if need > batch.length:
+            batch.length = round_up(need, self.context)
+            grow(batch.caches, batch.length)
+            batch.mask = build_mask_cache(batch.length, self.device)
+        module = self._use(batch)
+        tokens = torch.tensor([[row.last] for row in batch.rows], device=self.device)
+        positions = torch.tensor([[row.position] for row in batch.rows], device=self.device)
+        logits = module(tokens, positions, input_pos_maxp1=need)
+        for row in batch.rows:
+            row.position += 1
+        self._take_all(batch, logits[:, -1], range(len(batch.rows)))
+
+    def _take_all(self, batch: Batch, logits: torch.Tensor, indices) -> None:
         """Sample the next token of these rows (logits: one row of logits each, in the order of `indices`) and send
         their text; rows that are done leave the batch. A row whose sampling or text fails (e.g. non-finite
         probabilities) fails alone: the other rows go on."""
         greedy = logits.argmax(dim=-1).tolist()  # one call for every greedy row
         finished = set()
         for k, i in enumerate(indices):
-            row = self.rows[i]
+            row = batch.rows[i]
             try:
                 token = greedy[k] if row.generator is None else sample_row(logits[k], row.job, row.generator)
                 done = take_token(self.tokenizer, row, token)
@@ -245,40 +309,26 @@ class Engine:
             if done:
                 finished.add(i)
         if finished:
-            self._keep([i for i in range(len(self.rows)) if i not in finished])
+            self._keep(batch, [i for i in range(len(batch.rows)) if i not in finished])
 
-    def _drop_cancelled(self) -> None:
-        if any(row.job.cancelled for row in self.rows):
-            self._keep([i for i, row in enumerate(self.rows) if not row.job.cancelled])
+    def _drop_cancelled(self, batch: Batch) -> None:
+        if any(row.job.cancelled for row in batch.rows):
+            self._keep(batch, [i for i, row in enumerate(batch.rows) if not row.job.cancelled])
 
-    def _keep(self, keep: list[int]) -> None:
-        """Only these rows stay in the batch (and in the KV cache)."""
+    def _keep(self, batch: Batch, keep: list[int]) -> None:
+        """Only these rows stay in the batch (and in its KV caches)."""
         if not keep:
-            self._reset()
+            self._reset(batch)
             return
-        if len(keep) < len(self.rows):
+        if len(keep) < len(batch.rows):
             index = torch.tensor(keep, device=self.device)
-            for block in self.module.transformer.h:
-                cache = block.attn.kv_cache
+            for cache in batch.caches:
                 cache.k, cache.v = cache.k.index_select(0, index), cache.v.index_select(0, index)
-            self.rows = [self.rows[i] for i in keep]
+            batch.rows = [batch.rows[i] for i in keep]
 
-    def _grow(self, length: int, caches: Optional[list] = None) -> None:
-        """Lengthen every row's KV cache (and the causal mask) to `length` positions; the new ones are empty."""
-        from litgpt.model import build_mask_cache
-
-        for cache in caches if caches is not None else [block.attn.kv_cache for block in self.module.transformer.h]:
-            extra = length - cache.k.size(2)
-            cache.k = torch.nn.functional.pad(cache.k, (0, 0, 0, extra))
-            cache.v = torch.nn.functional.pad(cache.v, (0, 0, 0, extra))
-            cache.max_cache_len = length
-        self.module.mask_cache = build_mask_cache(length, self.device)
-        self.cache_length = length
-
-    def _reset(self) -> None:
-        self.rows = []
-        self.cache_length = 0
-        self.module.clear_kv_cache()  # frees the cache while idle
+    def _reset(self, batch: Batch) -> None:
+        batch.rows, batch.caches, batch.mask, batch.length = [], None, None, 0
+        batch.served.module.clear_kv_cache()  # frees the cache while idle (`_use` installs a batch's before use)
 
 
 # ------------------------------------------------------------------------------------------------------ helpers
@@ -286,6 +336,15 @@ class Engine:
 
 def round_up(n: int, limit: int) -> int:
     return min(limit, -(-n // CACHE_GRANULARITY) * CACHE_GRANULARITY)
+
+
+def grow(caches: list, length: int) -> None:
+    """Lengthen every row's KV cache to `length` positions; the new ones are empty."""
+    for cache in caches:
+        extra = length - cache.k.size(2)
+        cache.k = torch.nn.functional.pad(cache.k, (0, 0, 0, extra))
+        cache.v = torch.nn.functional.pad(cache.v, (0, 0, 0, extra))
+        cache.max_cache_len = length
 
 
 def emit(job: Job, event: Event) -> None:

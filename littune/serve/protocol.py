@@ -268,6 +268,7 @@ def check_prompt_chars(chars: int, limit: int, context: int, param: str) -> None
 class Prepared:
     """A request turned into what the engine needs."""
 
+    model: Any  # the littune.serve.models.Model that answers (the one the `model` field names)
     prompt: torch.Tensor  # 1-D tensor of token ids on the model's device
     settings: dict  # Job keyword arguments: sampling, stop strings, max_new_tokens
     stop_tokens: tuple
@@ -280,15 +281,16 @@ def prepare_request(service, raw: bytes, kind: str) -> Prepared:
     tokenised. Runs on a worker thread: its cost grows with the body's size. Prompt text longer than
     MAX_PROMPT_CHARS_PER_TOKEN characters per token of context is refused before it is rendered or tokenised."""
     body = parse_body(raw)
+    model = service.pick(body.get("model"))
     chat = kind == "chat"
     limit = MAX_PROMPT_CHARS_PER_TOKEN * service.context
     if chat:
         messages = parse_messages(body, max_messages=service.context)
         check_prompt_chars(sum(len(m["content"]) for m in messages), limit, service.context, "messages")
-        text = render_messages(service.style, messages)
+        text = render_messages(model.style, messages)
         check_prompt_chars(len(text), limit, service.context, "messages")  # with the template's own text
         ignore_eos = bool_field(body, "ignore_eos")
-        stop_tokens = () if ignore_eos else tuple(service.stop_tokens)
+        stop_tokens = () if ignore_eos else model.stop_tokens
     else:
         text = parse_prompt(body)
         check_prompt_chars(len(text), limit, service.context, "prompt")
@@ -299,7 +301,7 @@ def prepare_request(service, raw: bytes, kind: str) -> Prepared:
     if prompt.numel() == 0:
         raise ApiError(400, "'prompt' is empty (no tokens)", param="prompt", code="invalid_value")
     settings = sampling_fields(body, prompt.numel(), service.context, chat=chat)
-    return Prepared(prompt=prompt, settings=settings, stop_tokens=stop_tokens, stream=stream,
+    return Prepared(model=model, prompt=prompt, settings=settings, stop_tokens=stop_tokens, stream=stream,
                     include_usage=include_usage)
 
 
