@@ -405,6 +405,26 @@ def test_convert_refuses_damaged_index(sources, tmp_path, capsys):
     assert listing(folder) == before
 
 
+@pytest.mark.parametrize("change, words", [
+    (lambda c: [c], "not the object"),
+    (lambda c: {**c, "hidden_size": "64"}, "hidden_size='64'"),
+    (lambda c: {**c, "num_attention_heads": 0}, "num_attention_heads=0"),
+    (lambda c: {**c, "architectures": [["GPTNeoXForCausalLM"]], "model_type": ["gpt_neox"]}, "cannot convert"),
+    (lambda c: {**c, "rope_scaling": "linear"}, "rope_scaling"),
+    (lambda c: {**c, "rope_parameters": {"rope_type": "default", "rope_theta": "big"}}, "wrong kind"),
+], ids=["list", "string_size", "zero_heads", "unhashable_architecture", "scaling_not_object", "string_theta"])
+def test_convert_refuses_config_of_the_wrong_kind(sources, tmp_path, capsys, change, words):
+    """config.json comes from someone else's repo: values of the wrong kind are one line naming the key, not a
+    TypeError, ZeroDivisionError or AttributeError traceback."""
+    folder = tmp_path / "tiny-neox-config"
+    shutil.copytree(sources["root"] / "gpt_neox", folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(change(config)))
+    before = listing(folder)
+    one_error_line(run_main(capsys, "convert", "--checkpoint_dir", str(folder)), "config.json", words)
+    assert listing(folder) == before
+
+
 def test_convert_unknown_tensor(sources, tmp_path, capsys):
     """A tensor litgpt's name map does not know (here a classification head): a clean error, not a KeyError."""
     from safetensors.torch import load_file, save_file

@@ -721,7 +721,8 @@ def tensor_entry(name: str, dims: list, kind: int = 0, offset: int = 0) -> bytes
 BAD_HEADERS = {  # file -> words of the error; each is read in a moment, whatever its counts claim
     "huge_value_count": (lambda p: raw_gguf(p, LLAMA_SIZES, n_values=1 << 60), "metadata count"),
     "huge_tensor_count": (lambda p: raw_gguf(p, LLAMA_SIZES, n_tensors=1 << 60), "tensor table"),
-    "huge_string": (lambda p: raw_gguf(p, LLAMA_SIZES + [packed("k") + struct.pack("<IQ", 8, 1 << 60)]), "past the end"),
+    "huge_string": (lambda p: raw_gguf(p, LLAMA_SIZES + [packed("k") + struct.pack("<IQ", 8, 1 << 60)]),
+                    "past the end"),
     "huge_array": (lambda p: raw_gguf(p, LLAMA_SIZES + [packed("tokenizer.ggml.tokens")
                                                       + struct.pack("<IIQ", 9, 8, 1 << 60)]), "tokenizer.ggml.tokens"),
     "nested_arrays": (lambda p: raw_gguf(p, LLAMA_SIZES + [packed("x") + struct.pack("<I", 9) +
@@ -762,7 +763,8 @@ def test_bad_model_metadata_is_one_error(tmp_path, capsys, key, value, words):
     (unhashable before)."""
     encode = {int: kv_u32, str: kv_string, list: kv_strings}[type(value)]
     values = [v for v in LLAMA_SIZES if not v.startswith(packed(key))]
-    values += [encode(key, value), kv_string("tokenizer.ggml.model", "llama"), kv_strings("tokenizer.ggml.tokens", ["a"])]
+    values += [encode(key, value), kv_string("tokenizer.ggml.model", "llama"),
+               kv_strings("tokenizer.ggml.tokens", ["a"])]
     folder = tmp_path / "m"
     raw_gguf(folder / "m.gguf", values)
     before = listing(folder)

@@ -3,8 +3,12 @@
     littune download --repo_id tiiuae/falcon-7b      # checkpoints/tiiuae/falcon-7b/{HF files, lit_model.pth, model_config.yaml}
     littune convert --checkpoint_dir DIR              # an HF folder already on disk
 
-- `hub.py`: the download (huggingface_hub), its errors as one line;
-- `hf.py`: Lit-GPT configs built from `config.json`, streamed HF -> Lit conversion with litgpt's copiers;
+- `hub.py`: the download (huggingface_hub), its errors as one line; names from the Hub checked before they are
+  paths;
+- `hf.py`: the `convert` command: streamed HF -> Lit conversion with litgpt's copiers;
+- `configs.py`: Lit-GPT configs, named or built from `config.json`;
+- `weights.py`: the weight files (index shards, safetensors headers checked, .bin with weights_only), the streamed
+  state dict;
 - `gguf.py`: GGUF files (llama.cpp's format, `--gguf_file`): dequantized weights, config and tokenizer files from the
   file's metadata, through the same streamed conversion; `gguf_header.py` reads the header (checked, bounded cost),
   `gguf_tokenizer.py` rebuilds the tokenizer from the metadata.
@@ -48,7 +52,8 @@ def check_checkpoint_dir(checkpoint_dir: Path) -> None:
 
 
 
-from littune.checkpoints.hf import convert, load_hf_config, models  # noqa: E402  (the commands)
+from littune.checkpoints.configs import load_hf_config  # noqa: E402
+from littune.checkpoints.hf import convert, models  # noqa: E402  (the commands)
 from littune.checkpoints.hub import download  # noqa: E402
 
 __all__ = ["check_checkpoint_dir", "convert", "download", "load_hf_config", "load_model_config", "models"]

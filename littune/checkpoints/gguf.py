@@ -26,8 +26,10 @@ from typing import Optional
 
 from tqdm import tqdm
 
+from littune.checkpoints.configs import config_for, config_from_hf, named_config, save_model_config, sizes_match
 from littune.checkpoints.gguf_header import HeaderError, TensorInfo, read_header  # noqa: F401  (TensorInfo: API)
 from littune.checkpoints.gguf_tokenizer import PRE_TOKENIZERS, build_tokenizer, token_id  # noqa: F401  (the API)
+from littune.checkpoints.weights import LazyTensor, StreamingStateDict, check_state_dict, copier, find_weight_files
 from littune.common import UserError, atomic_path, first_line, save_json
 
 GGUF_MISSING = "reading GGUF needs the gguf package: pip install 'littune[gguf]'"
@@ -37,12 +39,12 @@ ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 ARCHITECTURE_HELP = "llama (Llama, Mistral, SmolLM, ...), qwen2"
 
 # GGUF tensor names -> HF names (llama.cpp's `gguf.constants.TENSOR_NAMES`, the part these architectures use)
-_TOP_NAMES = {
+TOP_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
-_BLOCK_NAMES = {
+BLOCK_NAMES = {
     "attn_norm.weight": "input_layernorm.weight",
     "attn_q.weight": "self_attn.q_proj.weight",
     "attn_k.weight": "self_attn.k_proj.weight",
@@ -101,10 +103,8 @@ def convert_gguf(
     import torch
     from litgpt.utils import incremental_save
 
-    from littune.checkpoints.hf import _check_state_dict, _LazyTensor, save_model_config
-
     checkpoint_dir, gguf_path = Path(checkpoint_dir), Path(gguf_path)
-    gguf = _import_gguf()
+    gguf = import_gguf()
     meta, tensors = _read(gguf, gguf_path)
     arch = meta.get("general.architecture")
     if not isinstance(arch, str) or arch not in ARCHITECTURES:
@@ -141,12 +141,12 @@ def convert_gguf(
                 # one layer per call: litgpt's copier holds q, k and v until a call ends, so this bounds memory
                 # to one layer's; the first call has the embedding, which a tied lm_head re-uses
                 for group in _groups(hf_names):
-                    weights = {hf_name: _LazyTensor(handle, hf_name) for hf_name in group}
+                    weights = {hf_name: LazyTensor(handle, hf_name) for hf_name in group}
                     try:
                         copy_fn(state_dict, weights, saver=None, dtype=torch_dtype)
                     except (RuntimeError, ValueError) as e:  # e.g. a q/k/v that does not fit the head sizes
                         raise UserError(f"{gguf_path}: weights do not fit the metadata ({first_line(e)})") from e
-                _check_state_dict(config, state_dict, checkpoint_dir)
+                check_state_dict(config, state_dict, checkpoint_dir)
                 saver.save(dict(state_dict))
 
     with atomic_path(checkpoint_dir / "tokenizer.json") as tmp:
@@ -167,12 +167,16 @@ def convert_gguf(
 # ------------------------------------------------------------------------------------------------ the GGUF file
 
 
-def _import_gguf():
+def import_gguf():
     try:
         import gguf
     except ImportError as e:
         raise UserError(GGUF_MISSING) from e
     return gguf
+
+
+# the former private names, which littune/export/gguf.py still imports
+_TOP_NAMES, _BLOCK_NAMES, _import_gguf = TOP_NAMES, BLOCK_NAMES, import_gguf
 
 
 def _read(gguf, path: Path) -> tuple[dict, dict]:
@@ -257,7 +261,7 @@ class _GGUFFile:
     """Reads one tensor at a time (by its HF name), dequantized to float32, Q and K un-permuted (`_unpermute`).
 
     Plain reads, not the reader's memory map: pages of a memory-mapped file stay resident until it is closed
-    (see `hf._SafetensorsFile`). Rows are read and dequantized a few MB at a time into the output, so a tensor
+    (see `weights.SafetensorsFile`). Rows are read and dequantized a few MB at a time into the output, so a tensor
     costs its float32 size and little more (dequantizing a whole tensor at once holds it about twice).
     """
 
@@ -315,10 +319,10 @@ def _unpermute(weight, n_head: int):
 
 
 def _hf_name(gguf_name: str) -> Optional[str]:
-    if gguf_name in _TOP_NAMES:
-        return _TOP_NAMES[gguf_name]
+    if gguf_name in TOP_NAMES:
+        return TOP_NAMES[gguf_name]
     m = _BLOCK.fullmatch(gguf_name)
-    if m and (suffix := _BLOCK_NAMES.get(m[2]) or _QKV_BIASES.get(m[2])):
+    if m and (suffix := BLOCK_NAMES.get(m[2]) or _QKV_BIASES.get(m[2])):
         return f"model.layers.{m[1]}.{suffix}"
     return None
 
@@ -420,15 +424,13 @@ def _lit_config(hf: dict, arch: str, name: str, model_name: Optional[str], where
     """The Lit-GPT config and the copier family: `config_for`'s choice (--model_name, a litgpt name, the metadata)."""
     from litgpt import Config
 
-    from littune.checkpoints.hf import _named_config, _sizes_match, config_for, config_from_hf
-
     if arch == "llama":
         return config_for(hf, name, model_name, where)
     # qwen2: a Llama with q/k/v biases; config_for knows no Qwen2 config.json, so the same order by hand
-    named = _named_config(model_name or name)
+    named = named_config(model_name or name)
     if model_name and named is None:
         raise UserError(f"--model_name {model_name!r} is not a litgpt config (`littune models` lists them)")
-    if named is not None and _sizes_match(named, hf):
+    if named is not None and sizes_match(named, hf):
         return named, "qwen2"
     llama_like = {k: v for k, v in hf.items() if k not in ("attention_bias",)}
     return Config(**config_from_hf(llama_like, "llama", name), attn_bias=True), "qwen2"
@@ -437,16 +439,12 @@ def _lit_config(hf: dict, arch: str, name: str, model_name: Optional[str], where
 def _copier(family: str, config) -> tuple:
     from litgpt.scripts import convert_hf_checkpoint as hf_convert
 
-    from littune.checkpoints import hf
-
     if family == "qwen2":
-        return partial(hf_convert.copy_weights_qwen_2_5, config, {}), hf._StreamingStateDict()
-    return hf._copier(family, config)
+        return partial(hf_convert.copy_weights_qwen_2_5, config, {}), StreamingStateDict()
+    return copier(family, config)
 
 
 def _has_hf_weights(checkpoint_dir: Path) -> bool:
-    from littune.checkpoints.hf import find_weight_files
-
     try:
         return bool(find_weight_files(checkpoint_dir))
     except UserError:

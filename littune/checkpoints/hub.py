@@ -1,7 +1,6 @@
 """Download a model from the Hugging Face Hub (huggingface_hub: HF_ENDPOINT, HF_HOME, HF_TOKEN, offline mode)."""
 
 import glob
-import json
 import os
 import re
 import sys
@@ -9,9 +8,10 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from littune.checkpoints.gguf import convert_gguf
-from littune.checkpoints.hf import (CONFIG_FILES, NOT_WEIGHTS, TOKENIZER_FILES, _check_convertible, check_shard_name,
-                                    find_weight_files, index_shards, models, read_index)
+from littune.checkpoints.configs import check_convertible, read_hf_config
+from littune.checkpoints.hf import CONFIG_FILES, TOKENIZER_FILES, models
 from littune.checkpoints.hf import convert as convert_folder
+from littune.checkpoints.weights import NOT_WEIGHTS, check_shard_name, find_weight_files, index_shards, read_index
 from littune.common import UserError, first_line
 
 
@@ -76,7 +76,7 @@ def download(
         # refuse an unconvertible model before its weights (a GGUF file's metadata is inside it: checked after)
         if convert_after and not gguf_file and not _converted(local_dir, dtype):
             hf = _hub_call(repo_id, lambda: _remote_config(repo_id, revision, token))
-            _check_convertible(hf, local_dir.name, model_name, where=repo_id)
+            check_convertible(hf, local_dir.name, model_name, where=repo_id)
         print(f"Downloading {repo_id}{'@' + revision if revision else ''} to {local_dir}", file=sys.stderr)
         _hub_call(repo_id, lambda: _snapshot(repo_id, revision, token, local_dir, wanted))
         missing = [f for f in wanted if not (local_dir / f).is_file()]
@@ -123,10 +123,7 @@ def _remote_config(repo_id: str, revision: Optional[str], token: Optional[str]) 
         path = hf_hub_download(repo_id, "config.json", revision=revision, token=token)
     except EntryNotFoundError:
         return None
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{repo_id}: config.json on the Hub is not valid JSON ({e})") from e
+    return read_hf_config(Path(path), f"{repo_id}: config.json on the Hub")
 
 
 def _snapshot(repo_id: str, revision: Optional[str], token: Optional[str], local_dir: Path, files: list[str]):
