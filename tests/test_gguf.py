@@ -63,7 +63,7 @@ def train_bpe(pre: str = "smollm", vocab_size: int = 700):
     from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers, trainers
     from tokenizers.models import BPE
 
-    from littune.checkpoints.gguf import PRE_TOKENIZERS
+    from littune.checkpoints.gguf_tokenizer import PRE_TOKENIZERS
 
     regex, digits = PRE_TOKENIZERS[pre]
     steps = [pre_tokenizers.Digits(individual_digits=True)] if digits else []

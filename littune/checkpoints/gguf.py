@@ -27,8 +27,8 @@ from typing import Optional
 from tqdm import tqdm
 
 from littune.checkpoints.configs import config_for, config_from_hf, named_config, save_model_config, sizes_match
-from littune.checkpoints.gguf_header import HeaderError, TensorInfo, read_header  # noqa: F401  (TensorInfo: API)
-from littune.checkpoints.gguf_tokenizer import PRE_TOKENIZERS, build_tokenizer, token_id  # noqa: F401  (the API)
+from littune.checkpoints.gguf_header import HeaderError, read_header
+from littune.checkpoints.gguf_tokenizer import build_tokenizer, token_id
 from littune.checkpoints.weights import LazyTensor, StreamingStateDict, check_state_dict, copier, find_weight_files
 from littune.common import UserError, atomic_path, first_line, save_json
 
@@ -173,10 +173,6 @@ def import_gguf():
     except ImportError as e:
         raise UserError(GGUF_MISSING) from e
     return gguf
-
-
-# the former private names, which littune/export/gguf.py still imports
-_TOP_NAMES, _BLOCK_NAMES, _import_gguf = TOP_NAMES, BLOCK_NAMES, import_gguf
 
 
 def _read(gguf, path: Path) -> tuple[dict, dict]:

@@ -23,12 +23,12 @@ PRE_NAMES = ("gpt-2", "smollm", "llama-bpe", "qwen2")
 
 def hf_to_gguf_name(hf_name: str) -> str:
     """The inverse of littune's GGUF import names (`littune.checkpoints.gguf`)."""
-    from littune.checkpoints.gguf import _BLOCK_NAMES, _TOP_NAMES
+    from littune.checkpoints.gguf import BLOCK_NAMES, TOP_NAMES
 
-    top = {v: k for k, v in _TOP_NAMES.items()}
+    top = {v: k for k, v in TOP_NAMES.items()}
     if hf_name in top:
         return top[hf_name]
-    block = {v: k for k, v in _BLOCK_NAMES.items()}
+    block = {v: k for k, v in BLOCK_NAMES.items()}
     m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", hf_name)
     if not m or m[2] not in block:
         raise UserError(f"tensor {hf_name} has no GGUF name")
@@ -79,7 +79,7 @@ def gguf_tokenizer(checkpoint_dir: Path, config) -> dict:
 def _pre_name(data: dict, path: Path) -> str:
     """llama.cpp's name of the tokenizer.json's pre-tokenizer, matched against the ones littune's import builds
     (llama.cpp identifies it by hashing the token ids of a test text, which only works for the models it lists)."""
-    from littune.checkpoints.gguf import PRE_TOKENIZERS
+    from littune.checkpoints.gguf_tokenizer import PRE_TOKENIZERS
 
     pre = data.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
@@ -142,9 +142,9 @@ def write_gguf(folder: Path, config, state: dict, checkpoint_dir: Path, tokenize
     `template.RunPrompt`) and template: the run's BOS rule and chat template (`littune.export.template`)."""
     import numpy as np
 
-    from littune.checkpoints.gguf import _import_gguf
+    from littune.checkpoints.gguf import import_gguf
 
-    gguf = _import_gguf()
+    gguf = import_gguf()
     Q = gguf.GGMLQuantizationType
     file_type, weight_type = GGUF_TYPES[dtype_name]
     tied = torch.equal(state["lm_head.weight"], state["transformer.wte.weight"])
