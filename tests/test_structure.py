@@ -42,6 +42,56 @@ def test_no_inference_module_imports_training_code():
         assert training == [], (path.name, training)
 
 
+def package_imports() -> dict[str, set[str]]:
+    """module -> the littune modules it imports (anywhere in the file), for every module of the package."""
+    def name_of(path: Path) -> str:
+        parts = list(path.relative_to(REPO).with_suffix("").parts)
+        return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+    modules = {name_of(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+    graph = {}
+    for name, path in modules.items():
+        imported = {m for m in imported_modules(path) if m in modules and m != name}
+        graph[name] = imported
+    return graph
+
+
+def test_no_import_cycle_inside_the_package():
+    graph = package_imports()
+    state: dict[str, str] = {}
+
+    def visit(module: str, trail: list[str]) -> None:
+        state[module] = "open"
+        for imported in sorted(graph[module]):
+            if state.get(imported) == "open":
+                cycle = trail[trail.index(imported):] + [module, imported] if imported in trail else [module, imported]
+                raise AssertionError("import cycle: " + " -> ".join(cycle))
+            if imported not in state:
+                visit(imported, trail + [module])
+        state[module] = "done"
+
+    for module in graph:
+        if module not in state:
+            visit(module, [])
+    assert len(graph) > 20
+
+
+def test_no_private_name_is_imported_across_modules():
+    """`from littune.x import _name` couples a module to another's internals: a shared name is made public."""
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("littune"):
+                found += [f"{path.relative_to(REPO)}: {node.module}.{a.name}" for a in node.names
+                          if a.name.startswith("_")]
+    assert found == []
+
+
+def test_no_module_is_over_500_lines():
+    long = {str(p.relative_to(REPO)): n for p in PACKAGE.rglob("*.py") if (n := len(p.read_text().splitlines())) > 500}
+    assert long == {}
+
+
 def test_generate_and_evaluate_run_without_loading_the_training_package(small_checkpoint, alpaca64, tmp_path):
     """The real commands, in a fresh interpreter: afterwards no littune.finetune module is in sys.modules."""
     script = f"""
