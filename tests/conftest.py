@@ -206,3 +206,52 @@ def make_adapter_run(checkpoint: Path, folder: Path, method_name: str, seed: int
     (folder / "hyperparameters.yaml").write_text(yaml.dump({"method": method_name, **asdict(args)}))
     save_style(style_by_name(style, checkpoint), folder)
     return folder
+
+
+# -------------------------------------------------------------------------------- helpers shared by test modules
+
+
+def run_main(capsys, *args: str):
+    """`littune ARGS` in this process (for commands that need no environment of their own): exit code and output."""
+    import types
+
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return types.SimpleNamespace(returncode=code, stdout=out, stderr=err)
+
+
+def one_error_line(result, *fragments: str) -> str:
+    """The single `littune: error:` line of a failed command (which also passes `assert_clean_error`)."""
+    assert_clean_error(result, *fragments)
+    lines = [line for line in result.stderr.splitlines() if line.startswith("littune: error:")]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def listing(folder: Path) -> set:
+    """Every path under folder, relative, as text."""
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*")}
+
+
+def lit_logits(folder: Path, ids):
+    """Logits of a converted folder's weights in litgpt's own GPT (float32, eval mode)."""
+    import torch
+    from litgpt import GPT, Config
+
+    model = GPT(Config.from_file(folder / "model_config.yaml"))
+    model.load_state_dict(torch.load(folder / "lit_model.pth", weights_only=True))
+    with torch.inference_mode():
+        return model.eval()(ids)
+
+
+def max_diff(a, b) -> float:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return (a.float() - b.float()).abs().max().item()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -11,7 +11,6 @@ import json
 import os
 import shlex
 import shutil
-import socket
 import types
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,7 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import assert_clean_error, copy_tokenizer, make_hf_checkpoint, run_cli
+from conftest import (copy_tokenizer, free_port, listing, lit_logits, make_hf_checkpoint, one_error_line,
+                      run_cli, run_main)
 from hub_server import HubServer, repo_of
 from littune.cli import main
 
@@ -64,10 +64,6 @@ def write_malicious_bin(path: Path, marker: Path, legacy: bool = False) -> Path:
     return path
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -210,23 +206,11 @@ def ok(result):
     return result
 
 
-def one_error_line(result, *fragments: str) -> str:
-    assert_clean_error(result, *fragments)
-    lines = [line for line in result.stderr.splitlines() if line.startswith("littune: error:")]
-    assert len(lines) == 1, result.stderr
-    return lines[0]
 
 
 # ----------------------------------------------------------------------------------------------------- helpers
 
 
-def lit_logits(folder: Path, ids: torch.Tensor) -> torch.Tensor:
-    from litgpt import GPT, Config
-
-    model = GPT(Config.from_file(folder / "model_config.yaml"))
-    model.load_state_dict(torch.load(folder / "lit_model.pth", weights_only=True))
-    with torch.inference_mode():
-        return model.eval()(ids)
 
 
 def assert_parity(folder: Path, hf_model, tol: float = 1e-4) -> None:
@@ -243,15 +227,8 @@ def assert_no_weight_files_fetched(gets: list[str]) -> None:
     assert not [g for g in gets if g.endswith(WEIGHT_SUFFIXES)], gets
 
 
-def run_main(capsys, *args: str):
-    """`littune ARGS` in this process (for commands that need no environment of their own)."""
-    code = main(list(args))
-    out, err = capsys.readouterr()
-    return types.SimpleNamespace(returncode=code, stdout=out, stderr=err)
 
 
-def listing(folder: Path) -> set:
-    return {p.relative_to(folder).as_posix() for p in folder.rglob("*")}
 
 
 def files_containing(root: Path, needle: str) -> list[Path]:

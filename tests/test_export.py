@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import ALPACA_335, make_hf_checkpoint
+from conftest import ALPACA_335, make_hf_checkpoint, max_diff
 from littune.cli import main
 from littune.methods.lora import METHOD, TARGETS
 
@@ -101,9 +101,6 @@ def hf_logits(model, ids: torch.Tensor) -> torch.Tensor:
         return model.eval()(ids).logits
 
 
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return (a.float() - b.float()).abs().max().item()
 
 
 def ids_for(checkpoint: Path) -> torch.Tensor:

@@ -24,7 +24,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ALPACA_335, TOKENIZERS, assert_clean_error, run_cli
+from conftest import (ALPACA_335, TOKENIZERS, listing, lit_logits, max_diff, one_error_line, run_cli,
+                      run_main)
 from hub_server import HubServer
 from littune.cli import main
 
@@ -199,13 +200,6 @@ def tiny_model(arch: str = "llama", tied: bool = True, seed: int = 0, vocab_size
 # ------------------------------------------------------------------------------------------------ comparisons
 
 
-def lit_logits(folder: Path, ids: torch.Tensor) -> torch.Tensor:
-    from litgpt import GPT, Config
-
-    model = GPT(Config.from_file(folder / "model_config.yaml"))
-    model.load_state_dict(torch.load(folder / "lit_model.pth", weights_only=True))
-    with torch.inference_mode():
-        return model.eval()(ids)
 
 
 def transformers_gguf_logits(folder: Path, gguf_name: str, ids: torch.Tensor) -> torch.Tensor:
@@ -216,30 +210,16 @@ def transformers_gguf_logits(folder: Path, gguf_name: str, ids: torch.Tensor) ->
         return model.eval()(ids).logits
 
 
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return (a.float() - b.float()).abs().max().item()
 
 
 def random_ids(vocab_size: int) -> torch.Tensor:
     return torch.randint(0, vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
 
 
-def run_main(capsys, *args: str):
-    code = main(list(args))
-    out, err = capsys.readouterr()
-    return types.SimpleNamespace(returncode=code, stdout=out, stderr=err)
 
 
-def one_error_line(result, *fragments: str) -> str:
-    assert_clean_error(result, *fragments)
-    lines = [line for line in result.stderr.splitlines() if line.startswith("littune: error:")]
-    assert len(lines) == 1, result.stderr
-    return lines[0]
 
 
-def listing(folder: Path) -> set:
-    return {p.relative_to(folder).as_posix() for p in folder.rglob("*")}
 
 
 # -------------------------------------------------------------------------------------------------- fixtures

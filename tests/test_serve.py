@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -30,7 +29,7 @@ from littune.serve import app as app_module
 from littune.serve import engine as engine_module
 from littune.serve import protocol as protocol_module
 from littune.serve.engine import End, Text
-from conftest import make_adapter_run
+from conftest import free_port, make_adapter_run
 from littune.cli import main
 
 KEY = "sk-test-3f1a9c"  # must never appear in the server's output
@@ -41,10 +40,6 @@ CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\
 MAX_TOKENS = 16
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_healthy(base: str, process=None, timeout: float = 120) -> None:
