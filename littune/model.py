@@ -54,6 +54,32 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "module", model)
 
 
+def checkpoint_activations(model: torch.nn.Module, block_class: type, before_forward) -> None:
+    """Each transformer block of `model` keeps only its inputs in the forward and recomputes its activations in the
+    backward (torch.utils.checkpoint, non-reentrant). Parameter names stay as they are (the block's forward is
+    wrapped, the module is not). `before_forward(block)` runs before the forward and again before the recomputation:
+    adapter_v2 caches its prefix K/V on every forward, and a cache kept from the first pass would make the
+    recomputation take another path (no K/V computed, different tensors saved)."""
+    from torch.utils.checkpoint import checkpoint
+
+    for block in model.modules():
+        if isinstance(block, block_class):
+            block.forward = _checkpointed(block, block.forward, before_forward, checkpoint)
+
+
+def _checkpointed(block, forward, before_forward, checkpoint):
+    def run(*args, **kwargs):
+        before_forward(block)
+        return forward(*args, **kwargs)
+
+    def checkpointed_forward(*args, **kwargs):
+        if not torch.is_grad_enabled():  # evaluation and sampling: nothing to recompute
+            return run(*args, **kwargs)
+        return checkpoint(run, *args, use_reentrant=False, **kwargs)
+
+    return checkpointed_forward
+
+
 def is_sharded(fabric) -> bool:
     from lightning.fabric.strategies import FSDPStrategy
 

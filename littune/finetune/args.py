@@ -62,6 +62,10 @@ class TrainArgs:
     once, as one row, where it pays: at least 2 records sharing at least 8 tokens (measured; see README). The loss
     and gradients are those of the plain forward; false runs every record whole. Off under FSDP and with
     --lora_dropout > 0 (said in the run's header)."""
+    activation_checkpointing: bool = False
+    """Recompute each transformer block's activations in the backward instead of keeping them: less memory for long
+    inputs and large models, about a third more compute per step; the loss and gradients are the same. Under FSDP
+    through Fabric's policy; turns the shared prefix off."""
     eval_interval: Annotated[int, Check(ge=1)] = 100
     """Steps between evaluations on the validation split: loss, task metrics (label tasks), one sample answer."""
     eval_iters: Union[Annotated[int, Check(ge=1)], Literal["all"]] = 100

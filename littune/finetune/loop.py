@@ -35,8 +35,8 @@ from littune.finetune.schedule import learning_rate_at, make_optimizer, steps_fr
 from littune.finetune.state import (Progress, StopRequest, find_resume_state, fingerprint, load_training_state,
                                     remove_stale_temporaries, save_training_state, step_folder, trained_state)
 from littune.methods import Method
-from littune.model import (check_data_fits_model, check_precision, collate, count_targets, default_precision,
-                           forward_loss_sum, is_sharded, load_model, peak_memory_gb, unwrap)
+from littune.model import (check_data_fits_model, check_precision, checkpoint_activations, collate, count_targets,
+                           default_precision, forward_loss_sum, is_sharded, load_model, peak_memory_gb, unwrap)
 
 
 def finetune(method: Method, args: TrainArgs, method_args) -> Path:
@@ -57,7 +57,7 @@ def finetune(method: Method, args: TrainArgs, method_args) -> Path:
     label_task = meta.get("labels") is not None and args.strategy != "fsdp"
     args = resolve_defaults(args, method.name, len(train), default_precision(training=True), label_task)
     check_precision(args.precision)
-    plain = plain_reason(args.shared_prefix, args.strategy, method_args, config)
+    plain = plain_reason(args.shared_prefix, args.strategy, method_args, config, args.activation_checkpointing)
     print(f"shared prefix: off ({plain})" if plain else "shared prefix: on (the first tokens a micro-batch's records "
           "share run once where that pays; --shared_prefix false turns it off)")
     world = args.devices * args.num_nodes
@@ -73,7 +73,7 @@ def finetune(method: Method, args: TrainArgs, method_args) -> Path:
                         " (its checkpoints, best/, eval/ and logs are removed) or --resume auto to continue it")
     resume_dir = find_resume_state(args.out_dir, args.resume) if args.resume else None
     fabric = L.Fabric(accelerator="auto", devices=args.devices, num_nodes=args.num_nodes, precision=args.precision,
-                      strategy=fabric_strategy(args.strategy, world, method))
+                      strategy=fabric_strategy(args.strategy, world, method, args.activation_checkpointing))
     fabric.launch()
     run = fingerprint(same_run_values(args, method_args), args.checkpoint_dir, data_dir, data_dir / "train.pt", steps)
     return fit(fabric, method, method_args, args, train, val, meta, run, steps, resume_dir)
@@ -84,6 +84,8 @@ def fit(fabric, method: Method, method_args, args: TrainArgs, train: list, val: 
     out_dir, rank, sharded = Path(args.out_dir), fabric.global_rank, is_sharded(fabric)
     fabric.seed_everything(args.seed, verbose=False)  # the same seed everywhere: the same initial weights
     model = load_model(fabric, args.checkpoint_dir, method, method_args, trainable=True, sharded=sharded)
+    if args.activation_checkpointing and not sharded:  # FSDP recomputes through its own policy (fabric_strategy)
+        checkpoint_activations(unwrap(model), method.block_class, method.before_forward)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     fabric.print(f"{method.name}: {trainable:,} trainable parameters, "
                  f"{sum(p.numel() for p in model.parameters()) - trainable:,} frozen")
@@ -114,7 +116,7 @@ def fit(fabric, method: Method, method_args, args: TrainArgs, train: list, val: 
     scored = val if args.eval_iters == "all" else val[:args.eval_iters * args.micro_batch_size]
     task = None  # a label task: (tokenizer, prompt style, labels) for likelihood-scored task metrics
     shared_prefix = plain_reason(args.shared_prefix, "fsdp" if sharded else args.strategy, method_args,
-                                 unwrap(model).config) is None
+                                 unwrap(model).config, args.activation_checkpointing) is None
     if meta.get("labels") is not None and not sharded:
         task = (tokenizer, load_style_file(Path(args.data_dir)), meta["labels"])
     batches = steps_from([len(r["input_ids"]) for r in train], args.batch_size, args.micro_batch_size,
@@ -349,13 +351,14 @@ def save_best(fabric, model, method: Method, folder: Path, run_files: dict, info
     fabric.barrier()
 
 
-def fabric_strategy(strategy: str, world_size: int, method: Method):
+def fabric_strategy(strategy: str, world_size: int, method: Method, activation_checkpointing: bool = False):
     if strategy == "fsdp":
         from lightning.fabric.strategies import FSDPStrategy
 
         # use_orig_params: frozen and trainable parameters share the flat parameters of each wrapped Block
         return FSDPStrategy(auto_wrap_policy={method.block_class}, state_dict_type="full", use_orig_params=True,
-                            limit_all_gathers=True)
+                            limit_all_gathers=True,
+                            activation_checkpointing_policy={method.block_class} if activation_checkpointing else None)
     if strategy == "ddp" or (strategy == "auto" and world_size > 1):
         return "ddp"
     return "auto"

@@ -39,10 +39,13 @@ MIN_RECORDS = 2
 KAPPA = 7.5  # attention pairs that cost one token's matrix products, per unit of model width (n_embd): measured
 
 
-def plain_reason(enabled: bool, strategy: str, method_args, config) -> Optional[str]:
+def plain_reason(enabled: bool, strategy: str, method_args, config, activation_checkpointing: bool = False
+                 ) -> Optional[str]:
     """Why a run's micro-batches all run whole, or None where a shared prefix is used (the run's header says it)."""
     if not enabled:
         return "--shared_prefix false"
+    if activation_checkpointing:
+        return "--activation_checkpointing: a recomputed block would write the shared prefix's cache twice"
     if strategy == "fsdp":
         return "FSDP (not measured sharded)"
     if getattr(method_args, "lora_dropout", 0) > 0:
