@@ -77,7 +77,8 @@ def test_rows_are_admitted_and_decoded_together_as_generate_tokens_decodes_each(
     prompts = [encode(tokenizer, text) for text in TEXTS]
     assert len({p.numel() for p in prompts}) == len(prompts)  # rows at different positions in one batch
     sampled = dict(temperature=0.9, top_k=50, top_p=0.9)
-    expected = [expected_tokens(model, p) for p in prompts[:3]] + [expected_tokens(model, prompts[3], seed=7, **sampled)]
+    expected = [expected_tokens(model, p) for p in prompts[:3]]
+    expected.append(expected_tokens(model, prompts[3], seed=7, **sampled))
     assert expected[3] != expected_tokens(model, prompts[3])  # the seeded row really samples
 
     for max_concurrency in (4, 2):  # all four in one batch; two at a time, the others waiting in order

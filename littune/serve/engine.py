@@ -142,6 +142,7 @@ class Engine:
         self.pending: deque[Job] = deque()  # deque's append/popleft are thread-safe
         self.wakeup = threading.Event()
         self.holding: dict[int, Served] = {}  # id(module) -> the model whose tensors it holds
+        self.swaps = {id(m): [(m.module.get_parameter(name), t) for name, t in m.tensors.items()] for m in models}
         self.turn = -1  # index of the batch stepped last
         self.stopping = False
         self.thread = threading.Thread(target=self._run, name="littune-engine", daemon=True)
@@ -221,8 +222,8 @@ class Engine:
         """The batch's module, holding the batch's model's tensors, KV caches and mask."""
         served, module = batch.served, batch.served.module
         if served.tensors and self.holding.get(id(module)) is not served:
-            for name, tensor in served.tensors.items():
-                module.get_parameter(name).data = tensor
+            for parameter, tensor in self.swaps[id(served)]:
+                parameter.data = tensor
             served.before_forward(module)
             self.holding[id(module)] = served
         for block, cache in zip(module.transformer.h, batch.caches or [None] * len(module.transformer.h)):
