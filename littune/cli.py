@@ -109,7 +109,7 @@ def _string_list_flags(function) -> list[str]:
         hints = typing.get_type_hints(function)
     except Exception:  # an annotation that cannot be resolved: nothing to rewrite
         return []
-    return [name for name, hint in hints.items() if list[str] in (hint, *typing.get_args(hint))]
+    return [name for name, hint in hints.items() if name != "return" and list[str] in (hint, *typing.get_args(hint))]
 
 
 def _command_of(argv: list[str], components: dict) -> tuple[list[str], object]:
