@@ -24,14 +24,19 @@ Precision = Literal["32-true", "bf16-true", "bf16-mixed", "16-true", "16-mixed"]
 # -------------------------------------------------------------------------------------------- devices, precision
 
 
-def default_precision(training: bool = False) -> str:
-    """bf16-true on GPUs that have bfloat16, else float16 (mixed for training, whose updates need float32);
-    32-true on CPU."""
+def default_precision(training: bool = False, config=None) -> str:
+    """bf16-true on GPUs that have bfloat16, else float16 (mixed for training, whose updates need float32). On CPU
+    32-true, or, given the model's config, bf16 where one block of it is measured faster in bf16 on this CPU
+    (`littune.precision.cpu_precision`: bf16-mixed for training, bf16-true for inference)."""
     if torch.cuda.is_available():
         if torch.cuda.is_bf16_supported():
             return "bf16-true"
         return "16-mixed" if training else "16-true"
-    return "32-true"
+    if config is None:
+        return "32-true"
+    from littune.precision import cpu_precision
+
+    return cpu_precision(config, training)[0]
 
 
 def check_precision(precision: str) -> None:

@@ -112,6 +112,14 @@ def assert_clean_error(result, *fragments: str):
         assert fragment in result.stderr, f"{fragment!r} not in stderr:\n{result.stderr}"
 
 
+@pytest.fixture(autouse=True)
+def precision_not_measured(monkeypatch):
+    """A CPU run without --precision measures bf16 against float32 on this CPU (`littune.precision`); the suite
+    does not, so that its results do not depend on the CPU it runs on (subprocesses inherit the variable).
+    tests/test_precision.py drives the decision with a stubbed probe."""
+    monkeypatch.setenv("LITTUNE_PRECISION_PROBE", "off")
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Tiny models gain nothing from a second intra-op thread, and on a busy 2-core machine two threads waiting on

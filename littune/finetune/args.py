@@ -28,7 +28,8 @@ class TrainArgs:
     out_dir: Optional[Path] = None
     """Where adapters, logs and checkpoints go (default: out/METHOD/<data folder name>)."""
     precision: Optional[Precision] = same_run(None)
-    """32-true, bf16-true, bf16-mixed, 16-true or 16-mixed (default: bf16-true on GPUs that have it, else 32-true)."""
+    """32-true, bf16-true, bf16-mixed, 16-true or 16-mixed (default: bf16-true on GPUs that have it, 16-mixed on older
+    ones; on a CPU bf16-mixed where one block of the model is measured faster in it on this CPU, else 32-true)."""
     devices: Annotated[int, Check(ge=1)] = same_run(1)
     """Devices (GPUs, or CPU processes) per node."""
     num_nodes: Annotated[int, Check(ge=1)] = same_run(1)
@@ -59,9 +60,9 @@ class TrainArgs:
     """Put records of similar length in the same micro-batch (less padding; batches stay shuffled)."""
     shared_prefix: bool = same_run(True)
     """Run the first tokens the records of a micro-batch share (a chat template's system message, an instruction)
-    once, as one row, where it pays: at least 2 records sharing at least 8 tokens (measured; see README). The loss
-    and gradients are those of the plain forward; false runs every record whole. Off under FSDP and with
-    --lora_dropout > 0 (said in the run's header)."""
+    once, packed with the rest of each record, where that pays: at most 4/5 of the padded micro-batch's tokens and
+    at most 512 (measured; see README). The loss and gradients are the plain forward's; false runs every record
+    whole. Off under FSDP and with --lora_dropout > 0 (said in the run's header)."""
     activation_checkpointing: bool = False
     """Recompute each transformer block's activations in the backward instead of keeping them: less memory for long
     inputs and large models, about a third more compute per step; the loss and gradients are the same. Under FSDP
@@ -113,10 +114,11 @@ def total_steps(n_train: int, batch_size: int, epochs: Optional[int], max_steps:
     return max_steps if epochs is None else min(max_steps, by_epochs)
 
 
-def resolve_defaults(args: TrainArgs, method_name: str, n_train: int, default_precision: str,
+def resolve_defaults(args: TrainArgs, method_name: str, n_train: int, default_precision: Optional[str],
                      label_task: bool) -> TrainArgs:
     """The flags left to littune, decided for this run and data: out_dir, precision, batch size, warmup, the metric
-    that picks the best checkpoint."""
+    that picks the best checkpoint. default_precision None leaves an unset precision None (the loop decides it once
+    it knows the state a run resumes: `littune.precision`)."""
     world = args.devices * args.num_nodes
     per_step = args.micro_batch_size * world
     batch_size = args.batch_size

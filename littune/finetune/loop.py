@@ -33,10 +33,12 @@ from littune.finetune.logs import (TASK_METRICS, close_loggers, keep_metrics_unt
 from littune.finetune.prefix import packed_batch, plain_reason, prefix_to_share, shared_prefix_loss_sum
 from littune.finetune.schedule import learning_rate_at, make_optimizer, steps_from
 from littune.finetune.state import (Progress, StopRequest, find_resume_state, fingerprint, load_training_state,
-                                    remove_stale_temporaries, save_training_state, step_folder, trained_state)
+                                    remove_stale_temporaries, save_training_state, saved_precision, step_folder,
+                                    trained_state)
 from littune.methods import Method
 from littune.model import (check_data_fits_model, check_precision, checkpoint_activations, collate, count_targets,
                            default_precision, forward_loss_sum, is_sharded, load_model, peak_memory_gb, unwrap)
+from littune.precision import run_precision, shared_with_ranks
 
 
 def finetune(method: Method, args: TrainArgs, method_args) -> Path:
@@ -55,26 +57,33 @@ def finetune(method: Method, args: TrainArgs, method_args) -> Path:
         raise UserError(f"--best_metric {args.best_metric}: task metrics are not scored under --strategy fsdp (every "
                         f"rank would have to take part in each forward); use --best_metric val_loss")
     label_task = meta.get("labels") is not None and args.strategy != "fsdp"
-    args = resolve_defaults(args, method.name, len(train), default_precision(training=True), label_task)
-    check_precision(args.precision)
+    args = resolve_defaults(args, method.name, len(train), None, label_task)  # an unset precision: decided below
+    if args.precision is not None:  # a flag littune cannot use fails before any file is touched
+        check_precision(args.precision)
     plain = plain_reason(args.shared_prefix, args.strategy, method_args, config, args.activation_checkpointing)
     print(f"shared prefix: off ({plain})" if plain else "shared prefix: on (the first tokens a micro-batch's records "
           "share run once where that pays; --shared_prefix false turns it off)")
     world = args.devices * args.num_nodes
     steps = total_steps(len(train), args.batch_size, args.epochs, args.max_steps)
-    print(f"{steps} steps of {args.batch_size} records ({len(train):,} training records), warmup {args.warmup_steps} "
-          f"steps to learning rate {args.learning_rate:g}, {args.lr_schedule} after, precision {args.precision}; "
-          f"best/ by {args.best_metric}")
-    if args.warmup_steps >= steps:
-        print(f"note: --warmup_steps {args.warmup_steps} >= the run's {steps} steps: it never reaches its peak "
-              f"learning rate {args.learning_rate:g}; lower --warmup_steps or train longer")
     if args.resume is None and launching_process():  # other ranks would see rank 0's fresh files
         replace_outputs(args.out_dir, run_outputs(args.out_dir), args.overwrite, "another run",
                         " (its checkpoints, best/, eval/ and logs are removed) or --resume auto to continue it")
     resume_dir = find_resume_state(args.out_dir, args.resume) if args.resume else None
+    # one machine's launching process measures; the ranks it starts inherit its decision (shared_with_ranks)
+    precision, why = run_precision(args.precision, config, saved_precision(resume_dir) if resume_dir else None,
+                                   launching_process() and args.num_nodes == 1, default_precision(training=True))
+    args = replace(args, precision=precision)
+    check_precision(args.precision)
+    print(f"{steps} steps of {args.batch_size} records ({len(train):,} training records), warmup {args.warmup_steps} "
+          f"steps to learning rate {args.learning_rate:g}, {args.lr_schedule} after, precision {args.precision}"
+          f"{f' ({why})' if why else ''}; best/ by {args.best_metric}")
+    if args.warmup_steps >= steps:
+        print(f"note: --warmup_steps {args.warmup_steps} >= the run's {steps} steps: it never reaches its peak "
+              f"learning rate {args.learning_rate:g}; lower --warmup_steps or train longer")
     fabric = L.Fabric(accelerator="auto", devices=args.devices, num_nodes=args.num_nodes, precision=args.precision,
                       strategy=fabric_strategy(args.strategy, world, method, args.activation_checkpointing))
-    fabric.launch()
+    with shared_with_ranks(args.precision, why):
+        fabric.launch()
     run = fingerprint(same_run_values(args, method_args), args.checkpoint_dir, data_dir, data_dir / "train.pt", steps)
     return fit(fabric, method, method_args, args, train, val, meta, run, steps, resume_dir)
 

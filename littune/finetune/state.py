@@ -119,6 +119,19 @@ def find_resume_state(out_dir: Path, resume: str) -> Optional[Path]:
     return complete[-1]
 
 
+def saved_precision(folder: Path) -> Optional[str]:
+    """The precision a saved run trained in (its hyperparameters.yaml, saved in every step folder), None where that
+    file is missing or unreadable (resuming then decides afresh, and the fingerprint check says if it differs)."""
+    import yaml
+
+    try:
+        hparams = yaml.safe_load((Path(folder) / "hyperparameters.yaml").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    precision = hparams.get("precision") if isinstance(hparams, dict) else None
+    return precision if isinstance(precision, str) else None
+
+
 def load_training_state(folder: Path, model, optimizer, method, fingerprint: dict, sharded: bool) -> Progress:
     """Restore a saved state; refuse (before touching anything) one from another model, data or settings."""
     import random
