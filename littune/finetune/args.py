@@ -62,7 +62,7 @@ class TrainArgs:
     """Run the first tokens the records of a micro-batch share (a chat template's system message, an instruction)
     once, packed with the rest of each record, where that pays: at most 4/5 of the padded micro-batch's tokens and
     at most 512 (measured; see README). The loss and gradients are the plain forward's; false runs every record
-    whole. Off under FSDP and with --lora_dropout > 0 (said in the run's header)."""
+    whole. Off under FSDP, with --lora_dropout > 0 and with --activation_checkpointing (said in the run's header)."""
     activation_checkpointing: bool = False
     """Recompute each transformer block's activations in the backward instead of keeping them: less memory for long
     inputs and large models, about a third more compute per step; the loss and gradients are the same. Under FSDP

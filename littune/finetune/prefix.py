@@ -14,11 +14,11 @@ each packed token's position and a "cache" that passes the sequence's own keys a
 It runs inside one call of the model (Fabric's wrapper: precision and autocast; under it DDP's forward, which
 prepares the gradient sync), see `shared_prefix_loss_sum`.
 
-Where it pays (`sharing_pays`), measured on SmolLM2-135M on a 2-core CPU (float32, adapter_v2, masked prompts, see
-README "Training details"): the packed sequence saves (records - 1) x prefix tokens of every matrix product, but its
-attention is over all its tokens at once (the mask hides most pairs, the kernel still computes them), so for long
-records it costs more than the plain forward: a micro-batch is packed where tokens + pairs / (KAPPA x width) is
-below the plain forward's (B x T + B x T^2 / (KAPPA x width)) and the prefix has at least MIN_PREFIX_TOKENS.
+Where it pays (`sharing_pays`): the packed sequence saves (records - 1) x prefix tokens of every matrix product, and
+the padding, but its attention runs over all its tokens at once (the mask hides most pairs; the kernel computes
+them all), which grows as the square of its length. scripts/bench_shared_prefix.py measured both on SmolLM2-135M's
+shape (2-core AMD EPYC, float32, adapter_v2, masked prompts; see README "Training details"): a micro-batch is packed
+where it has at most 4/5 of the plain forward's tokens (records x the longest) and at most 512 tokens.
 
 In float32 the loss and the gradients equal the plain forward's to rounding (tests/test_shared_prefix.py). Where it
 does not apply every micro-batch runs whole (`plain_reason`): FSDP (not measured sharded), LoRA dropout > 0 (one
@@ -34,9 +34,8 @@ from litgpt.model import KVCache
 
 from littune.model import target_loss_sum, unwrap
 
-MIN_PREFIX_TOKENS = 8
-MIN_RECORDS = 2
-KAPPA = 7.5  # attention pairs that cost one token's matrix products, per unit of model width (n_embd): measured
+MIN_TOKEN_RATIO = 1.25  # plain tokens / packed tokens: below it packing saved at most ~10%, often nothing
+MAX_PACKED_TOKENS = 512  # beyond it the packed attention cost more than the tokens saved (8 x 120 tokens: 1.06x)
 
 
 def plain_reason(enabled: bool, strategy: str, method_args, config, activation_checkpointing: bool = False
@@ -45,7 +44,7 @@ def plain_reason(enabled: bool, strategy: str, method_args, config, activation_c
     if not enabled:
         return "--shared_prefix false"
     if activation_checkpointing:
-        return "--activation_checkpointing: a recomputed block would write the shared prefix's cache twice"
+        return "--activation_checkpointing: a block recomputed in the backward would not find the packed positions"
     if strategy == "fsdp":
         return "FSDP (not measured sharded)"
     if getattr(method_args, "lora_dropout", 0) > 0:
@@ -72,21 +71,19 @@ def shared_prefix_length(data: list, indices: list) -> int:
     return max(common - 1, 0)
 
 
-def sharing_pays(prefix: int, lengths: list[int], width: int, max_tokens: int) -> bool:
-    """Whether packing records of `lengths` that share `prefix` tokens costs less than the plain forward (padded to
-    the longest) for a model of `width` (n_embd) that takes at most `max_tokens` positions."""
+def sharing_pays(prefix: int, lengths: list[int], max_tokens: int) -> bool:
+    """Whether records of `lengths` that share `prefix` tokens run faster packed than padded to the longest, on a
+    model that takes at most `max_tokens` positions."""
     packed = prefix + sum(n - prefix for n in lengths)
-    if len(lengths) < MIN_RECORDS or prefix < MIN_PREFIX_TOKENS or packed > max_tokens:
-        return False
-    longest, kappa = max(lengths), KAPPA * width
-    return packed + packed ** 2 / kappa < len(lengths) * (longest + longest ** 2 / kappa)
+    return (len(lengths) > 1 and packed <= min(MAX_PACKED_TOKENS, max_tokens)
+            and len(lengths) * max(lengths) >= MIN_TOKEN_RATIO * packed)
 
 
 def prefix_to_share(data: list, indices: list, module) -> int:
     """The prefix length the records `indices` run packed with on `module` (the model itself), 0: run plain."""
     prefix = shared_prefix_length(data, indices)
     lengths = [len(data[i]["input_ids"]) for i in indices]
-    return prefix if sharing_pays(prefix, lengths, module.config.n_embd, module.max_seq_length) else 0
+    return prefix if prefix and sharing_pays(prefix, lengths, module.max_seq_length) else 0
 
 
 def packed_batch(data: list, indices: list, prefix: int, ignore_index: int) -> dict:
