@@ -46,7 +46,7 @@ def plain_reason(enabled: bool, strategy: str, method_args, config, activation_c
     if activation_checkpointing:
         return "--activation_checkpointing: a block recomputed in the backward would not find the packed positions"
     if strategy == "fsdp":
-        return "FSDP (not measured sharded)"
+        return "FSDP: not measured sharded"
     if getattr(method_args, "lora_dropout", 0) > 0:
         return (f"--lora_dropout {method_args.lora_dropout}: one dropout mask for a shared prefix is another "
                 f"regularisation; --lora_dropout 0 shares it")
