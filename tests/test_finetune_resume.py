@@ -137,8 +137,7 @@ def assert_same_run(resumed: Path, reference: Path, last_step: int, python_rng: 
 
 def test_sigkill_at_several_points_then_resume_equals_an_uninterrupted_run(small_checkpoint, alpaca64, tmp_path):
     reference, out = tmp_path / "reference", tmp_path / "killed"
-    done = run_cli(*finetune_args(small_checkpoint, alpaca64, reference, *FLAGS))
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert main(finetune_args(small_checkpoint, alpaca64, reference, *FLAGS)) == 0
     args = finetune_args(small_checkpoint, alpaca64, out, *FLAGS)
 
     # 1. inside optimizer step 5: the state of step 4 is the newest
@@ -161,8 +160,7 @@ def test_sigkill_at_several_points_then_resume_equals_an_uninterrupted_run(small
     newest_state_loads(out, 6)
 
     # 4. resumed to the end: the same adapter, optimizer moments, RNG states and metrics as never stopping
-    finished = run_cli(*args, "--resume", "auto")
-    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert main([*args, "--resume", "auto"]) == 0
     assert_same_run(out, reference, 10)
     assert not list(out.rglob("*.tmp*"))
 

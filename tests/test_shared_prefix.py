@@ -15,6 +15,7 @@ from conftest import SST2_TRAIN, read_metrics
 from littune.cli import main
 from littune.finetune import prefix as prefix_module
 from littune.finetune.prefix import packed_batch, packed_loss_sum, shared_prefix_length, sharing_pays
+from littune.finetune.state import STATE_FILE
 from littune.methods import get_method
 from littune.model import collate, forward_loss_sum
 from test_finetune import max_difference  # leaves out a slice whose gradient is pure rounding noise
@@ -234,6 +235,19 @@ def test_resume_is_bit_identical_and_keeps_the_setting(small_checkpoint, sst2, t
                               "--resume", str(resumed / "step-000002"))) == 1
     err = capsys.readouterr().err
     assert err.startswith("littune: error: ") and "cannot resume" in err and "shared_prefix" in err, err
+
+    # a state saved before --shared_prefix existed trained on the plain path: it resumes as such, and the default
+    # is refused with the flag to give
+    state_file = resumed / "step-000002" / STATE_FILE
+    state = torch.load(state_file, weights_only=True)
+    del state["fingerprint"]["shared_prefix"]
+    torch.save(state, state_file)
+    assert main(finetune_args(small_checkpoint, sst2["masked"], resumed, *flags, "--resume",
+                              str(resumed / "step-000002"))) == 1
+    err = capsys.readouterr().err
+    assert "shared_prefix: saved False vs now True" in err and "(--shared_prefix false)" in err, err
+    assert main(finetune_args(small_checkpoint, sst2["masked"], resumed, *flags, "--shared_prefix", "false",
+                              "--resume", str(resumed / "step-000002"))) == 0
 
 
 # `littune ARGS`, printing at exit how many micro-batches this process packed (every DDP rank runs this script)

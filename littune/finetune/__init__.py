@@ -4,25 +4,28 @@
   optimizer; `state.py`: resumable state; `logs.py`: metrics.csv, progress bar, TensorBoard/MLflow.
 """
 
+import functools
 import inspect
 from dataclasses import fields
 
 from littune.methods import METHODS, get_method
 
 
+@functools.cache
 def command(name: str):
     """The `littune finetune NAME` function: the shared flags (TrainArgs) plus the method's own, all flat, each
-    checked against its declared range before anything is read."""
+    checked against its declared range before anything is read. Built once per method: jsonargparse reads the
+    function many times while it builds the parser, and the help text is parsed from the dataclasses' source."""
     from littune.common import checked
+    from littune.finetune import loop
     from littune.finetune.args import TrainArgs, flag_help, flag_parameters
-    from littune.finetune.loop import finetune
 
     method = get_method(name)
     train_names = {f.name for f in fields(TrainArgs)}
 
     def run(**flags):
         train = TrainArgs(**{k: v for k, v in flags.items() if k in train_names})
-        return finetune(method, train, method.args(**{k: v for k, v in flags.items() if k not in train_names}))
+        return loop.finetune(method, train, method.args(**{k: v for k, v in flags.items() if k not in train_names}))
 
     parameters = flag_parameters(TrainArgs, method.args)
     run.__signature__ = inspect.Signature(parameters)

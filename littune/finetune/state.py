@@ -33,6 +33,11 @@ class Progress:
     wandb_run_id: Optional[str] = None  # and the same W&B run
 
 
+# Flags that decide the weights but came after runs were saved: such a run trained as the flag's value here says.
+FLAGS_ADDED_LATER = {"shared_prefix": False}
+NOT_FLAGS = {"model_config_sha256", "base_weights_bytes", "data_sha256", "total_steps"}
+
+
 def step_folder(step: int) -> str:
     return f"step-{step:06d}"
 
@@ -142,12 +147,14 @@ def load_training_state(folder: Path, model, optimizer, method, fingerprint: dic
     if not isinstance(saved, dict) or not {"counters", "fingerprint", "optimizer", "rng"} <= saved.keys():
         raise UserError(f"{folder / STATE_FILE}: not a littune training state; resume from another step folder")
     adapter = load_torch(folder / method.adapter_file, "adapter weights")
-    differing = sorted(k for k in set(fingerprint) | set(saved.get("fingerprint", {}))
-                       if saved["fingerprint"].get(k) != fingerprint.get(k))
+    saved_run = {**FLAGS_ADDED_LATER, **saved["fingerprint"]}
+    differing = sorted(k for k in set(fingerprint) | set(saved_run) if saved_run.get(k) != fingerprint.get(k))
     if differing:
-        details = ", ".join(f"{k}: saved {saved['fingerprint'].get(k)!r} vs now {fingerprint.get(k)!r}"
-                            for k in differing[:3])
-        raise UserError(f"{folder}: cannot resume, the run differs ({details})")
+        details = ", ".join(f"{k}: saved {saved_run.get(k)!r} vs now {fingerprint.get(k)!r}" for k in differing[:3])
+        flags = " ".join(f"--{k} {str(saved_run[k]).lower() if isinstance(saved_run[k], bool) else saved_run[k]}"
+                         for k in differing if k not in NOT_FLAGS and saved_run.get(k) is not None)
+        hint = f"; resume with the saved values ({flags})" if flags else ""
+        raise UserError(f"{folder}: cannot resume, the run differs ({details}){hint}")
     missing = set(k for k, p in unwrap(model).named_parameters() if p.requires_grad) - set(adapter)
     if missing:
         raise UserError(f"{folder / method.adapter_file}: incomplete adapter (missing {sorted(missing)[:3]})")
