@@ -8,7 +8,7 @@
 The work: SmolLM2-135M-Instruct (the Q4_1 GGUF in ../shared/data/models, converted by `littune convert`), a seeded
 sample of 2,000 SST-2 training sentences (`--train_records`), the whole SST-2 dev split (872) as `--test_file`, the
 sentence as the input of a fixed instruction and "positive"/"negative" as the answer. Then
-`littune prepare`, `littune finetune adapter_v2 --epochs 1`, and `littune evaluate` under each scoring (likelihood:
+`littune prepare`, `littune finetune adapter_v2 --epochs 1` (`--method lora`), and `littune evaluate` under each scoring (likelihood:
 the log-probability of each label; generate: greedy answers compared with the labels), on the base model once
 (zero-shot) and on the adapter. Each command runs as a subprocess; its wall time is measured. Every run appends one
 JSON line to WORKDIR/accuracy_runs.jsonl; `--table` prints them as the README's table.
@@ -58,6 +58,15 @@ def checkpoint(workdir: Path, log: Path) -> Path:
     return folder
 
 
+def cpu_flags() -> str:
+    """The CPU model and its flags that decide a matmul's speed (avx2, avx512f, avx512_bf16, amx_bf16)."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    wanted = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return f"{model}, {os.cpu_count()} cores, {' '.join(wanted) or 'no avx2'}"
+
+
 def sample_train(workdir: Path, n: int, seed: int) -> Path:
     lines = (SST2 / "train.tsv").read_text(encoding="utf-8").splitlines(keepends=True)
     path = workdir / f"sst2_train_{n}_seed{seed}.tsv"
@@ -85,14 +94,15 @@ def run(args) -> dict:
     prepare_seconds = littune("prepare", "--data_file", str(train_file), "--test_file", str(SST2 / "dev.tsv"),
                               "--checkpoint_dir", str(ckpt), "--destination_path", str(data), "--columns", COLUMNS,
                               "--output_values", VALUES, *shlex.split(args.prepare_args), log=log)
-    result = {"name": args.name, "prepare_args": args.prepare_args, "finetune_args": args.finetune_args,
+    result = {"name": args.name, "method": args.method, "prepare_args": args.prepare_args,
+              "finetune_args": args.finetune_args, "cpu_flags": cpu_flags(),
               "train_records": args.train_records, "test_records": 872, "prepare_sec": round(prepare_seconds, 1)}
     if not args.skip_base:
         for scoring in args.scorings:
             metrics, seconds = evaluate(ckpt, data, run_dir / f"eval-base-{scoring}", scoring, log)
             result[f"base_{scoring}"] = {**metrics, "seconds": round(seconds, 1)}
     out = run_dir / "out"
-    result["finetune_sec"] = round(littune("finetune", "adapter_v2", "--checkpoint_dir", str(ckpt), "--data_dir",
+    result["finetune_sec"] = round(littune("finetune", args.method, "--checkpoint_dir", str(ckpt), "--data_dir",
                                            str(data), "--out_dir", str(out), "--epochs", "1",
                                            *shlex.split(args.finetune_args), log=log), 1)
     hparams = (out / "hyperparameters.yaml").read_text()
@@ -116,7 +126,8 @@ def table(workdir: Path) -> str:
              "| base model, likelihood / generate | fine-tune + evaluate |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
-        flags = " ".join(x for x in (r["prepare_args"], r["finetune_args"]) if x) or "(none)"
+        method = "" if r.get("method", "adapter_v2") == "adapter_v2" else f"finetune {r['method']} "
+        flags = (method + " ".join(x for x in (r["prepare_args"], r["finetune_args"]) if x)).strip() or "(none)"
         like, gen = r["likelihood"], r.get("generate")
         base = " / ".join(f"{r[k]['accuracy']:.3f}" if k in r else "-" for k in ("base_likelihood", "base_generate"))
         generated = f"{gen['accuracy']:.3f}" if gen else "-"
@@ -131,6 +142,7 @@ def main() -> None:
     parser.add_argument("--name", default="defaults")
     parser.add_argument("--train_records", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0, help="seed of the training sample")
+    parser.add_argument("--method", default="adapter_v2", choices=["adapter_v2", "lora"])
     parser.add_argument("--prepare_args", default="", help="extra littune prepare flags, one string")
     parser.add_argument("--finetune_args", default="", help="extra littune finetune flags, one string")
     parser.add_argument("--scorings", nargs="+", default=["likelihood", "generate"])
