@@ -71,28 +71,6 @@ def adapter_model(checkpoint: Path, adapter: dict | None = None):
     return model.eval()
 
 
-# ------------------------------------------------------------------------------------------------ pure helpers
-
-
-def test_learning_rate_schedule_warmup_and_cosine():
-    lrs = [learning_rate_at(s, 1.0, 4, 12, "cosine") for s in range(1, 13)]
-    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]  # step 1 already moves
-    assert lrs[4] == 1.0 and all(a > b for a, b in zip(lrs[4:], lrs[5:]))  # then strictly decreasing
-    assert lrs[-1] > 0  # no step is wasted at learning rate 0
-    assert [learning_rate_at(s, 0.1, 0, 5, "constant") for s in range(1, 6)] == [0.1] * 5  # warmup 0: no division
-
-
-def test_plan_epoch_sees_every_record_once_and_is_seeded():
-    lengths = list(range(37))
-    plan = plan_epoch(lengths, batch_size=8, micro_batch_size=2, world_size=2, seed=1, epoch=0)
-    seen = [i for step in plan for rank in step for mb in rank for i in mb]
-    assert sorted(seen) == list(range(37))
-    assert all(len(mb) <= 2 for step in plan for rank in step for mb in rank)
-    assert plan == plan_epoch(lengths, 8, 2, 2, seed=1, epoch=0)
-    assert plan != plan_epoch(lengths, 8, 2, 2, seed=1, epoch=1)
-    assert plan != plan_epoch(lengths, 8, 2, 2, seed=2, epoch=0)
-
-
 # ----------------------------------------------------------------------------------------------- the model
 
 

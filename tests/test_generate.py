@@ -170,32 +170,6 @@ def test_bad_input_gives_one_clear_line(tiny, run_dir, tmp_path, capsys):
     one_error_line(result, "not an adapter for", "shapes differ")
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_sampling_is_float32_and_a_tiny_temperature_is_greedy(dtype):
-    """Issue 24 #2: litgpt's `sample` divides the logits in their own dtype; in float16 temperature 0.001 already
-    overflows to inf and the draw fails on nan probabilities, in any dtype 1e-45 does. littune's sampler computes
-    in float32 and takes temperatures below GREEDY_BELOW (1e-5, as vLLM) as greedy."""
-    from litgpt.generate.base import sample
-
-    from littune.sampling import GREEDY_BELOW, sample_token
-
-    logits = (torch.randn(512, generator=torch.Generator().manual_seed(0)) * 30).to(dtype)
-    best = int(logits.float().argmax())
-    for temperature in (1e-45, 1e-6, 0.001, GREEDY_BELOW):
-        assert sample_token(logits, temperature, generator=torch.Generator().manual_seed(1)) == best
-        assert sample_token(logits, temperature, top_k=5, top_p=0.5) == best
-    if dtype == torch.float16:
-        with pytest.raises(RuntimeError):
-            sample(logits[None, None], temperature=0.001)
-    with pytest.raises(RuntimeError):
-        sample(logits[None, None], temperature=1e-45)
-    # ordinary temperatures draw, and a generator seeded alike draws alike
-    draws = {sample_token(logits, 30.0, generator=torch.Generator().manual_seed(s)) for s in range(20)}
-    assert len(draws) > 1
-    assert sample_token(logits, 30.0, generator=torch.Generator().manual_seed(3)) == \
-        sample_token(logits, 30.0, generator=torch.Generator().manual_seed(3))
-
-
 def test_a_tiny_temperature_answers_as_greedy(tiny):
     checkpoint, _ = tiny
     settings = dict(prompt=PROMPT, checkpoint_dir=checkpoint, max_new_tokens=12)
