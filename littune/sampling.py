@@ -105,31 +105,30 @@ def stream_text(tokenizer, tokens: Iterator[int]) -> Iterator[tuple[str, int]]:
 
 
 class StopMatcher:
-    """litgpt `generate_fn`'s stop-sequence rule for one row, so batched output equals generate_fn's.
+    """The stop-sequence rule for one row (as litgpt `generate_fn`'s, without its two misses: a stop sequence right
+    after a repeat of its first token, and the tokens before a stop sequence that completes while another is held).
 
-    A token advances the progress of each stop sequence it continues and resets the others; tokens that may be the
-    start of a stop sequence are held back; a completed stop sequence ends the output without the held-back tokens.
-    At the token limit everything generated is output.
+    The output ends before the first completed stop sequence; the tokens that may be the start of one (the longest
+    end of the tokens that begins a stop sequence) are held back until they are not. At the token limit everything
+    generated is output.
     """
 
     def __init__(self, stop_tokens: Sequence[Sequence[int]]):
-        self.stop_tokens = [list(seq) for seq in stop_tokens]
-        self.progress = [0] * len(self.stop_tokens)
+        self.stop_tokens = [list(seq) for seq in stop_tokens if len(seq)]
         self.tokens: list[int] = []
         self.safe = 0
         self.stopped = False
 
     def add(self, token: int) -> None:
         self.tokens.append(token)
-        for i, seq in enumerate(self.stop_tokens):
-            if token == seq[self.progress[i]]:
-                self.progress[i] += 1
-                if self.progress[i] == len(seq):
-                    self.stopped = True
-                    return
-            else:
-                self.progress[i] = 0
-        self.safe = len(self.tokens) - max(self.progress, default=0)
+        n = len(self.tokens)
+        ending = [len(seq) for seq in self.stop_tokens if self.tokens[n - len(seq):] == seq]
+        if ending:  # where several end here, the longest: its first tokens were held back as its start
+            self.stopped, self.safe = True, n - max(ending)
+            return
+        held = max((k for seq in self.stop_tokens for k in range(1, min(len(seq), n + 1))
+                    if self.tokens[n - k:] == seq[:k]), default=0)
+        self.safe = n - held
 
     @property
     def output(self) -> list[int]:

@@ -1,6 +1,7 @@
 """`littune.sampling`: the sampling rule (greedy, temperature, top-k, top-p) against distributions computed here,
 KV-cached generation against full forward passes of a tiny litgpt model, stop sequences, and the text stream."""
 
+import random
 import tempfile
 from pathlib import Path
 
@@ -274,7 +275,9 @@ def test_stop_matcher_tracks_each_sequence():
         matcher.add(token)
     assert (matcher.safe, matcher.output, matcher.stopped) == (1, [1, 7, 8], False)
     matcher.add(5)
-    assert matcher.stopped and matcher.output == [1]  # a completed sequence drops what was held back
+    # "7 8" were held back as a possible start of "7 8 9"; "5" ended the answer after them (litgpt's rule dropped
+    # them with the stop sequence: see test_a_stop_sequence_completing_while_another_is_held_keeps_the_tokens...)
+    assert matcher.stopped and matcher.output == [1, 7, 8]
     empty = StopMatcher(())
     for token in (3, 3, 4):
         empty.add(token)
@@ -342,3 +345,35 @@ def test_batched_greedy_gives_each_prompt_its_own_greedy_answer_in_order():
     assert batched_greedy(model, prompts, 8, stops, batch_size=3) == alone
     assert batched_greedy(model, prompts, 8, batch_size=16) == free
     assert model.max_seq_length == 128 and all(block.attn.kv_cache is None for block in model.transformer.h)
+
+
+def stop_run(stops, tokens) -> tuple:
+    matcher = StopMatcher(stops)
+    for token in tokens:
+        if not matcher.stopped:
+            matcher.add(token)
+    return matcher.stopped, matcher.output
+
+
+def test_a_stop_sequence_after_a_repeat_of_its_first_token_is_found():
+    """litgpt's rule reset the progress of "5 6" to 0 on the second 5, and never matched it."""
+    assert stop_run([[5, 6]], [1, 5, 5, 6, 2]) == (True, [1, 5])
+    assert stop_run([[5, 5, 6]], [5, 5, 5, 6]) == (True, [5])
+
+
+def test_a_stop_sequence_completing_while_another_is_held_keeps_the_tokens_before_it():
+    """litgpt's rule cut the output where the longest held-back match began ("7" of "7 8 9"), not before "8 3"."""
+    assert stop_run([[7, 8, 9], [8, 3]], [1, 7, 8, 3]) == (True, [1, 7])
+    assert stop_run([[7, 8, 9], [8, 3]], [1, 7, 8, 9]) == (True, [1])
+
+
+def test_the_stop_rule_equals_a_search_of_the_whole_output():
+    """On random short token strings over a small alphabet: the output is everything before the earliest-ending
+    stop sequence, or all of it; while running, nothing that could still begin a stop sequence is let out."""
+    rng = random.Random(0)
+    for _ in range(2000):
+        stops = [[rng.randrange(4) for _ in range(rng.randint(1, 3))] for _ in range(rng.randint(1, 3))]
+        tokens = [rng.randrange(5) for _ in range(rng.randint(0, 12))]
+        ends = [(i + len(s), i) for s in stops for i in range(len(tokens) - len(s) + 1) if tokens[i:i + len(s)] == s]
+        expected = (True, tokens[:min(ends)[1]]) if ends else (False, tokens)
+        assert stop_run(stops, tokens) == expected, (stops, tokens)
