@@ -241,13 +241,22 @@ def listing(folder: Path) -> set:
     return {p.relative_to(folder).as_posix() for p in folder.rglob("*")}
 
 
-def lit_logits(folder: Path, ids):
-    """Logits of a converted folder's weights in litgpt's own GPT (float32, eval mode)."""
+def lit_logits(folder: Path, ids, adapter_path: Path | None = None):
+    """Logits of a converted folder's weights in litgpt's own GPT (float32, eval mode); with adapter_path (a run
+    folder or its adapter file), of the folder plus that adapter as `littune generate` loads them (float32, CPU)."""
     import torch
     from litgpt import GPT, Config
 
-    model = GPT(Config.from_file(folder / "model_config.yaml"))
-    model.load_state_dict(torch.load(folder / "lit_model.pth", weights_only=True))
+    if adapter_path is not None:
+        import lightning as L
+
+        from littune.model import load_for_inference
+
+        fabric = L.Fabric(devices=1, accelerator="cpu", precision="32-true")
+        model, _, _ = load_for_inference(fabric, folder, adapter_path)
+    else:
+        model = GPT(Config.from_file(folder / "model_config.yaml"))
+        model.load_state_dict(torch.load(folder / "lit_model.pth", weights_only=True))
     with torch.inference_mode():
         return model.eval()(ids)
 
@@ -255,6 +264,29 @@ def lit_logits(folder: Path, ids):
 def max_diff(a, b) -> float:
     assert a.shape == b.shape, (a.shape, b.shape)
     return (a.float() - b.float()).abs().max().item()
+
+
+class FSDPLikeFabric:
+    """What Fabric does under FSDP, on CPU: `init_module(empty_init=True)` builds on the meta device, and
+    `setup_module` materialises the module with fresh random values (FSDP's to_empty + reset_parameters), so that a
+    base weight loaded before that step would be lost (the load order `littune.model.load_model` must keep)."""
+
+    world_size, global_rank = 1, 0
+
+    def init_module(self, empty_init: bool):
+        import torch
+
+        return torch.device("meta") if empty_init else torch.device("cpu")
+
+    def setup_module(self, module):
+        import torch
+
+        module.to_empty(device="cpu")
+        torch.manual_seed(123)
+        for submodule in module.modules():
+            if hasattr(submodule, "reset_parameters"):
+                submodule.reset_parameters()
+        return module
 
 
 def free_port() -> int:

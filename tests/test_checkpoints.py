@@ -650,8 +650,14 @@ def test_download_errors_are_clean_and_leave_nothing(runs, name, repo, fragments
 
 
 def test_token_only_sent_where_given(runs, hub):
+    """Every request for a repo given a token carried exactly that token; no request for any other repo (those that
+    need one and got none included) carried an Authorization header at all."""
     for future in runs.values():
         future.result()
-    with_token = {"org/private-ok", "org/gated-ok"}
-    sent = [r.path for r in hub.requests if repo_of(r.path) not in with_token and "Authorization" in r.headers]
-    assert sent == []
+    given = {"org/private-ok": TOKEN, "org/gated-ok": GATED_TOKEN}
+    for repo, token in given.items():
+        sent = [r.headers.get("Authorization") for r in hub.requests_for(repo)]
+        assert sent and set(sent) == {f"Bearer {token}"}, (repo, sent)
+    others = [r for r in list(hub.requests) if repo_of(r.path) not in given]
+    assert {"org/private", "org/gated", "org/tiny-falcon", "org/tiny-neox"} <= {repo_of(r.path) for r in others}
+    assert [(r.path, r.headers["Authorization"]) for r in others if "Authorization" in r.headers] == []

@@ -14,11 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
-from conftest import ALPACA_335, make_hf_checkpoint, max_diff
+from conftest import ALPACA_335, lit_logits, make_adapter_run, make_hf_checkpoint, max_diff
 from littune.cli import main
-from littune.methods.lora import METHOD, TARGETS
+from littune.methods.lora import TARGETS
 
 TOLERANCE = 1e-4  # float32 logits of the same weights computed by two implementations
 CHAT_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
@@ -65,42 +64,9 @@ def smol_checkpoint(folder: Path) -> Path:
     return folder
 
 
-def make_run(checkpoint: Path, folder: Path, targets=TARGETS, r: int = 4, alpha: int = 8, seed: int = 0) -> Path:
-    """A LoRA run folder as `littune finetune lora` leaves it, with random (non-zero) A and B."""
-    from littune.checkpoints import load_model_config
-    from littune.prompts import save_style, style_by_name
-
-    args = METHOD.args(lora_r=r, lora_alpha=alpha, lora_dropout=0.0, lora_targets=list(targets))
-    with torch.device("meta"):
-        model = METHOD.build_model(load_model_config(checkpoint), args)
-    generator = torch.Generator().manual_seed(seed)
-    weights = {k: 0.2 * torch.randn(v.shape, generator=generator)
-               for k, v in model.state_dict().items() if METHOD.is_trainable(k)}
-    folder.mkdir(parents=True)
-    torch.save(weights, folder / METHOD.adapter_file)
-    (folder / "hyperparameters.yaml").write_text(yaml.dump({"method": "lora", "checkpoint_dir": str(checkpoint),
-                                                            "lora_r": r, "lora_alpha": alpha, "lora_dropout": 0.0,
-                                                            "lora_targets": list(targets)}))
-    save_style(style_by_name("alpaca", checkpoint), folder)
-    return folder
-
-
-def lit_logits(checkpoint: Path, ids: torch.Tensor, adapter_path=None) -> torch.Tensor:
-    import lightning as L
-
-    from littune.model import load_for_inference
-
-    fabric = L.Fabric(devices=1, accelerator="cpu", precision="32-true")
-    model, _, _ = load_for_inference(fabric, checkpoint, adapter_path)
-    with torch.inference_mode():
-        return model(ids)
-
-
 def hf_logits(model, ids: torch.Tensor) -> torch.Tensor:
     with torch.inference_mode():
         return model.eval()(ids).logits
-
-
 
 
 def ids_for(checkpoint: Path) -> torch.Tensor:
@@ -141,8 +107,9 @@ def models(tmp_path_factory) -> dict:
         else:
             make_hf_checkpoint(folder, arch, seed=1)
         assert main(["convert", "--checkpoint_dir", str(folder)]) == 0
-        out[arch] = types.SimpleNamespace(checkpoint=folder, run=make_run(folder, root / f"run-{arch}"),
-                                          ids=ids_for(folder))
+        run = make_adapter_run(folder, root / f"run-{arch}", "lora", lora_r=4, lora_alpha=8, lora_dropout=0.0,
+                               lora_targets=list(TARGETS))
+        out[arch] = types.SimpleNamespace(checkpoint=folder, run=run, ids=ids_for(folder))
     return out
 
 
@@ -242,7 +209,8 @@ def test_peft_llama_default_targets_are_q_and_v_proj(models, tmp_path):
     from peft import PeftModel
 
     m = models["llama"]
-    run = make_run(m.checkpoint, tmp_path / "run-qv", targets=("query", "value"), r=2, alpha=16, seed=5)
+    run = make_adapter_run(m.checkpoint, tmp_path / "run-qv", "lora", seed=5, lora_r=2, lora_alpha=16,
+                           lora_dropout=0.0, lora_targets=["query", "value"])
     out = tmp_path / "peft"
     assert main(["export", "--checkpoint_dir", str(m.checkpoint), "--adapter_path", str(run), "--format", "peft",
                  "--out_dir", str(out)]) == 0
@@ -288,7 +256,7 @@ def test_gguf_export_is_read_by_transformers_and_by_littunes_import(models, tmp_
     assert {"token_embd.weight", "output.weight", "output_norm.weight", "blk.1.attn_q.weight",
             "blk.1.ffn_down.weight"} <= names  # the head has LoRA: written as output.weight
     assert meta["general.architecture"] == "llama" and meta["tokenizer.ggml.pre"] == "smollm"
-    # the run's prompt (make_run's alpaca style) as the chat template (tests/test_export_template.py checks its ids)
+    # the run's prompt (make_adapter_run's alpaca style) as the chat template (test_export_template.py checks its ids)
     assert "### Instruction:" in meta["tokenizer.chat_template"] and meta["tokenizer.ggml.model"] == "gpt2"
     assert (meta["tokenizer.ggml.bos_token_id"], meta["tokenizer.ggml.eos_token_id"]) == (1, 2)
     # the tokenizer littune rebuilds from the file encodes like the original

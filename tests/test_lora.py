@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import read_metrics
+from conftest import FSDPLikeFabric, read_metrics, run_main
 from littune.cli import main
 from littune.methods.lora import METHOD, TARGETS
 
@@ -103,26 +103,55 @@ def test_resume_continues_the_same_run_bit_for_bit(run, small_checkpoint, alpaca
     assert [r["train_loss"] for r in read_metrics(resumed)] == [read_metrics(run)[1]["train_loss"]]
 
 
+def greedy_answer(model, checkpoint: Path, style, prompt: str, max_new_tokens: int) -> str:
+    """The greedy answer by the model's full forward (no KV cache), the prompt formatted and tokenised as littune
+    does, stopping at EOS."""
+    from litgpt import Tokenizer
+
+    from littune.prepared import encode
+
+    tokenizer = Tokenizer(checkpoint)
+    ids, new = encode(tokenizer, style.apply(prompt)), []
+    with torch.inference_mode():
+        for _ in range(max_new_tokens):
+            token = int(model(torch.cat([ids, torch.tensor(new, dtype=torch.int64)])[None])[0, -1].argmax())
+            if token == tokenizer.eos_id:
+                break
+            new.append(token)
+    return tokenizer.decode(torch.tensor(new))
+
+
 def test_generate_loads_the_lora_run(run, small_checkpoint, capsys):
-    assert main(["generate", "--prompt", "Name a color.", "--checkpoint_dir", str(small_checkpoint),
-                 "--adapter_path", str(run), "--max_new_tokens", "3", "--temperature", "0"]) == 0
+    """`littune generate --adapter_path RUN` answers with the trained LoRA: as the LoRA model built here with the
+    run's weights answers, and not as the base model does for the same prompt in the same (the run's) style."""
+    from littune.generate import generate
+    from littune.prompts import load_style_file
+
+    prompt, common = "Name a color.", ["--checkpoint_dir", small_checkpoint, "--max_new_tokens", 3, "--temperature", 0,
+                                       "--precision", "32-true"]
+    tuned = run_main(capsys, "generate", "--prompt", prompt, "--adapter_path", run, *common)
+    base = run_main(capsys, "generate", "--prompt", prompt, "--prompt_style", "alpaca", *common)
+    assert tuned.returncode == 0 and base.returncode == 0, tuned.stderr + base.stderr
+    answer = tuned.stdout.removesuffix("\n")  # generate ends each answer with a newline
+    assert answer and answer != base.stdout.removesuffix("\n"), (tuned.stdout, base.stdout)
+
+    # the reference: the LoRA model with the checkpoint's base weights and the run's LoRA weights, in the run's style
+    style = load_style_file(run)
+    assert type(style).__name__ == "Alpaca"
+    model = lora_model(small_checkpoint)
+    missing, unexpected = model.load_state_dict(torch.load(run / ADAPTER_FILE, weights_only=True), strict=False)
+    assert unexpected == [] and not [k for k in missing if METHOD.is_trainable(k)]
+    assert answer == greedy_answer(model.eval(), small_checkpoint, style, prompt, 3)
+    # the Python API gives the command's answer
+    capsys.readouterr()
+    assert generate(prompt, small_checkpoint, adapter_path=run, max_new_tokens=3, temperature=0,
+                    precision="32-true") == [answer]
 
 
 def test_fsdp_load_order_every_base_weight_equals_the_checkpoint(small_checkpoint):
     """Under FSDP the model is built on the meta device and materialised with random values before the weights are
     loaded; litgpt's LoRA model renames the base weights (qkv.weight -> qkv.linear.weight) while loading."""
     from littune.model import load_model
-
-    class FSDPLikeFabric:
-        def init_module(self, empty_init: bool):
-            return torch.device("meta") if empty_init else torch.device("cpu")
-
-        def setup_module(self, module):
-            module.to_empty(device="cpu")
-            for submodule in module.modules():
-                if hasattr(submodule, "reset_parameters"):
-                    submodule.reset_parameters()
-            return module
 
     model = load_model(FSDPLikeFabric(), small_checkpoint, METHOD, METHOD.args(lora_targets=list(TARGETS)),
                        trainable=True, sharded=True)

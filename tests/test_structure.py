@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO
+from conftest import REPO, FSDPLikeFabric
 from littune.cli import main
 
 PACKAGE = REPO / "littune"
@@ -109,24 +109,6 @@ print("TRAINING MODULES:", loaded)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "TRAINING MODULES: []" in result.stdout, result.stdout[-2000:]
     assert (tmp_path / "eval" / "metrics.json").is_file()
-
-
-class FSDPLikeFabric:
-    """What Fabric does under FSDP, on CPU: `init_module(empty_init=True)` builds on the meta device, and
-    `setup_module` materialises the module with fresh random values (FSDP's to_empty + reset_parameters)."""
-
-    world_size, global_rank = 1, 0
-
-    def init_module(self, empty_init: bool):
-        return torch.device("meta") if empty_init else torch.device("cpu")
-
-    def setup_module(self, module):
-        module.to_empty(device="cpu")
-        torch.manual_seed(123)
-        for submodule in module.modules():
-            if hasattr(submodule, "reset_parameters"):
-                submodule.reset_parameters()
-        return module
 
 
 @pytest.mark.parametrize("method_name", [None, "adapter_v2"])
