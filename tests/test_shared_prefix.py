@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from conftest import SST2_TRAIN, read_metrics
 from littune.cli import main
@@ -293,3 +294,60 @@ def test_ddp_two_processes_sharing_equal_one_process_without(small_checkpoint, s
                                                                                          tmp_path / "one")]
     assert max_difference(*first) <= 1e-6
     assert_same_run(tmp_path / "ddp", tmp_path / "one", adapter_file, 1e-5)
+
+
+# ------------------------------------------------------------------------------------ the default micro-batch
+
+
+def common_prefix(data: list) -> int:
+    """The (input id, label) pairs every record begins with, less one: written out here as the rule's reference."""
+    n = 0
+    while all(len(r["input_ids"]) > n + 1 for r in data) and \
+            len({(int(r["input_ids"][n]), int(r["labels"][n])) for r in data}) == 1:
+        n += 1
+    return max(n - 1, 0)
+
+
+@pytest.mark.parametrize("packs, records, devices, micro, batch, expected", [
+    (True, 1900, 1, None, None, (8, 16)),      # SST-2 in the accuracy benchmark
+    (True, 100_000, 1, None, None, (8, 64)),
+    (True, 1900, 2, None, None, (8, 16)),      # 8 per device, 2 devices: one micro-batch each a step
+    (True, 100, 1, None, None, (4, 4)),        # a batch of 4 holds no micro-batch of 8: as before
+    (True, 1900, 1, None, 12, (4, 12)),        # nor does a given batch of 12
+    (True, 1900, 1, 2, None, (2, 18)),         # a given micro-batch wins (19 records a step, in whole 2s)
+    (False, 1900, 1, None, None, (4, 16)),     # records that share little: 4, as before
+])
+def test_the_default_micro_batch_follows_the_data(packs, records, devices, micro, batch, expected):
+    from littune.finetune.args import TrainArgs, resolve_defaults
+
+    args = TrainArgs(checkpoint_dir=Path("c"), data_dir=Path("d"), devices=devices, micro_batch_size=micro,
+                     batch_size=batch)
+    resolved = resolve_defaults(args, "adapter_v2", records, "32-true", label_task=True, eight_pack_small=packs)
+    assert (resolved.micro_batch_size, resolved.batch_size) == expected
+
+
+def test_eight_records_pack_small_on_a_label_task_not_on_instructions(small_checkpoint, sst2, alpaca64, tmp_path,
+                                                                       capsys):
+    """SST-2 sentences after one instruction: 8 records with their prefix once hold no more tokens than 4 whole,
+    so `littune finetune` with no --micro_batch_size trains in micro-batches of 8; Alpaca's varied instructions:
+    4, as before."""
+    from littune.finetune.prefix import eight_pack_small
+
+    for data, packs in ((sst2["masked"], True), (alpaca64, False)):
+        train = torch.load(data / "train.pt", weights_only=True)
+        prefix, mean = common_prefix(train), sum(len(r["input_ids"]) for r in train) / len(train)
+        assert (prefix + 8 * (mean - prefix) <= 4 * mean) is packs, (prefix, mean)
+        assert eight_pack_small(train) is packs
+        capsys.readouterr()
+        out = tmp_path / data.name
+        assert main(["finetune", "adapter_v2", "--checkpoint_dir", str(small_checkpoint), "--data_dir", str(data),
+                     "--out_dir", str(out), "--max_steps", "1", "--batch_size", "8", "--eval_iters", "1",
+                     "--precision", "32-true"]) == 0
+        micro = 8 if packs else 4
+        assert f"micro-batches of {micro} " in capsys.readouterr().out
+        assert yaml.safe_load((out / "hyperparameters.yaml").read_text())["micro_batch_size"] == micro
+    # --shared_prefix false: nothing runs packed, so 4
+    assert main(["finetune", "adapter_v2", "--checkpoint_dir", str(small_checkpoint), "--data_dir",
+                 str(sst2["masked"]), "--out_dir", str(tmp_path / "plain"), "--max_steps", "1", "--batch_size", "8",
+                 "--eval_iters", "1", "--precision", "32-true", "--shared_prefix", "false"]) == 0
+    assert yaml.safe_load((tmp_path / "plain" / "hyperparameters.yaml").read_text())["micro_batch_size"] == 4

@@ -42,8 +42,10 @@ class TrainArgs:
     """Peak learning rate of AdamW."""
     batch_size: Optional[Annotated[int, Check(ge=1)]] = same_run(None)
     """Records per optimizer step, over all devices (default: about 100 steps per epoch, at most 64 records)."""
-    micro_batch_size: Annotated[int, Check(ge=1)] = same_run(4)
-    """Records per forward pass on one device; batch_size / (micro_batch_size x devices) are accumulated."""
+    micro_batch_size: Optional[Annotated[int, Check(ge=1)]] = same_run(None)
+    """Records per forward pass on one device; batch_size / (micro_batch_size x devices) are accumulated (default: 8
+    where the records share most of their tokens, so that 8 run with one shared prefix hold no more tokens than 4
+    whole records and the batch size is a multiple of 8 per device; else 4)."""
     epochs: Optional[Annotated[int, Check(ge=1)]] = same_run(None)
     """Passes over the training data (default: 1 when --max_steps is not given)."""
     max_steps: Optional[Annotated[int, Check(ge=1)]] = same_run(None)
@@ -115,18 +117,26 @@ def total_steps(n_train: int, batch_size: int, epochs: Optional[int], max_steps:
 
 
 def resolve_defaults(args: TrainArgs, method_name: str, n_train: int, default_precision: Optional[str],
-                     label_task: bool) -> TrainArgs:
-    """The flags left to littune, decided for this run and data: out_dir, precision, batch size, warmup, the metric
-    that picks the best checkpoint. default_precision None leaves an unset precision None (the loop decides it once
-    it knows the state a run resumes: `littune.precision`)."""
+                     label_task: bool, eight_pack_small: bool = False) -> TrainArgs:
+    """The flags left to littune, decided for this run and data: out_dir, precision, micro-batch and batch size,
+    warmup, the metric that picks the best checkpoint. default_precision None leaves an unset precision None (the
+    loop decides it once it knows the state a run resumes: `littune.precision`). eight_pack_small: 8 records of this
+    data run packed hold no more tokens than 4 whole ones (`littune.finetune.prefix.eight_pack_small`): the default
+    micro-batch is 8 then (measured on SmolLM2 + SST-2: 1.4x the tokens/s of 4, see the README)."""
     world = args.devices * args.num_nodes
-    per_step = args.micro_batch_size * world
-    batch_size = args.batch_size
-    if batch_size is None:  # about 100 steps per epoch, in whole micro-batches per device, at most 64 records
-        batch_size = max(per_step, min(64, n_train // 100) // per_step * per_step)
+
+    def default_batch(per_step: int) -> int:  # about 100 steps per epoch, whole micro-batches per device, <= 64
+        return max(per_step, min(64, n_train // 100) // per_step * per_step)
+
+    micro_batch_size = args.micro_batch_size
+    if micro_batch_size is None:  # 8 only where the batch (as with 4) holds whole micro-batches of 8
+        micro_batch_size = 8 if eight_pack_small and (args.batch_size or default_batch(4 * world)) % (8 * world) == 0 \
+            else 4
+    per_step = micro_batch_size * world
+    batch_size = args.batch_size if args.batch_size is not None else default_batch(per_step)
     if batch_size % per_step:
         raise UserError(
-            f"--batch_size {batch_size} must be divisible by --micro_batch_size {args.micro_batch_size} x devices "
+            f"--batch_size {batch_size} must be divisible by --micro_batch_size {micro_batch_size} x devices "
             f"{world} (gradient accumulation = batch_size / (micro_batch_size * devices))"
         )
     best_metric = args.best_metric or (DEFAULT_TASK_METRIC if label_task else "val_loss")
@@ -136,7 +146,7 @@ def resolve_defaults(args: TrainArgs, method_name: str, n_train: int, default_pr
     steps = total_steps(n_train, batch_size, args.epochs, args.max_steps)
     warmup = args.warmup_steps if args.warmup_steps is not None else min(100, math.ceil(0.1 * steps))
     return replace(
-        args, batch_size=batch_size, warmup_steps=warmup, precision=args.precision or default_precision,
+        args, batch_size=batch_size, micro_batch_size=micro_batch_size, warmup_steps=warmup, precision=args.precision or default_precision,
         best_metric=best_metric,
         epochs=args.epochs if args.epochs is not None or args.max_steps is not None else 1,
         out_dir=Path(args.out_dir) if args.out_dir is not None else Path("out") / method_name / Path(args.data_dir).name,

@@ -30,7 +30,8 @@ from littune.prompts import load_style_file
 from littune.finetune.args import TrainArgs, hyperparameters, resolve_defaults, same_run_values, total_steps
 from littune.finetune.logs import (TASK_METRICS, close_loggers, keep_metrics_until, log_row, logger_run_ids,
                                    make_loggers, make_progress)
-from littune.finetune.prefix import packed_batch, plain_reason, prefix_to_share, shared_prefix_loss_sum
+from littune.finetune.prefix import (eight_pack_small, packed_batch, plain_reason, prefix_to_share,
+                                     shared_prefix_loss_sum)
 from littune.finetune.schedule import learning_rate_at, make_optimizer, steps_from
 from littune.finetune.state import (Progress, StopRequest, find_resume_state, fingerprint, load_training_state,
                                     remove_stale_temporaries, save_training_state, saved_precision, step_folder,
@@ -57,10 +58,11 @@ def finetune(method: Method, args: TrainArgs, method_args) -> Path:
         raise UserError(f"--best_metric {args.best_metric}: task metrics are not scored under --strategy fsdp (every "
                         f"rank would have to take part in each forward); use --best_metric val_loss")
     label_task = meta.get("labels") is not None and args.strategy != "fsdp"
-    args = resolve_defaults(args, method.name, len(train), None, label_task)  # an unset precision: decided below
+    plain = plain_reason(args.shared_prefix, args.strategy, method_args, config, args.activation_checkpointing)
+    args = resolve_defaults(args, method.name, len(train), None, label_task,  # an unset precision: decided below
+                            eight_pack_small=plain is None and eight_pack_small(train))
     if args.precision is not None:  # a flag littune cannot use fails before any file is touched
         check_precision(args.precision)
-    plain = plain_reason(args.shared_prefix, args.strategy, method_args, config, args.activation_checkpointing)
     print(f"shared prefix: off ({plain})" if plain else "shared prefix: on (the first tokens a micro-batch's records "
           "share run once where that pays; --shared_prefix false turns it off)")
     world = args.devices * args.num_nodes
@@ -74,7 +76,8 @@ def finetune(method: Method, args: TrainArgs, method_args) -> Path:
                                    launching_process() and args.num_nodes == 1, default_precision(training=True))
     args = replace(args, precision=precision)
     check_precision(args.precision)
-    print(f"{steps} steps of {args.batch_size} records ({len(train):,} training records), warmup {args.warmup_steps} "
+    print(f"{steps} steps of {args.batch_size} records in micro-batches of {args.micro_batch_size} ({len(train):,} "
+          f"training records), warmup {args.warmup_steps} "
           f"steps to learning rate {args.learning_rate:g}, {args.lr_schedule} after, precision {args.precision}"
           f"{f' ({why})' if why else ''}; best/ by {args.best_metric}")
     if args.warmup_steps >= steps:

@@ -71,6 +71,18 @@ def shared_prefix_length(data: list, indices: list) -> int:
     return max(common - 1, 0)
 
 
+def eight_pack_small(data: list, sample: int = 1024) -> bool:
+    """Whether 8 records of `data` run packed hold no more tokens than 4 whole ones: the first `sample` records'
+    common prefix P and mean length L give P + 8 (L - P) <= 4 L (SST-2 with the chat template: 37 of 59 tokens, 213
+    packed against 236). Then a micro-batch of 8 costs no more memory than today's 4 (`resolve_defaults`)."""
+    indices = list(range(min(len(data), sample)))
+    if len(indices) < 2:
+        return False
+    prefix = shared_prefix_length(data, indices)
+    mean = sum(len(data[i]["input_ids"]) for i in indices) / len(indices)
+    return prefix > 0 and prefix + 8 * (mean - prefix) <= 4 * mean
+
+
 def sharing_pays(prefix: int, lengths: list[int], max_tokens: int) -> bool:
     """Whether records of `lengths` that share `prefix` tokens run faster packed than padded to the longest, on a
     model that takes at most `max_tokens` positions."""
