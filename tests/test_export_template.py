@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ALPACA_335, SMOLLM2_CHAT_TEMPLATE
+from conftest import ALPACA_335, SMOLLM2_CHAT_TEMPLATE, make_adapter_run
 from littune.cli import main
 from littune.prepared import encode, load_tokenizer
 from littune.prompts import load_style_file
-from test_export import make_run, smol_checkpoint
+from test_export import TARGETS, smol_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -57,7 +57,8 @@ def trained_run(checkpoints: dict, name: str, style: str, system, folder: Path) 
     assert main(["prepare", "--data_file", str(checkpoints["data_file"]), "--checkpoint_dir", str(checkpoint),
                  "--destination_path", str(data), "--prompt_style", style, "--test_size", "12", "--val_size", "0",
                  "--max_seq_length", "2048", *(["--system", system] if system is not None else [])]) == 0
-    run = make_run(checkpoint, folder / "run")
+    run = make_adapter_run(checkpoint, folder / "run", "lora", lora_r=4, lora_alpha=8, lora_dropout=0.0,
+                           lora_targets=list(TARGETS))
     shutil.copyfile(data / "prompt_style.yaml", run / "prompt_style.yaml")  # as finetune keeps the data's style
     hparams = yaml.safe_load((run / "hyperparameters.yaml").read_text())
     (run / "hyperparameters.yaml").write_text(yaml.dump({**hparams, "data_dir": str(data)}))
