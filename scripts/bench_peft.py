@@ -10,8 +10,8 @@ safetensors, loaded from there like a Hub model). The data: a seeded sample of S
 `littune prepare` exactly as scripts/bench_accuracy.py prepares them (littune's defaults: the chat template).
 
 Runs, each a subprocess timed on its own (peak RSS from os.wait4):
-- littune lora: `littune finetune lora --lora_r 8 --lora_alpha 16 --lora_dropout 0.05 --lora_targets [query,value]`
-- PEFT lora: transformers' model + `peft.get_peft_model(LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05,
+- littune lora: `littune finetune lora --lora_r 8 --lora_alpha 16 --lora_dropout D --lora_targets [query,value]`
+- PEFT lora: transformers' model + `peft.get_peft_model(LoraConfig(r=8, lora_alpha=16, lora_dropout=D,
   target_modules=[q_proj, v_proj]))`, AdamW (the same learning rate, betas and weight decay), gradient clipping 1.0,
   the loss through transformers' `labels=` with the attention mask, as a plain training loop writes it. Its
   micro-batches are littune's, record for record: littune's own `schedule.plan_epoch` and `model.collate` on the
@@ -43,7 +43,7 @@ import bench_accuracy  # the same checkpoint, SST-2 sample and prepare flags as 
 
 REPO = Path(__file__).resolve().parents[1]
 NEVER = 10**9
-LORA = {"r": 8, "alpha": 16, "dropout": 0.05}
+LORA = {"r": 8, "alpha": 16}
 
 
 def main(argv=None) -> int:
@@ -54,6 +54,8 @@ def main(argv=None) -> int:
     parser.add_argument("--micro_batch_size", type=int, default=4)
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--max_steps", type=int, default=12)
+    parser.add_argument("--lora_dropout", type=float, default=0.0,
+                        help="both sides (PEFT's default 0.0; littune shares a prompt prefix only without dropout)")
     parser.add_argument("--skip_steps", type=int, default=2, help="first steps left out of the timing (warm-up)")
     parser.add_argument("--learning_rate", type=float, default=1e-3)
     parser.add_argument("--runs", default="littune-lora,peft-lora,littune-adapter_v2")
@@ -127,12 +129,13 @@ def run(name: str, args, checkpoint: Path, data: Path, hf_dir: Path, workdir: Pa
               "--save_interval", str(NEVER), "--log_interval", "1", "--logger", "[csv]"]
     if name == "littune-lora":
         cmd = [sys.executable, "-m", "littune.cli", "finetune", "lora", *common, "--lora_r", str(LORA["r"]),
-               "--lora_alpha", str(LORA["alpha"]), "--lora_dropout", str(LORA["dropout"]),
+               "--lora_alpha", str(LORA["alpha"]), "--lora_dropout", str(args.lora_dropout),
                "--lora_targets", "[query, value]"]
     elif name == "littune-adapter_v2":
         cmd = [sys.executable, "-m", "littune.cli", "finetune", "adapter_v2", *common]
     elif name == "peft-lora":
         job = {"hf_dir": str(hf_dir), "data": str(data), "out": str(out), "precision": args.precision,
+               "lora_dropout": args.lora_dropout,
                "steps": plan(data, args), "learning_rate": args.learning_rate}
         (out / "job.json").write_text(json.dumps(job))
         cmd = [sys.executable, str(Path(__file__).resolve()), "--peft_worker", str(out / "job.json")]
@@ -197,7 +200,7 @@ def peft_worker(job: dict) -> int:
 
     dtype = torch.bfloat16 if job["precision"] == "bf16-true" else torch.float32
     model = transformers.AutoModelForCausalLM.from_pretrained(job["hf_dir"], dtype=dtype)
-    model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+    model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=job["lora_dropout"],
                                              target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=job["learning_rate"], betas=(0.9, 0.95), weight_decay=0.02)

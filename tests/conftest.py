@@ -1,8 +1,15 @@
 """Shared test fixtures: the test data in tests/data, tiny real-format Hugging Face checkpoints, the CLI runner."""
 
-import csv
-import json
 import os
+
+# Under pytest-xdist (scripts/test.sh runs `-n auto`), each worker takes its share of the cores, it and the
+# processes its tests start: two workers of two torch threads each on 2 cores wait on each other at every op.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // _WORKERS))
+
+import csv  # noqa: E402 (the thread count must be set before torch is imported)
+import json  # noqa: E402
 import shutil
 import subprocess
 import sys

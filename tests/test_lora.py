@@ -84,7 +84,7 @@ def test_lora_run_saves_only_lora_weights_and_every_one_moves(run, small_checkpo
     assert [k for k in adapter if torch.equal(adapter[k], init[k])] == []
     hparams = yaml.safe_load((run / "hyperparameters.yaml").read_text())
     assert hparams["method"] == "lora" and hparams["lora_targets"] == list(TARGETS)
-    assert (hparams["lora_r"], hparams["lora_alpha"], hparams["lora_dropout"]) == (8, 16, 0.05)
+    assert (hparams["lora_r"], hparams["lora_alpha"], hparams["lora_dropout"]) == (8, 16, 0.0)
     assert [int(r["step"]) for r in read_metrics(run)] == [1, 2]
     assert (run / "best" / ADAPTER_FILE).is_file() and (run / "step-000001" / "training_state.pt").is_file()
     assert (run / "prompt_style.yaml").is_file()
