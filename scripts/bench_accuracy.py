@@ -59,12 +59,13 @@ def checkpoint(workdir: Path, log: Path) -> Path:
 
 
 def cpu_flags() -> str:
-    """The CPU model and its flags that decide a matmul's speed (avx2, avx512f, avx512_bf16, amx_bf16)."""
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
-    wanted = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-    return f"{model}, {os.cpu_count()} cores, {' '.join(wanted) or 'no avx2'}"
+    """The CPU model, cores and the flags that decide a matmul's speed (avx2, avx512f, avx512_bf16, amx_bf16), as
+    littune's precision choice reads them (`littune.precision.cpu_info`)."""
+    from littune.precision import cpu_info
+
+    cpu = cpu_info()
+    wanted = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in cpu["flags"]]
+    return f"{cpu['name']}, {os.cpu_count()} cores, {' '.join(wanted) or 'no avx2'}"
 
 
 def sample_train(workdir: Path, n: int, seed: int) -> Path:

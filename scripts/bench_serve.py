@@ -78,6 +78,19 @@ def load_average() -> str:
     return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
+def alternate(settings: dict, rounds: int, describe) -> dict:
+    """Each setting (name -> a function that runs it and returns its result) once a round, the order reversed every
+    other round (ABBA: drifting load from other processes hits every setting alike); name -> its results. Each run
+    is printed as `describe(name, result)` with the round and the load average."""
+    results = {name: [] for name in settings}
+    for round_index in range(rounds):
+        for name in list(settings) if round_index % 2 == 0 else list(settings)[::-1]:
+            result = settings[name]()
+            results[name].append(result)
+            print(f"round {round_index + 1}: {describe(name, result)}, load {load_average()}", flush=True)
+    return results
+
+
 def run_generate(checkpoint_dir: Path, max_tokens: int, precision) -> dict:
     """littune generate on every prompt, one after another: its answers and its own timing lines."""
     from littune.generate import generate
@@ -191,17 +204,11 @@ def main(argv=None) -> int:
     settings = {"littune generate": lambda: run_generate(checkpoint_dir, args.max_tokens, args.precision),
                 "serve, 1 client": lambda: run_clients(base, 1, args.requests, args.max_tokens),
                 "serve, 4 clients": lambda: run_clients(base, 4, args.requests, args.max_tokens)}
-    results = {name: [] for name in settings}
     try:
         run_clients(base, 1, 2, 4)  # warm-up: first calls pay one-time costs
-        for round_index in range(args.rounds):
-            order = list(settings) if round_index % 2 == 0 else list(settings)[::-1]
-            for name in order:
-                result = settings[name]()
-                results[name].append(result)
-                print(f"round {round_index + 1}: {name:<17} {result['requests_per_s']:6.2f} requests/s "
-                      f"{result['tokens_per_s']:7.1f} tokens/s ({result['tokens']} tokens), "
-                      f"load {load_average()}", flush=True)
+        results = alternate(settings, args.rounds, lambda name, result: (
+            f"{name:<17} {result['requests_per_s']:6.2f} requests/s {result['tokens_per_s']:7.1f} tokens/s "
+            f"({result['tokens']} tokens)"))
     finally:
         process.terminate()
         process.wait(60)
@@ -299,14 +306,8 @@ def bench_adapters(checkpoint_dir: Path, args) -> int:
             "4 adapters, 4 clients": lambda: run_clients(servers["4 adapters"][0], 4, args.requests,
                                                          args.max_tokens, list(runs)),
         }
-        results = {name: [] for name in settings}
-        for round_index in range(args.rounds):
-            order = list(settings) if round_index % 2 == 0 else list(settings)[::-1]
-            for name in order:
-                result = settings[name]()
-                results[name].append(result)
-                print(f"round {round_index + 1}: {name:<22} {result['tokens_per_s']:7.1f} tokens/s "
-                      f"({result['tokens']} tokens), load {load_average()}", flush=True)
+        results = alternate(settings, args.rounds, lambda name, result: (
+            f"{name:<22} {result['tokens_per_s']:7.1f} tokens/s ({result['tokens']} tokens)"))
         peak = {name: rss_mb(process.pid) for name, (_, process) in servers.items()}
         now = {name: rss_mb(process.pid, "VmRSS") for name, (_, process) in servers.items()}
     finally:

@@ -23,18 +23,12 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from bench_accuracy import cpu_flags  # noqa: E402 (scripts/ is on sys.path when a script in it runs)
 from littune.finetune.loop import train_step
-from littune.finetune.prefix import prefix_to_share
+from littune.finetune.prefix import shared_prefix_length
 from littune.finetune.schedule import make_optimizer, plan_epoch
 from littune.methods import get_method
 from littune.model import collate, load_model, unwrap
-
-
-def cpu_flags() -> str:
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
-    return f"{model}; {' '.join(f for f in ('avx2', 'avx512f', 'avx512_bf16', 'amx_bf16') if f in flags)}"
 
 
 def plain_step(fabric, model, optimizer, data, indices, ignore_index, method) -> float:
@@ -47,7 +41,7 @@ def plain_step(fabric, model, optimizer, data, indices, ignore_index, method) ->
     fabric.clip_gradients(model, optimizer, max_norm=1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(loss)
+    return float(loss.detach())
 
 
 def measure(precision: str, args, data: list, indices: list) -> dict:
@@ -91,7 +85,7 @@ def main() -> None:
     data = torch.load(args.data_dir / "train.pt", weights_only=True)
     lengths = [len(r["input_ids"]) for r in data]
     indices = plan_epoch(lengths, 16, args.micro_batch_size, 1, seed=1337, epoch=0)[0][0][0]
-    shared = prefix_to_share(data, indices, type("M", (), {"max_seq_length": 10**6})())
+    shared = shared_prefix_length(data, indices)
     print(f"CPU: {cpu_flags()}, torch {torch.__version__}, {torch.get_num_threads()} threads\nmicro-batch: "
           f"{len(indices)} records of {[lengths[i] for i in indices]} tokens, {shared} shared")
     measured = {p: measure(p, args, data, indices) for p in args.precisions.split(",")}

@@ -146,8 +146,8 @@ def resolve_defaults(args: TrainArgs, method_name: str, n_train: int, default_pr
     steps = total_steps(n_train, batch_size, args.epochs, args.max_steps)
     warmup = args.warmup_steps if args.warmup_steps is not None else min(100, math.ceil(0.1 * steps))
     return replace(
-        args, batch_size=batch_size, micro_batch_size=micro_batch_size, warmup_steps=warmup, precision=args.precision or default_precision,
-        best_metric=best_metric,
+        args, batch_size=batch_size, micro_batch_size=micro_batch_size, warmup_steps=warmup,
+        precision=args.precision or default_precision, best_metric=best_metric,
         epochs=args.epochs if args.epochs is not None or args.max_steps is not None else 1,
         out_dir=Path(args.out_dir) if args.out_dir is not None else Path("out") / method_name / Path(args.data_dir).name,
     )
