@@ -35,6 +35,7 @@ class Progress:
 
 # Flags that decide the weights but came after runs were saved: such a run trained as the flag's value here says.
 FLAGS_ADDED_LATER = {"shared_prefix": False}
+# The keys `fingerprint` writes besides the flags (a key added there belongs here too, or a refusal names it a flag)
 NOT_FLAGS = {"model_config_sha256", "base_weights_bytes", "data_sha256", "total_steps"}
 
 
