@@ -89,6 +89,68 @@ def checked(function: Callable) -> Callable:
     return run
 
 
+def check_fields(cls: type, values: dict, where: str, prefix: str = "") -> dict:
+    """The entries of `values` (a file's record of a run's flags) that are fields of the dataclass `cls`, each
+    checked against its declared type and Check first: a crafted or damaged file gets one line naming the file and
+    the field (`prefix` + its name), not a traceback from deep inside the model (or a model built with a rank of
+    "8")."""
+    hints = typing.get_type_hints(cls, include_extras=True)
+    checks = declared_checks(cls)
+    for name in [n for n in cls.__dataclass_fields__ if n in values]:
+        value, check = values[name], checks.get(name)
+        if not _fits(hints[name], value) or (check is not None and value is not None and not check.allows(value)):
+            must = describe_type(hints[name]) + (f" {check.describe()}" if check is not None else "")
+            raise UserError(f"{where}: {prefix}{name} is {json_type(value)} ({_short(value)}); it must be {must} "
+                            f"(correct it, or restore the file the run wrote)")
+    return {name: values[name] for name in cls.__dataclass_fields__ if name in values}
+
+
+def _fits(hint, value) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Annotated:
+        return _fits(args[0], value)
+    if origin is typing.Union:
+        return any(_fits(arg, value) for arg in args)
+    if origin is typing.Literal:
+        return any(type(value) is type(arg) and value == arg for arg in args)
+    if origin is list:
+        return isinstance(value, list) and all(_fits(args[0], v) for v in value) if args else isinstance(value, list)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint in (str, Path):
+        return isinstance(value, str)
+    return True  # a type no run file holds: left to its reader
+
+
+def describe_type(hint) -> str:
+    """A declared type in words, for messages: `Optional[Annotated[int, ...]]` -> "a whole number or null"."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Annotated:
+        return describe_type(args[0])
+    if origin is typing.Union:
+        return " or ".join(describe_type(arg) for arg in args)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(str(arg) for arg in args)
+    if origin is list:
+        inner = describe_type(args[0]) if args else ""
+        return "a list" + (f" of {inner.removeprefix('one of ')}" if inner.startswith("one of") else
+                           f" of {inner.removeprefix('a ')}s" if inner else "")
+    names = {type(None): "null", bool: "true or false", int: "a whole number", float: "a number", str: "a string",
+             Path: "a path"}
+    return names.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:60] + "..."
+
+
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.

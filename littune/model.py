@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from littune.checkpoints import load_model_config
-from littune.common import UserError, load_torch
+from littune.common import UserError, check_fields, json_type, load_torch
 from littune.methods import Method, get_method
 
 Precision = Literal["32-true", "bf16-true", "bf16-mixed", "16-true", "16-mixed"]
@@ -169,9 +169,17 @@ def read_run(run_dir: Path) -> tuple[Method, object]:
             hparams = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
             raise UserError(f"{path}: invalid YAML ({str(e).splitlines()[0]}); restore it from the run") from e
-    method = get_method(hparams.get("method", "adapter_v2"))
-    fields = method.args.__dataclass_fields__
-    return method, method.args(**{k: v for k, v in hparams.items() if k in fields})
+    if not isinstance(hparams, dict):
+        raise UserError(f"{path}: holds {json_type(hparams)}, not a run's flags (name: value); restore it from the run")
+    name = hparams.get("method", "adapter_v2")
+    if not isinstance(name, str):
+        raise UserError(f"{path}: method is {json_type(name)}; it must be the name of a fine-tuning method")
+    try:
+        method = get_method(name)
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from e
+    # the method's own flags decide the shapes built (LoRA's rank, targets): checked like the flags were
+    return method, method.args(**check_fields(method.args, hparams, str(path)))
 
 
 def resolve_adapter(adapter_path: Path) -> tuple[Path, Path, Method, object]:

@@ -6,6 +6,7 @@ optimizer step, half-way through writing a state file, just before a step folder
 
 import json
 import os
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, read_metrics
+from conftest import REPO, one_error_line, read_metrics, run_main
 from littune.cli import main
 from littune.common import load_torch
 from littune.finetune.state import STATE_FILE, find_resume_state
@@ -274,6 +275,46 @@ def test_resume_refuses_another_run_or_a_damaged_state(small_checkpoint, alpaca6
     state.write_bytes(state.read_bytes()[:1000])  # damaged on disk after it was written
     err = refused("--resume", "auto")
     assert str(state) in err and "training state" in err  # (test_finetune runs a bad finetune as a user does)
+
+
+def test_a_crafted_training_state_is_refused_in_one_line_naming_its_field(small_checkpoint, alpaca64, tmp_path,
+                                                                           capsys):
+    """Issue 36 #4: every part of training_state.pt is checked by type and range before a resumed run uses it (it
+    was: step 10**30 reported "Done" and overwrote the final adapter, step -5 wrote step--00001, the others were
+    tracebacks); the run folder is left as it was."""
+    out = tmp_path / "run"
+    flags = ["--max_steps", 2, "--batch_size", 4, "--micro_batch_size", 2, "--save_interval", 1]
+    assert main(finetune_args(small_checkpoint, alpaca64, out, *flags)) == 0
+    saved = torch.load(out / "step-000001" / STATE_FILE, weights_only=True)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    def crafted(**parts):
+        """A copy of step-000001 whose state has `parts` replaced ("counters.step" = one counter)."""
+        state = {**saved, "counters": dict(saved["counters"]), "rng": dict(saved["rng"])}
+        for name, value in parts.items():
+            part, _, key = name.partition(".")
+            if key:
+                state[part][key] = value
+            else:
+                state[part] = value
+        folder = tmp_path / "crafted" / f"step-{len(list(tmp_path.glob('crafted/*'))):06d}"
+        shutil.copytree(out / "step-000001", folder)
+        torch.save(state, folder / STATE_FILE)
+        return folder
+
+    cases = [({"counters.step": 10**30}, "counters.step"), ({"counters.step": -5}, "counters.step"),
+             ({"counters.step": "1"}, "counters.step"), ({"counters.epoch": 2**70}, "counters.epoch"),
+             ({"fingerprint": list(saved["fingerprint"].items())}, "fingerprint"), ({"optimizer": {}}, "optimizer"),
+             ({"rng.torch": torch.zeros(3, dtype=torch.uint8)}, "rng.torch"), ({"rng.python": "x"}, "rng.python"),
+             ({"rng.numpy": ["MT19937", [1, 2], 0, 0, 0.0]}, "rng.numpy"), ({"counters": "step"}, "counters"),
+             ({"counters.best_value": "abc"}, "counters.best_value"), ({"counters.best_step": 7}, "counters.best_step")]
+    for parts, field in cases:
+        folder = crafted(**parts)
+        capsys.readouterr()
+        result = run_main(capsys, *finetune_args(small_checkpoint, alpaca64, out, *flags, "--resume", folder))
+        line = one_error_line(result, f"{folder / STATE_FILE}: {field} ")
+        assert result.returncode == 1 and len(line) < 400, (parts, line)
+        assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before, parts  # nothing written
 
 
 def test_best_folder_is_replaced_whole_and_leftovers_of_a_kill_are_cleaned(small_checkpoint, alpaca64, tmp_path,

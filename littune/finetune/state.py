@@ -4,14 +4,14 @@ RNG state). Also the signal handling that turns Ctrl-C / SIGTERM into "finish th
 
 import signal
 import sys
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import torch
 
-from littune.common import (UserError, atomic_folder, load_torch, remove_atomic_leftovers, sha256_file,
-                            write_torch)
+from littune.common import (Check, UserError, atomic_folder, check_fields, first_line, json_type, load_torch,
+                            remove_atomic_leftovers, sha256_file, write_torch)
 from littune.model import load_state, unwrap
 
 STATE_FILE = "training_state.pt"
@@ -21,14 +21,15 @@ STATE_FILE = "training_state.pt"
 class Progress:
     """Where a run stands; saved with every checkpoint and restored on resume."""
 
-    step: int = 0  # optimizer steps done
-    epoch: int = 0
-    step_in_epoch: int = 0  # steps done in that epoch
-    tokens_seen: int = 0
-    elapsed: float = 0.0  # seconds of training, over all sessions of the run
-    best_value: Optional[float] = None  # of the run's best_metric
-    best_step: int = 0
-    evals_since_best: int = 0
+    # the types and bounds a saved state's counters are checked against before a resumed run uses them
+    step: Annotated[int, Check(ge=0)] = 0  # optimizer steps done
+    epoch: Annotated[int, Check(ge=0)] = 0
+    step_in_epoch: Annotated[int, Check(ge=0)] = 0  # steps done in that epoch
+    tokens_seen: Annotated[int, Check(ge=0)] = 0
+    elapsed: Annotated[float, Check(ge=0)] = 0.0  # seconds of training, over all sessions of the run
+    best_value: Optional[Annotated[float, Check()]] = None  # of the run's best_metric
+    best_step: Annotated[int, Check(ge=0)] = 0
+    evals_since_best: Annotated[int, Check(ge=0)] = 0
     mlflow_run_id: Optional[str] = None  # a resumed run goes on logging into the same MLflow run
     wandb_run_id: Optional[str] = None  # and the same W&B run
 
@@ -144,9 +145,14 @@ def load_training_state(folder: Path, model, optimizer, method, fingerprint: dic
 
     import numpy as np
 
-    saved = load_torch(folder / STATE_FILE, "training state")
+    path = folder / STATE_FILE
+    saved = load_torch(path, "training state")
     if not isinstance(saved, dict) or not {"counters", "fingerprint", "optimizer", "rng"} <= saved.keys():
-        raise UserError(f"{folder / STATE_FILE}: not a littune training state; resume from another step folder")
+        raise UserError(f"{path}: not a littune training state; resume from another step folder")
+    for key in ("counters", "fingerprint", "optimizer", "rng"):
+        if not isinstance(saved[key], dict):
+            raise UserError(f"{path}: {key} is {json_type(saved[key])}, not an object; resume from another step "
+                            f"folder")
     adapter = load_torch(folder / method.adapter_file, "adapter weights")
     saved_run = {**FLAGS_ADDED_LATER, **saved["fingerprint"]}
     differing = sorted(k for k in set(fingerprint) | set(saved_run) if saved_run.get(k) != fingerprint.get(k))
@@ -156,6 +162,9 @@ def load_training_state(folder: Path, model, optimizer, method, fingerprint: dic
                          for k in differing if k not in NOT_FLAGS and saved_run.get(k) is not None)
         hint = f"; resume with the saved values ({flags})" if flags else ""
         raise UserError(f"{folder}: cannot resume, the run differs ({details}){hint}")
+    progress = checked_progress(saved["counters"], path, fingerprint.get("total_steps"))
+    check_optimizer_state(saved["optimizer"], optimizer, path, sharded)
+    check_rng_state(saved["rng"], path)
     missing = set(k for k, p in unwrap(model).named_parameters() if p.requires_grad) - set(adapter)
     if missing:
         raise UserError(f"{folder / method.adapter_file}: incomplete adapter (missing {sorted(missing)[:3]})")
@@ -167,15 +176,73 @@ def load_training_state(folder: Path, model, optimizer, method, fingerprint: dic
         set_optimizer_state_dict(unwrap(model), getattr(optimizer, "optimizer", optimizer), saved["optimizer"],
                                  options=StateDictOptions(full_state_dict=True))
     else:
-        optimizer.load_state_dict(saved["optimizer"])
+        try:  # the layout is checked above; a moment of another shape or type is refused here
+            optimizer.load_state_dict(saved["optimizer"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise UserError(f"{path}: optimizer cannot be restored ({type(e).__name__}: {first_line(e)}); resume "
+                            f"from another step folder") from e
     rng = saved["rng"]
     torch.set_rng_state(rng["torch"])
     if rng["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
     random.setstate(_to_tuples(rng["python"]))
-    np.random.set_state((rng["numpy"][0], np.array(rng["numpy"][1], dtype=np.uint32), *rng["numpy"][2:]))
-    known = {f.name for f in fields(Progress)}
-    return Progress(**{k: v for k, v in saved["counters"].items() if k in known})
+    np.random.set_state(_numpy_state(rng["numpy"]))
+    return progress
+
+
+def checked_progress(counters: dict, path: Path, total_steps: Optional[int]) -> Progress:
+    """The saved counters as a Progress, each of the type and in the range a run can reach (a step past the run's
+    end would report it done and overwrite its final adapter; a negative one would name folders step--00001)."""
+    progress = Progress(**check_fields(Progress, counters, str(path), prefix="counters."))
+    limits = {"step": total_steps, **{name: progress.step for name in
+                                      ("epoch", "step_in_epoch", "best_step", "evals_since_best")}}
+    for name, limit in limits.items():
+        if limit is not None and getattr(progress, name) > limit:
+            bound = f"the run's {limit} steps" if name == "step" else f"counters.step ({limit})"
+            raise UserError(f"{path}: counters.{name} is {getattr(progress, name)}, past {bound}; resume from "
+                            f"another step folder")
+    return progress
+
+
+def check_optimizer_state(state: dict, optimizer, path: Path, sharded: bool) -> None:
+    """The saved optimizer state has the optimizer's shape: its parameter groups, each of as many parameters (under
+    FSDP, where the saved state is the full one and the optimizer holds shards, only the layout is checked)."""
+    groups, mine = state.get("param_groups"), optimizer.state_dict()["param_groups"]
+    if not isinstance(state.get("state"), dict) or not isinstance(groups, list) or any(
+            not isinstance(g, dict) or not isinstance(g.get("params"), list) for g in groups) or not sharded and (
+            len(groups) != len(mine) or any(len(g["params"]) != len(m["params"]) for g, m in zip(groups, mine))):
+        raise UserError(f"{path}: optimizer is not the state of this run's optimizer ({len(mine)} parameter groups "
+                        f"of {', '.join(str(len(m['params'])) for m in mine)} parameters); resume from another step "
+                        f"folder")
+
+
+def check_rng_state(rng: dict, path: Path) -> None:
+    """Each saved random-number state is one its generator takes: tried on scratch generators, so that a bad one
+    is refused before any global state is set."""
+    import random
+
+    import numpy as np
+
+    def cuda(states):  # one ByteTensor per GPU of the saving machine (none saved on a CPU)
+        if not isinstance(states, list) or not all(isinstance(t, torch.Tensor) for t in states):
+            raise TypeError("not a list of tensors")
+
+    tries = {"torch": lambda state: torch.Generator().set_state(state), "cuda": cuda,
+             "python": lambda state: random.Random().setstate(_to_tuples(state)),
+             "numpy": lambda state: np.random.RandomState().set_state(_numpy_state(state))}
+    for name, attempt in tries.items():
+        try:
+            attempt(rng[name])
+        except Exception as e:  # any type or value the generator refuses
+            raise UserError(f"{path}: rng.{name} is not a random-number state ({type(e).__name__}); resume from "
+                            f"another step folder") from e
+
+
+def _numpy_state(saved: list) -> tuple:
+    """numpy's state as saved (its key array as a list, for weights_only loading) -> the tuple numpy takes."""
+    import numpy as np
+
+    return (saved[0], np.array(saved[1], dtype=np.uint32), *saved[2:])
 
 
 def _to_lists(value):

@@ -177,7 +177,9 @@ class Service:
             raise ApiError(400, f"'model' is required: one of {', '.join(self.models)}", param="model",
                            code="missing_required_parameter")
         if name not in self.models:
-            raise ApiError(404, f"The model '{name}' does not exist; this server has {', '.join(self.models)}",
+            # the name is the client's: a 1 MB name gets its first 100 characters back, not a 1 MB reply
+            shown = name if len(name) <= 100 else f"{name[:100]}... ({len(name):,} characters)"
+            raise ApiError(404, f"The model '{shown}' does not exist; this server has {', '.join(self.models)}",
                            param="model", code="model_not_found")
         return self.models[name]
 

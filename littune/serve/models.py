@@ -7,7 +7,8 @@ module is built per method and its flags (LoRA's rank, alpha and targets decide 
 the meta device, and given the base's own tensors (`load_state_dict(assign=True)`: the same storage, no copy): the
 base weights are in memory once whatever the number of adapters. An adapter's own tensors (LoRA's A and B;
 adapter_v2's prefix, gates, scales, biases and norms) are kept per adapter and swapped into its module's parameters
-(a pointer, no copy) before the engine runs that adapter's rows (see `littune.serve.engine`).
+(a pointer, no copy) before the engine runs that adapter's rows (see `littune.serve.engine`); they are read from
+their files once, at start, into the process's own memory: a file changed or removed later changes nothing.
 """
 
 import re
@@ -89,7 +90,10 @@ def load_adapter(name: str, path: Path, checkpoint_dir: Path) -> tuple[dict, Pat
         check_adapter_fits(weights, adapter_file, checkpoint_dir, method, method_args)
     except UserError as e:  # resolve_adapter names the flag as generate's --adapter_path
         raise UserError(str(e).replace(f"--adapter_path {path}", f"--adapter {name}={path}")) from e
-    return weights, run_dir, method, method_args
+    # load_torch maps the file, and the modules take these tensors as they are (`.to()` of the same dtype and
+    # `assign=True` do not copy): without a copy of our own, a file changed on disk would change the answers, and
+    # one truncated would kill the server (SIGBUS) on the next request. The copy is read now, once.
+    return {k: v.clone() for k, v in weights.items()}, run_dir, method, method_args
 
 
 def parameter_dtype(module: torch.nn.Module) -> torch.dtype:
