@@ -102,3 +102,18 @@ def test_quantize_on_several_devices_or_with_named_serve_adapters_is_one_line(sm
                       "--quantize", "bnb.nf4")
     one_error_line(result, "--quantize bnb.nf4", "--adapter_path")
     assert main(["generate", "--prompt", "x", "--checkpoint_dir", str(small_checkpoint), "--quantize", "bnb.nf8"]) == 2
+
+
+def test_serve_with_an_nf4_base_answers_as_generate_does(small_checkpoint):
+    """The real server (uvicorn, OpenAI's client) on an NF4 base: its greedy answer is `littune generate
+    --quantize bnb.nf4 --temperature 0`'s."""
+    from test_serve import MAX_TOKENS, chat, client_for, in_process_server
+
+    from littune.generate import generate
+
+    expected = generate(prompt="Name a color.", checkpoint_dir=small_checkpoint, temperature=0,
+                        max_new_tokens=MAX_TOKENS, quantize="bnb.nf4")[0]
+    with in_process_server(small_checkpoint, quantize="bnb.nf4") as (base, service):
+        module = next(iter(service.models.values())).served.module
+        assert any(isinstance(m, bnb.nn.Linear4bit) for m in module.modules())
+        assert chat(client_for(base, "anything"), "Name a color.")[0] == expected
