@@ -42,6 +42,7 @@ from littune.common import Check, UserError, atomic_path, checked, save_json, sa
 from littune.metrics import (OTHER, check_expected_in_labels, classification_metrics, detect_labels, exact_match,
                              normalize, parse_labels)
 from littune.model import Precision, unwrap
+from littune.quantize import Quantize, check_quantize
 
 
 
@@ -57,6 +58,7 @@ def evaluate(
     labels: Optional[str] = None,
     scoring: Optional[Literal["likelihood", "generate"]] = None,
     precision: Optional[Precision] = None,
+    quantize: Optional[Quantize] = None,
 ) -> dict:
     """Evaluate a fine-tuned adapter (or the base model) on a prepared split: loss, predictions, metrics, plots.
 
@@ -71,6 +73,7 @@ def evaluate(
         labels: The label set of a classification task, comma-separated, e.g. positive,negative (default: the one prepare recorded, else detected from the expected outputs); ties in likelihood scoring go to the first label.
         scoring: likelihood (the most likely label after the prompt, like lm-evaluation-harness; needs a label set) or generate (greedy answers compared as text). Default: likelihood when the label set is known, else generate.
         precision: 32-true, bf16-true, bf16-mixed, 16-true or 16-mixed (default: as littune finetune's: bf16-true on GPUs with bfloat16, 32-true on CPU).
+        quantize: The base model's linear layers in 4 bits (bnb.nf4, bnb.nf4-dq, bnb.fp4, bnb.fp4-dq) or 8 bits (bnb.int8) with bitsandbytes, quantized while loading (pip install 'littune[quantize]'); the adapter loads as it is.
     """
     checkpoint_dir, data_dir = Path(checkpoint_dir), Path(data_dir)
     label_list = parse_labels(labels) if labels is not None else None
@@ -83,6 +86,7 @@ def evaluate(
 
     precision = precision or default_precision()
     check_precision(precision)
+    check_quantize(quantize)
     run_dir = resolve_adapter(adapter_path)[1] if adapter_path is not None else None
     if out_dir is None:
         folder = "eval" if split == "test" else f"eval-{split}"
@@ -105,7 +109,7 @@ def evaluate(
     import lightning as L
 
     fabric = L.Fabric(devices=1, precision=precision, accelerator="auto")
-    model, tokenizer, _ = load_for_inference(fabric, checkpoint_dir, adapter_path)
+    model, tokenizer, _ = load_for_inference(fabric, checkpoint_dir, adapter_path, quantize)
     if scoring == "generate" and max_new_tokens is None:
         max_new_tokens = label_answer_tokens(tokenizer, label_list) if label_list else 32
     if scoring == "generate":
@@ -131,6 +135,7 @@ def evaluate(
         "data_dir": str(data_dir),
         "scoring": scoring,
         "precision": precision,
+        "quantize": quantize,
         "max_new_tokens": max_new_tokens if scoring == "generate" else None,
         "test_loss": loss,
         "perplexity": math.exp(loss) if loss < 700 else float("inf"),

@@ -18,6 +18,7 @@ import torch
 from littune.common import Check, UserError, checked
 from littune.model import Precision, default_precision, load_for_inference, peak_memory_gb
 from littune.prepared import encode
+from littune.quantize import Quantize, check_quantize
 from littune.sampling import generate_tokens, stream_text
 
 
@@ -34,6 +35,7 @@ def generate(
     num_samples: Annotated[int, Check(ge=1)] = 1,
     seed: int = 1234,
     precision: Optional[Precision] = None,
+    quantize: Optional[Quantize] = None,
     prompt_style: Optional[str] = None,
     system: Optional[str] = None,
 ) -> list[str]:
@@ -51,6 +53,7 @@ def generate(
         num_samples: How many answers to sample.
         seed: Random seed: the same seed gives the same sampled text.
         precision: 32-true, bf16-true, bf16-mixed, 16-true or 16-mixed (default: as littune finetune's).
+        quantize: The base model's linear layers in 4 bits (bnb.nf4, bnb.nf4-dq, bnb.fp4, bnb.fp4-dq) or 8 bits (bnb.int8) with bitsandbytes, quantized while loading (pip install 'littune[quantize]'); any adapter loads as it is.
         prompt_style: The prompt template: chat (the model's own chat template) or a litgpt style name (default: the one saved with the adapter, else chat where the model has a template, else alpaca).
         system: A system message for the chat prompt style.
     """
@@ -59,8 +62,9 @@ def generate(
     if not prompt.strip():
         raise UserError("--prompt is empty: give the instruction to answer")
 
+    check_quantize(quantize)
     fabric = L.Fabric(devices=1, precision=precision or default_precision(), accelerator="auto")
-    model, tokenizer, run_dir = load_for_inference(fabric, checkpoint_dir, adapter_path)
+    model, tokenizer, run_dir = load_for_inference(fabric, checkpoint_dir, adapter_path, quantize)
     style = choose_prompt_style(prompt_style, run_dir, checkpoint_dir, system)
     text = style.apply(prompt, input=input)
     prompt_ids = encode(tokenizer, text).to(fabric.device)

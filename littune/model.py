@@ -104,24 +104,34 @@ def build_model(config, method: Optional[Method] = None, method_args=None) -> to
 
 
 def load_model(fabric, checkpoint_dir: Path, method: Optional[Method] = None, method_args=None,
-               adapter: Optional[dict] = None, trainable: bool = False, sharded: Optional[bool] = None):
+               adapter: Optional[dict] = None, trainable: bool = False, sharded: Optional[bool] = None,
+               quantize: Optional[str] = None):
     """Build, set up, then load: the base weights of `checkpoint_dir`, then `adapter` (a method's trained weights).
 
     trainable: training; the method's parameters keep their initialisation where `adapter` is None and are the only
     ones with requires_grad. Inference leaves nothing initialised: every parameter comes from a file.
+    quantize: the frozen linear layers in bitsandbytes' 4 or 8 bits, quantized while loading (`littune.quantize`;
+    one device, never sharded: built, loaded, then set up).
     """
     checkpoint_dir = Path(checkpoint_dir)
     config = load_model_config(checkpoint_dir)
     sharded = is_sharded(fabric) if sharded is None else sharded
-    with fabric.init_module(empty_init=sharded or not trainable):
-        model = build_model(config, method, method_args)
-    for name, param in model.named_parameters():
-        param.requires_grad = trainable and method is not None and method.is_trainable(name)
-    model = fabric.setup_module(model)  # FSDP materialises (random values) here: load after it, never before
-
     path = checkpoint_dir / "lit_model.pth"
-    state = {**load_torch(path, "base weights"), **(adapter or {})}  # the adapter's norms replace the base ones
-    missing, unexpected = load_state(model, state, sharded)
+    if quantize is not None:
+        from littune.quantize import load_quantized
+
+        state = {**load_torch(path, "base weights"), **(adapter or {})}
+        model, missing, unexpected = load_quantized(
+            fabric, lambda: build_model(config, method, method_args), state, quantize,
+            method.is_trainable if method is not None else (lambda name: False), trainable and method is not None)
+    else:
+        with fabric.init_module(empty_init=sharded or not trainable):
+            model = build_model(config, method, method_args)
+        for name, param in model.named_parameters():
+            param.requires_grad = trainable and method is not None and method.is_trainable(name)
+        model = fabric.setup_module(model)  # FSDP materialises (random values) here: load after it, never before
+        state = {**load_torch(path, "base weights"), **(adapter or {})}  # the adapter's norms replace the base ones
+        missing, unexpected = load_state(model, state, sharded)
     # names as the model reports them (litgpt's method models rename some base weights while loading)
     missing = [k for k in missing if adapter is not None or method is None or not method.is_trainable(k)]
     if missing or unexpected:
@@ -144,8 +154,10 @@ def load_state(model, state: dict, sharded: bool) -> tuple[list, list]:
     return set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True, strict=False))
 
 
-def load_for_inference(fabric, checkpoint_dir: Path, adapter_path: Optional[Path] = None):
-    """(model in eval mode, tokenizer, run folder or None) for a base checkpoint plus an optional trained adapter."""
+def load_for_inference(fabric, checkpoint_dir: Path, adapter_path: Optional[Path] = None,
+                       quantize: Optional[str] = None):
+    """(model in eval mode, tokenizer, run folder or None) for a base checkpoint plus an optional trained adapter,
+    the base quantized with `quantize` where given."""
     from littune.prepared import load_tokenizer
 
     method = method_args = adapter = run_dir = None
@@ -153,7 +165,7 @@ def load_for_inference(fabric, checkpoint_dir: Path, adapter_path: Optional[Path
         adapter_file, run_dir, method, method_args = resolve_adapter(adapter_path)
         adapter = load_torch(adapter_file, "adapter weights")
         check_adapter_fits(adapter, adapter_file, checkpoint_dir, method, method_args)
-    model = load_model(fabric, checkpoint_dir, method, method_args, adapter=adapter)
+    model = load_model(fabric, checkpoint_dir, method, method_args, adapter=adapter, quantize=quantize)
     return model.eval(), load_tokenizer(Path(checkpoint_dir)), run_dir
 
 

@@ -12,6 +12,7 @@ from typing import Annotated, Literal, Optional, Union
 
 from littune.common import Check, UserError
 from littune.model import Precision
+from littune.quantize import Quantize
 
 
 def same_run(default):
@@ -30,6 +31,10 @@ class TrainArgs:
     precision: Optional[Precision] = same_run(None)
     """32-true, bf16-true, bf16-mixed, 16-true or 16-mixed (default: bf16-true on GPUs that have it, 16-mixed on older
     ones; on a CPU bf16-mixed where one block of the model is measured faster in it on this CPU, else 32-true)."""
+    quantize: Optional[Quantize] = same_run(None)
+    """The frozen base in 4 bits (bnb.nf4, bnb.fp4; -dq: double-quantized statistics, QLoRA) or 8 bits (bnb.int8),
+    with bitsandbytes, quantized while loading; the adapter trains and is saved in --precision. One device, no FSDP;
+    pip install 'littune[quantize]'."""
     devices: Annotated[int, Check(ge=1)] = same_run(1)
     """Devices (GPUs, or CPU processes) per node."""
     num_nodes: Annotated[int, Check(ge=1)] = same_run(1)

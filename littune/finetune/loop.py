@@ -40,6 +40,7 @@ from littune.methods import Method
 from littune.model import (check_data_fits_model, check_precision, checkpoint_activations, collate, count_targets,
                            default_precision, forward_loss_sum, is_sharded, load_model, peak_memory_gb, unwrap)
 from littune.precision import run_precision, shared_with_ranks
+from littune.quantize import check_quantize
 
 
 def finetune(method: Method, args: TrainArgs, method_args) -> Path:
@@ -57,6 +58,7 @@ def finetune(method: Method, args: TrainArgs, method_args) -> Path:
     if args.strategy == "fsdp" and args.best_metric not in (None, "val_loss"):
         raise UserError(f"--best_metric {args.best_metric}: task metrics are not scored under --strategy fsdp (every "
                         f"rank would have to take part in each forward); use --best_metric val_loss")
+    check_quantize(args.quantize, args.strategy, args.devices * args.num_nodes)
     label_task = meta.get("labels") is not None and args.strategy != "fsdp"
     plain = plain_reason(args.shared_prefix, args.strategy, method_args, config, args.activation_checkpointing)
     args = resolve_defaults(args, method.name, len(train), None, label_task,  # an unset precision: decided below
@@ -95,12 +97,14 @@ def fit(fabric, method: Method, method_args, args: TrainArgs, train: list, val: 
         steps: int, resume_dir=None) -> Path:
     out_dir, rank, sharded = Path(args.out_dir), fabric.global_rank, is_sharded(fabric)
     fabric.seed_everything(args.seed, verbose=False)  # the same seed everywhere: the same initial weights
-    model = load_model(fabric, args.checkpoint_dir, method, method_args, trainable=True, sharded=sharded)
+    model = load_model(fabric, args.checkpoint_dir, method, method_args, trainable=True, sharded=sharded,
+                       quantize=args.quantize)
     if args.activation_checkpointing and not sharded:  # FSDP recomputes through its own policy (fabric_strategy)
         checkpoint_activations(unwrap(model), method.block_class, method.before_forward)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     fabric.print(f"{method.name}: {trainable:,} trainable parameters, "
-                 f"{sum(p.numel() for p in model.parameters()) - trainable:,} frozen")
+                 f"{sum(p.numel() for p in model.parameters()) - trainable:,} frozen"
+                 f"{f' (linear layers in {args.quantize}, counted as stored)' if args.quantize else ''}")
     optimizer = fabric.setup_optimizers(make_optimizer(model, args.learning_rate, args.weight_decay))
     progress = Progress()
     if resume_dir is not None:

@@ -39,6 +39,7 @@ from typing import Annotated, Any, Literal, Optional
 
 from littune.common import Check, UserError, checked
 from littune.model import Precision
+from littune.quantize import Quantize, check_quantize
 from littune.serve.app import build_app, host_allowlist, is_loopback
 from littune.serve.engine import Engine, Served
 from littune.serve.models import Model, load_models, parse_adapter_flags
@@ -57,6 +58,7 @@ def serve(
     port: Annotated[int, Check(ge=1, le=65535)] = 8000,
     api_key: Optional[str] = None,
     precision: Optional[Precision] = None,
+    quantize: Optional[Quantize] = None,
     max_concurrency: Annotated[int, Check(ge=1, le=1024)] = 4,
     max_queue: Annotated[int, Check(ge=0)] = 64,
     prompt_style: Optional[str] = None,
@@ -74,6 +76,7 @@ def serve(
         port: The TCP port to listen on.
         api_key: Clients must send "Authorization: Bearer KEY" (default: the LITTUNE_API_KEY environment variable; none: no check). The environment variable keeps the key out of the process list.
         precision: 32-true, bf16-true, bf16-mixed, 16-true or 16-mixed (default: as littune generate's).
+        quantize: The base model's linear layers in 4 bits (bnb.nf4, bnb.nf4-dq, bnb.fp4, bnb.fp4-dq) or 8 bits (bnb.int8) with bitsandbytes, quantized while loading (pip install 'littune[quantize]'); with --adapter_path or no adapter (not with named --adapter ones).
         max_concurrency: Requests answered at once, decoded together as one batch; further ones wait.
         max_queue: Requests that may wait for a place; beyond them a request gets 429 with Retry-After.
         prompt_style: The prompt template for chat messages: chat (the model's own chat template) or a litgpt style name (default: the one saved with the adapter, else chat where the model has a template, else alpaca).
@@ -87,6 +90,11 @@ def serve(
         raise UserError("--adapter_path and --adapter: give one adapter with --adapter_path, or name each with "
                         "--adapter NAME=PATH (once per adapter), not both")
     adapters = parse_adapter_flags(adapter, Path(checkpoint_dir).resolve().name) if adapter is not None else None
+    if quantize is not None and adapters is not None:
+        raise UserError(f"--quantize {quantize} with named --adapter ones: the adapters share one base model's "
+                        f"tensors, which a quantized base does not lend; serve one adapter with --adapter_path, or "
+                        f"drop --quantize")
+    check_quantize(quantize)
     require_server_packages()
     if not is_loopback(host) and key is None:
         print(f"littune serve: warning: --host {host} accepts connections from other machines and no API key is set; "
@@ -96,7 +104,7 @@ def serve(
     try:
         service = load_service(checkpoint_dir, adapter_path, adapters=adapters, precision=precision,
                                max_concurrency=max_concurrency, max_queue=max_queue, api_key=key,
-                               prompt_style=prompt_style, system=system)
+                               prompt_style=prompt_style, system=system, quantize=quantize)
         service.url = f"http://{host if ':' not in host else f'[{host}]'}:{port}/v1"
         service.allowed_hosts = hosts
         server = make_server(build_app(service), service, log_level=log_level)
@@ -187,7 +195,8 @@ class Service:
 def load_service(checkpoint_dir: Path, adapter_path: Optional[Path] = None, *,
                  adapters: Optional[dict[str, Path]] = None, precision: Optional[str] = None,
                  max_concurrency: int = 4, max_queue: int = 64, api_key: Optional[str] = None,
-                 prompt_style: Optional[str] = None, system: Optional[str] = None) -> Service:
+                 prompt_style: Optional[str] = None, system: Optional[str] = None,
+                 quantize: Optional[str] = None) -> Service:
     """Load the model (one copy, on one device) with one adapter (adapter_path) or with named ones (adapters: NAME
     -> PATH), each with the prompt style `littune generate` would use with it."""
     import lightning as L
@@ -202,7 +211,7 @@ def load_service(checkpoint_dir: Path, adapter_path: Optional[Path] = None, *,
     if adapters is not None:
         models, tokenizer = load_models(fabric, checkpoint_dir, adapters, prompt_style, system)
     else:
-        model, tokenizer, run_dir = load_for_inference(fabric, checkpoint_dir, adapter_path)
+        model, tokenizer, run_dir = load_for_inference(fabric, checkpoint_dir, adapter_path, quantize)
         style = choose_prompt_style(prompt_style, run_dir, checkpoint_dir, system)
         model_id = checkpoint_dir.resolve().name + (f"+{run_dir.resolve().name}" if run_dir is not None else "")
         models = [Model(model_id, Served(model_id, unwrap(model)), style, tuple(style.stop_tokens(tokenizer)))]

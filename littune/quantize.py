@@ -1,0 +1,169 @@
+"""--quantize: a frozen base model in 4 bits (NF4 or FP4, optionally with double-quantized statistics: QLoRA) or
+8 bits (LLM.int8()), with bitsandbytes' own `Linear4bit` / `Linear8bitLt` modules, on CPU and CUDA by the same code.
+The names are litgpt's: bnb.nf4, bnb.nf4-dq, bnb.fp4, bnb.fp4-dq, bnb.int8.
+
+Why not Lightning Fabric's `BitsandbytesPrecision` (litgpt's way): its layers' `quantize` raise "Unexpected device
+type" on any device but CUDA (lightning 2.6), so on a CPU it cannot be used. littune wires the same bitsandbytes
+modules itself, and quantizes while loading: the model is built on the meta device, the memory-mapped lit_model.pth
+is assigned to it (nothing copied), and each frozen `nn.Linear` is replaced by its bitsandbytes layer, its weight
+read and quantized one tensor at a time; only the rest (embeddings, norms, the method's parameters) is copied into
+memory in the run's dtype. The full float32 model is never in RAM. The method's parameters (LoRA's A and B,
+adapter_v2's prefix, scales, biases and norms) are not quantized: they train, are saved and load in the run's dtype,
+so an adapter trained on a quantized base loads onto the unquantized one and back.
+
+bitsandbytes is an extra: `pip install 'littune[quantize]'`.
+"""
+
+import logging
+from typing import Callable, Literal, Optional
+
+import torch
+
+from littune.common import UserError, first_line
+
+Quantize = Literal["bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq", "bnb.int8"]
+INT8_THRESHOLD = 6.0  # LLM.int8()'s outlier threshold, as Fabric's and litgpt's int8 layers use
+
+
+def require_bitsandbytes(quantize: str):
+    """The bitsandbytes module, or one line saying how to install it."""
+    # bitsandbytes 0.50 logs, on a CPU with AVX512-BF16, that it could not fetch an optional kernel from a model hub
+    # (the `kernels` package); its own kernels run instead. The advice would make littune download code at run time.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    try:
+        import bitsandbytes
+    except ImportError as e:
+        raise UserError(f"--quantize {quantize} needs bitsandbytes ({first_line(e)}): pip install "
+                        f"'littune[quantize]'") from e
+    return bitsandbytes
+
+
+def check_quantize(quantize: Optional[str], strategy: str = "auto", world: int = 1) -> None:
+    """Refuse what a quantized base does not support here, before any file is read."""
+    if quantize is None:
+        return
+    if strategy == "fsdp":
+        raise UserError(f"--quantize {quantize} with --strategy fsdp: FSDP would shard bitsandbytes' packed weights "
+                        f"without their quantization state; drop --quantize, or train on one device without fsdp")
+    if world > 1:
+        raise UserError(f"--quantize {quantize} trains on one device only (as litgpt's), and --devices x --num_nodes "
+                        f"is {world}; use --devices 1 --num_nodes 1, or drop --quantize")
+    require_bitsandbytes(quantize)
+
+
+def compute_dtype(precision: str) -> torch.dtype:
+    """The dtype the quantized layers dequantize to and multiply in: the run's (bfloat16/float16 under mixed)."""
+    if precision.startswith("bf16"):
+        return torch.bfloat16
+    if precision.startswith("16"):
+        return torch.float16
+    return torch.float32
+
+
+def check_backward(quantize: str, device: torch.device, dtype: torch.dtype) -> None:
+    """One small forward and backward through the quantized layer on this device: a backend without a backward for
+    it (e.g. an int8 matmul without one) is one line here, not a traceback in the first step."""
+    bnb = require_bitsandbytes(quantize)
+    layer = quantized_linear(torch.nn.Linear(64, 64, bias=False), quantize, dtype, device, bnb, training=True)
+    x = torch.randn(2, 64, device=device, dtype=dtype, requires_grad=True)
+    try:
+        layer(x).float().sum().backward()
+        ok = x.grad is not None and bool(torch.isfinite(x.grad).all())
+        error = "no gradient reached the input"
+    except Exception as e:  # the backend's own error, whatever it is
+        ok, error = False, f"{type(e).__name__}: {first_line(e)}"
+    if not ok:
+        raise UserError(f"--quantize {quantize}: bitsandbytes {bnb.__version__} has no backward for it on "
+                        f"{device.type} with {str(dtype).removeprefix('torch.')} ({error}); fine-tune with "
+                        f"--quantize bnb.nf4, or without --quantize")
+
+
+def quantized_linear(linear: torch.nn.Linear, quantize: str, dtype: torch.dtype, device: torch.device, bnb,
+                     training: bool) -> torch.nn.Module:
+    """bitsandbytes' layer for `linear`, its weight quantized on `device` (the bias stays as it is: the caller
+    casts it with the module's other tensors)."""
+    weight = linear.weight.detach()
+    with torch.device("meta"):
+        if quantize == "bnb.int8":
+            layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                        has_fp16_weights=False, threshold=INT8_THRESHOLD)
+        else:
+            quant_type = quantize.removeprefix("bnb.").removesuffix("-dq")
+            layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                      compute_dtype=dtype, compress_statistics=quantize.endswith("-dq"),
+                                      quant_type=quant_type)
+    if quantize == "bnb.int8":  # quantized from float16 by bitsandbytes itself
+        layer.weight = bnb.nn.Int8Params(weight.contiguous(), requires_grad=False,
+                                         has_fp16_weights=False)._quantize(device)
+    else:
+        layer.weight = bnb.nn.Params4bit(weight.to(device=device, dtype=dtype).contiguous(), requires_grad=False,
+                                         compress_statistics=quantize.endswith("-dq"), quant_type=quant_type,
+                                         module=layer)._quantize(device)
+        # On an AVX512-BF16 CPU, bitsandbytes repacks the weight in place for a forward-only kernel the first time
+        # the layer runs in eval mode without gradients; a fine-tuning run evaluates, then trains through the layer
+        # again, and that kernel has no backward: a model that trains keeps the plain layout.
+        if training:
+            layer.support_avx512bf16_for_cpu = False
+    if linear.bias is not None:
+        layer.bias = torch.nn.Parameter(linear.bias.detach(), requires_grad=False)
+    return layer.train(linear.training)
+
+
+def is_quantized(module: torch.nn.Module) -> bool:
+    import bitsandbytes as bnb
+
+    return isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
+
+
+def load_quantized(fabric, build: Callable[[], torch.nn.Module], state: dict, quantize: str,
+                   trainable: Callable[[str], bool], training: bool) -> tuple[torch.nn.Module, list, list]:
+    """(the model with every frozen linear layer quantized and every other tensor on the device in the run's dtype,
+    missing names, unexpected names). `state`: the base weights (memory-mapped) plus an adapter's; `trainable`:
+    parameter name -> trains (when `training`). The method's parameters `state` lacks keep their initialisation."""
+    bnb = require_bitsandbytes(quantize)
+    precision = fabric.strategy.precision.precision
+    device = fabric.device
+    with fabric.init_module(empty_init=True), torch.device("meta"):  # the run's default dtype, no memory
+        model = build()
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    for name, param in model.named_parameters():
+        param.requires_grad = training and trainable(name)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)  # litgpt's renaming hooks run
+    if training:
+        check_backward(quantize, device, compute_dtype(precision))
+    for parent_name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            full = f"{parent_name}.{child_name}" if parent_name else child_name
+            if type(child) is torch.nn.Linear and not child.weight.is_meta and not (training and trainable(
+                    f"{full}.weight")):
+                setattr(parent, child_name, quantized_linear(child, quantize, compute_dtype(precision), device, bnb,
+                                                             training))
+    materialize(model, device, dtype)
+    return fabric.setup_module(model), missing, unexpected
+
+
+@torch.no_grad()
+def materialize(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Every tensor but the quantized weights copied onto `device` (floating ones in `dtype`): none is left a view
+    of the memory-mapped file. A module with tensors still on the meta device (the method's parameters, the RoPE
+    cache) gets them allocated and its `reset_parameters` run, its loaded tensors kept as they were."""
+    for module in model.modules():
+        quantized = is_quantized(module)
+        loaded, empty = {}, False
+        for kind in ("_parameters", "_buffers"):
+            tensors = getattr(module, kind)
+            for name, tensor in list(tensors.items()):
+                if tensor is None or (quantized and name == "weight"):
+                    continue
+                wanted = dtype if tensor.is_floating_point() else tensor.dtype
+                if tensor.is_meta:
+                    new, empty = torch.empty_like(tensor, device=device, dtype=wanted), True
+                else:
+                    new = tensor.to(device=device, dtype=wanted, copy=True)
+                    loaded[(kind, name)] = new
+                tensors[name] = torch.nn.Parameter(new, requires_grad=tensor.requires_grad) \
+                    if kind == "_parameters" else new
+        if empty and hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+            for (kind, name), tensor in loaded.items():  # a reset may touch every tensor of its module
+                getattr(module, kind)[name].data.copy_(tensor)

@@ -1,0 +1,119 @@
+"""--quantize: the frozen base in bitsandbytes' 4/8-bit layers, the adapter in the run's dtype, through the real CLI."""
+
+import pytest
+import torch
+import yaml
+
+from conftest import one_error_line, read_metrics, run_main
+from littune.cli import main
+
+bnb = pytest.importorskip("bitsandbytes")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.mark.parametrize("quantize,method_name", [("bnb.nf4", "adapter_v2"), ("bnb.fp4-dq", "lora"),
+                                                  ("bnb.int8", "lora")])
+def test_frozen_linears_are_bitsandbytes_layers_and_the_adapter_gets_gradients(small_checkpoint, quantize,
+                                                                                method_name):
+    import lightning as L
+
+    from littune.methods import get_method
+    from littune.model import load_model, unwrap
+
+    method = get_method(method_name)
+    fabric = L.Fabric(devices=1, accelerator="cpu", precision="32-true")
+    model = load_model(fabric, small_checkpoint, method, trainable=True, quantize=quantize)
+    layers = [m for m in unwrap(model).modules() if isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))]
+    assert layers and not any(type(m) is torch.nn.Linear for m in unwrap(model).modules())
+    for layer in layers:
+        if quantize == "bnb.int8":
+            assert isinstance(layer, bnb.nn.Linear8bitLt) and layer.weight.dtype == torch.int8
+        else:
+            assert isinstance(layer.weight, bnb.nn.Params4bit) and layer.weight.dtype == torch.uint8
+            assert layer.weight.quant_state.quant_type == quantize[4:7]
+            assert layer.weight.quant_state.nested == quantize.endswith("-dq")
+        assert not layer.weight.requires_grad
+    trainable = {n: p for n, p in unwrap(model).named_parameters() if p.requires_grad}
+    assert trainable and all(method.is_trainable(n) and p.dtype == torch.float32 for n, p in trainable.items())
+    assert all(not p.requires_grad for n, p in unwrap(model).named_parameters() if not method.is_trainable(n))
+    ids = torch.randint(0, 500, (2, 16))
+    method.before_forward(unwrap(model))
+    logits = model(ids)
+    torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), ids.roll(-1, 1).reshape(-1)).backward()
+    assert all(p.grad is not None for p in trainable.values())
+
+
+def test_nf4_base_logits_are_close_to_the_float_base_but_not_equal(small_checkpoint):
+    import lightning as L
+
+    from littune.model import load_model
+
+    fabric = L.Fabric(devices=1, accelerator="cpu", precision="32-true")
+    ids = torch.randint(0, 500, (1, 24))
+    with torch.inference_mode():
+        plain = load_model(fabric, small_checkpoint).eval()(ids)
+        nf4 = load_model(fabric, small_checkpoint, quantize="bnb.nf4").eval()(ids)
+    assert (plain - nf4).abs().max() > 0  # 4 bits are not float32
+    # ...but the same model: the logits point the same way (a random tiny model's weights quantize coarsely)
+    assert torch.nn.functional.cosine_similarity(plain.flatten(), nf4.flatten(), dim=0) > 0.95
+
+
+def test_finetune_with_nf4_trains_saves_resumes_and_the_adapter_loads_on_both_bases(small_checkpoint, alpaca64,
+                                                                                    tmp_path, capsys):
+    out = tmp_path / "run"
+    flags = ["finetune", "adapter_v2", "--checkpoint_dir", small_checkpoint, "--data_dir", alpaca64, "--out_dir",
+             out, "--max_steps", "6", "--micro_batch_size", "2", "--batch_size", "4", "--eval_interval", "3",
+             "--eval_iters", "1", "--learning_rate", "0.01", "--save_interval", "3", "--quantize", "bnb.nf4"]
+    assert run_main(capsys, *flags).returncode == 0
+    losses = [float(r["train_loss"]) for r in read_metrics(out)]
+    assert len(losses) == 6 and sum(losses[-2:]) < sum(losses[:2])
+    assert yaml.safe_load((out / "hyperparameters.yaml").read_text())["quantize"] == "bnb.nf4"
+    adapter = torch.load(out / "lit_model_adapter_finetuned.pth", weights_only=True)
+    assert adapter and all(v.dtype == torch.float32 for v in adapter.values())
+
+    # a resumed run keeps its --quantize: another one is refused, naming the saved flag
+    other = [f if f != "bnb.nf4" else "bnb.fp4" for f in flags] + ["--resume", str(out / "step-000003")]
+    line = one_error_line(run_main(capsys, *other), "quantize")
+    assert "--quantize bnb.nf4" in line
+    assert run_main(capsys, *flags, "--resume", str(out / "step-000003")).returncode == 0
+
+    answers = {}
+    for quantize in ([], ["--quantize", "bnb.nf4"]):
+        result = run_main(capsys, "generate", "--prompt", "Name a color.", "--checkpoint_dir", small_checkpoint,
+                          "--adapter_path", out, "--max_new_tokens", "4", "--temperature", "0", *quantize)
+        assert result.returncode == 0, result.stderr
+        answers[bool(quantize)] = result.stdout
+    result = run_main(capsys, "evaluate", "--checkpoint_dir", small_checkpoint, "--data_dir", alpaca64,
+                      "--adapter_path", out, "--out_dir", tmp_path / "eval", "--max_new_tokens", "2",
+                      "--quantize", "bnb.nf4")
+    assert result.returncode == 0, result.stderr
+    import json
+
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["quantize"] == "bnb.nf4"
+
+
+def test_quantize_on_several_devices_or_with_named_serve_adapters_is_one_line(small_checkpoint, alpaca64, tmp_path,
+                                                                              capsys):
+    result = run_main(capsys, "finetune", "lora", "--checkpoint_dir", small_checkpoint, "--data_dir", alpaca64,
+                      "--out_dir", tmp_path / "r", "--devices", "2", "--quantize", "bnb.nf4")
+    one_error_line(result, "--quantize bnb.nf4", "--devices 1")
+    assert not (tmp_path / "r").exists()
+    result = run_main(capsys, "serve", "--checkpoint_dir", small_checkpoint, "--adapter", f"a={tmp_path}",
+                      "--quantize", "bnb.nf4")
+    one_error_line(result, "--quantize bnb.nf4", "--adapter_path")
+    assert main(["generate", "--prompt", "x", "--checkpoint_dir", str(small_checkpoint), "--quantize", "bnb.nf8"]) == 2
+
+
+def test_serve_with_an_nf4_base_answers_as_generate_does(small_checkpoint):
+    """The real server (uvicorn, OpenAI's client) on an NF4 base: its greedy answer is `littune generate
+    --quantize bnb.nf4 --temperature 0`'s."""
+    from test_serve import MAX_TOKENS, chat, client_for, in_process_server
+
+    from littune.generate import generate
+
+    expected = generate(prompt="Name a color.", checkpoint_dir=small_checkpoint, temperature=0,
+                        max_new_tokens=MAX_TOKENS, quantize="bnb.nf4")[0]
+    with in_process_server(small_checkpoint, quantize="bnb.nf4") as (base, service):
+        module = next(iter(service.models.values())).served.module
+        assert any(isinstance(m, bnb.nn.Linear4bit) for m in module.modules())
+        assert chat(client_for(base, "anything"), "Name a color.")[0] == expected
