@@ -17,6 +17,7 @@ import socket
 import sys
 import time
 import typing
+import warnings
 from dataclasses import fields
 from pathlib import Path
 from typing import Annotated, Literal, Optional, Union
@@ -171,6 +172,7 @@ def open_study(url: str, engine: dict, study_name: str, options: dict, seed: int
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # littune prints one line per trial itself
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats are "experimental"
     try:
         storage = RDBStorage(url, engine_kwargs=engine, heartbeat_interval=options["heartbeat_seconds"],
                              grace_period=2 * options["heartbeat_seconds"],
