@@ -26,6 +26,8 @@ COMMANDS = {
     "prepare": "littune.data:prepare",
     "finetune": {"_help": "Fine-tune a converted checkpoint on prepared data (one method per subcommand).",
                  **{name: f"littune.finetune:{name}" for name in METHODS}},
+    "sweep": {"_help": "Search finetune's flags with Optuna (pip install 'littune[sweep]').",
+              **{name: f"littune.sweep:{name}" for name in METHODS}},
     "generate": "littune.generate:generate",
     "serve": "littune.serve:serve",
     "evaluate": "littune.evaluate:evaluate",

@@ -43,8 +43,10 @@ from littune.precision import run_precision, shared_with_ranks
 from littune.quantize import check_quantize
 
 
-def finetune(method: Method, args: TrainArgs, method_args) -> Path:
-    """Fine-tune with `method`; returns the final weights file. Everything is checked before the first step."""
+def finetune(method: Method, args: TrainArgs, method_args, on_evaluation=None) -> Path:
+    """Fine-tune with `method`; returns the final weights file. Everything is checked before the first step.
+    on_evaluation: called in-process (no flag) after each evaluation as on_evaluation(step, figures); a true result
+    stops the run there as early stopping does (`littune sweep`'s pruner)."""
     import lightning as L
 
     config = load_model_config(args.checkpoint_dir)
@@ -90,11 +92,11 @@ def finetune(method: Method, args: TrainArgs, method_args) -> Path:
     with shared_with_ranks(args.precision, why):
         fabric.launch()
     run = fingerprint(same_run_values(args, method_args), args.checkpoint_dir, data_dir, data_dir / "train.pt", steps)
-    return fit(fabric, method, method_args, args, train, val, meta, run, steps, resume_dir)
+    return fit(fabric, method, method_args, args, train, val, meta, run, steps, resume_dir, on_evaluation)
 
 
 def fit(fabric, method: Method, method_args, args: TrainArgs, train: list, val: list, meta: dict, run_fingerprint: dict,
-        steps: int, resume_dir=None) -> Path:
+        steps: int, resume_dir=None, on_evaluation=None) -> Path:
     out_dir, rank, sharded = Path(args.out_dir), fabric.global_rank, is_sharded(fabric)
     fabric.seed_everything(args.seed, verbose=False)  # the same seed everywhere: the same initial weights
     model = load_model(fabric, args.checkpoint_dir, method, method_args, trainable=True, sharded=sharded,
@@ -139,11 +141,11 @@ def fit(fabric, method: Method, method_args, args: TrainArgs, train: list, val: 
                          fabric.world_size, args.seed, args.group_by_length, progress.epoch, progress.step_in_epoch)
     patience = args.early_stopping_patience
     stopped_early = patience is not None and progress.evals_since_best >= patience  # a resumed early-stopped run
-    stop, bar = StopRequest(), make_progress(fabric, steps, progress.step)
+    stop, bar, stopped_by_caller = StopRequest(), make_progress(fabric, steps, progress.step), False
     session_start, session_tokens, elapsed_before = time.perf_counter(), 0, progress.elapsed
     status = "FAILED"
     try:
-        while progress.step < steps and not stopped_early:
+        while progress.step < steps and not stopped_early and not stopped_by_caller:
             epoch, step_in_epoch, step_batches = next(batches)
             step = progress.step + 1
             lr = learning_rate_at(step, args.learning_rate, args.warmup_steps, steps, args.lr_schedule)
@@ -173,6 +175,7 @@ def fit(fabric, method: Method, method_args, args: TrainArgs, train: list, val: 
                     bar.write(f"step {step}: {figures}{' (best)' if improved else ''}, {len(scored)} records in "
                               f"{evaluation['eval_sec']:.1f}s | {val[0]['instruction'][:50]!r} -> {answer!r}")
                 stopped_early = patience is not None and progress.evals_since_best >= patience
+                stopped_by_caller = on_evaluation is not None and bool(on_evaluation(step, evaluation))  # pruned
             if rank == 0 and (step % args.log_interval == 0 or step == steps or evaluation):
                 log_row(metrics_path, loggers, {
                     "step": step, "epoch": epoch, "train_loss": loss, "learning_rate": lr, **evaluation,
@@ -181,7 +184,7 @@ def fit(fabric, method: Method, method_args, args: TrainArgs, train: list, val: 
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{session_tokens / max(seconds, 1e-9):,.0f}")
             bar.update(1)
             stop.agree(fabric)
-            if step % args.save_interval == 0 or step == steps or stopped_early or stop.requested:
+            if step % args.save_interval == 0 or step == steps or stopped_early or stopped_by_caller or stop.requested:
                 save_training_state(fabric, model, optimizer, method, out_dir, progress, run_fingerprint, run_files,
                                     sharded)
             if stop.requested:
