@@ -28,6 +28,7 @@ from littune.common import UserError, atomic_folder, replace_outputs, save_text,
 from littune.prepared import load_prepare_json, load_split, load_tokenizer, validation_split_name
 from littune.prompts import load_style_file
 from littune.finetune.args import TrainArgs, hyperparameters, resolve_defaults, same_run_values, total_steps
+from littune.finetune.guard import LossWatch, blow_up_line, watch_loss
 from littune.finetune.logs import (TASK_METRICS, close_loggers, keep_metrics_until, log_row, logger_run_ids,
                                    make_loggers, make_progress)
 from littune.finetune.prefix import (eight_pack_small, packed_batch, plain_reason, prefix_to_share,
@@ -64,7 +65,8 @@ def finetune(method: Method, args: TrainArgs, method_args, on_evaluation=None) -
     label_task = meta.get("labels") is not None and args.strategy != "fsdp"
     plain = plain_reason(args.shared_prefix, args.strategy, method_args, config, args.activation_checkpointing)
     args = resolve_defaults(args, method.name, len(train), None, label_task,  # an unset precision: decided below
-                            eight_pack_small=plain is None and eight_pack_small(train))
+                            eight_pack_small=plain is None and eight_pack_small(train),
+                            default_learning_rate=method.learning_rate)
     if args.precision is not None:  # a flag littune cannot use fails before any file is touched
         check_precision(args.precision)
     print(f"shared prefix: off ({plain})" if plain else "shared prefix: on (the first tokens a micro-batch's records "
@@ -143,7 +145,7 @@ def fit(fabric, method: Method, method_args, args: TrainArgs, train: list, val: 
     stopped_early = patience is not None and progress.evals_since_best >= patience  # a resumed early-stopped run
     stop, bar, stopped_by_caller = StopRequest(), make_progress(fabric, steps, progress.step), False
     session_start, session_tokens, elapsed_before = time.perf_counter(), 0, progress.elapsed
-    status = "FAILED"
+    status, watch = "FAILED", LossWatch()
     try:
         while progress.step < steps and not stopped_early and not stopped_by_caller:
             epoch, step_in_epoch, step_batches = next(batches)
@@ -158,6 +160,11 @@ def fit(fabric, method: Method, method_args, args: TrainArgs, train: list, val: 
             progress = replace(progress, step=step, epoch=epoch, step_in_epoch=step_in_epoch,
                                tokens_seen=progress.tokens_seen + tokens, elapsed=elapsed_before + seconds)
 
+            blown = watch_loss(watch, step, loss, lambda: {} if sharded else trainable_copy(model))
+            if blown is not None:
+                kept = keep_before_blow_up(fabric, model, method, watch, blown[0], progress, args, scored,
+                                           ignore_index, task, out_dir, run_files)
+                bar.write(blow_up_line(*blown, args.learning_rate, progress.best_step, args.best_metric, kept))
             evaluation = {}
             if step % args.eval_interval == 0 or step == steps:
                 evaluation = evaluate_now(fabric, model, method, scored, args.micro_batch_size, ignore_index, task)
@@ -204,8 +211,42 @@ def fit(fabric, method: Method, method_args, args: TrainArgs, train: list, val: 
     seconds = time.perf_counter() - session_start
     fabric.print(f"Done: {progress.step} steps, {progress.tokens_seen:,} tokens trained in "
                  f"{elapsed_before + seconds:.1f}s ({session_tokens / max(seconds, 1e-9):,.0f} tokens/s), "
-                 f"peak memory {peak_memory_gb(fabric.device):.2f} GB. Weights: {out_dir / method.adapter_file}")
+                 f"peak memory {peak_memory_gb(fabric.device):.2f} GB. Weights: {out_dir / method.adapter_file}"
+                 + "".join(f"; the training loss blew up at step {b[0]} (best/: step {progress.best_step})"
+                           for b in watch.blow_ups))
     return out_dir / method.adapter_file
+
+
+def trainable_copy(model) -> dict:
+    return {n: p.detach().clone() for n, p in unwrap(model).named_parameters() if p.requires_grad}
+
+
+@torch.no_grad()
+def load_trainable(model, weights: dict) -> None:
+    parameters = dict(unwrap(model).named_parameters())
+    for name, value in weights.items():
+        parameters[name].copy_(value)
+
+
+def keep_before_blow_up(fabric, model, method: Method, watch: LossWatch, first_spike: int, progress: Progress,
+                        args: TrainArgs, scored: list, ignore_index: int, task, out_dir: Path, run_files: dict
+                        ) -> Optional[float]:
+    """best/ gets the weights of the last step before a loss blow-up (`littune.finetune.guard`), scored as an
+    evaluation, unless best/ already holds a step from before it. Not sharded: one process holds every weight.
+    Returns the kept weights' --best_metric value, None where best/ was left as it was."""
+    if not watch.healthy_weights or (progress.best_value is not None and progress.best_step < first_spike):
+        return None
+    current = trainable_copy(model)
+    load_trainable(model, watch.healthy_weights)
+    method.before_forward(unwrap(model))
+    evaluation = evaluate_now(fabric, model, method, scored, args.micro_batch_size, ignore_index, task)
+    progress.best_value, progress.best_step = evaluation[args.best_metric], watch.healthy_step
+    save_best(fabric, model, method, out_dir / "best", run_files,
+              info={"metric": args.best_metric, "value": progress.best_value, "step": watch.healthy_step,
+                    "before_blow_up_at": first_spike, **{k: v for k, v in evaluation.items() if k != "eval_sec"}})
+    load_trainable(model, current)
+    method.before_forward(unwrap(model))
+    return progress.best_value
 
 
 def run_outputs(out_dir: Path) -> list[Path]:
@@ -252,7 +293,13 @@ def train_step(fabric, model, optimizer, method: Method, data: list, step_batche
             fabric.backward(token_loss_sum * (weight * world / max(step_targets, 1)))
         loss_sum += token_loss_sum.detach() * weight
     if grad_clip > 0:
-        fabric.clip_gradients(model, optimizer, max_norm=grad_clip)
+        try:
+            fabric.clip_gradients(model, optimizer, max_norm=grad_clip)
+        except RuntimeError as error:  # torch: "The total norm of order 2.0 for gradients ... is non-finite"
+            if "non-finite" not in str(error):
+                raise
+            raise UserError("the gradient is not finite: training diverged (the loss overflowed); lower "
+                            "--learning_rate or raise --batch_size") from None
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     loss_sum = fabric.all_reduce(loss_sum, reduce_op="sum") if world > 1 else loss_sum

@@ -32,6 +32,7 @@ class Method:
     adapter_file: str  # the file name of its trained weights in a run folder
     before_forward: Callable[[Any], None] = _nothing  # called before every forward (caches to drop)
     merge: Optional[Callable[[Any], None]] = None  # folds the trained weights into the base weights, in place
+    learning_rate: float = 3e-3  # the peak learning rate when --learning_rate is not given (measured per method)
 
 
 def get_method(name: str) -> Method:

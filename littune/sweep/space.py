@@ -190,11 +190,14 @@ def _conformed(flag: str, value, hint):
             return None
         raise UserError(f"--search {flag}: null is not a value of this flag")
     if typing.get_origin(base) is typing.Union:
+        refusals = []
         for arg in (a for a in typing.get_args(base) if a is not type(None)):
             try:
                 return _conformed(flag, value, arg)
-            except UserError:
-                continue
+            except UserError as refusal:
+                refusals.append(refusal)
+        if len(refusals) == 1:  # Optional[X]: X's own reason (a range) says more than "not a value"
+            raise refusals[0]
         raise UserError(f"--search {flag}: {value!r} is not a value of this flag")
     if typing.get_origin(base) is Literal:
         if value not in typing.get_args(base):
