@@ -3,7 +3,8 @@
     python scripts/bench_accuracy.py                                  # littune's defaults plus --epochs 1
     python scripts/bench_accuracy.py --name lr1e-3 --finetune_args "--learning_rate 1e-3"
     python scripts/bench_accuracy.py --name alpaca --prepare_args "--prompt_style alpaca"
-    python scripts/bench_accuracy.py --table                          # the runs recorded so far, as a table
+    python scripts/bench_accuracy.py --task rotten_tomatoes --seed 1   # another task, another training sample
+    python scripts/bench_accuracy.py --table                          # the runs recorded so far, and per seeds
 
 The work: SmolLM2-135M-Instruct (the Q4_1 GGUF in ../shared/data/models, converted by `littune convert`), a seeded
 sample of 2,000 SST-2 training sentences (`--train_records`), the whole SST-2 dev split (872) as `--test_file`, the
@@ -29,10 +30,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("LITTUNE_SHARED_DATA", REPO.parent / "shared" / "data"))
 GGUF = SHARED_DATA / "models" / "smollm2-135m-instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf"
-SST2 = SHARED_DATA / "classification" / "sst2"
-COLUMNS = json.dumps({"instruction": "=Is the sentiment of this movie review positive or negative?",
-                      "input": "text", "output": "label"})
-VALUES = json.dumps({"1": "positive", "0": "negative"})
+CLASSIFICATION = SHARED_DATA / "classification"
+# task -> (the fixed instruction, the label values): each file has columns text, label
+TASKS = {
+    "sst2": ("Is the sentiment of this movie review positive or negative?", {"1": "positive", "0": "negative"}),
+    "rotten_tomatoes": ("Is the sentiment of this movie review positive or negative?",
+                        {"1": "positive", "0": "negative"}),
+    "cola": ("Is this sentence grammatically acceptable or unacceptable?",
+             {"1": "acceptable", "0": "unacceptable"}),
+}
+RT_TEST_RECORDS = 1066  # the size of HF's rotten_tomatoes test split (10%), drawn once with seed 0
 
 
 def littune(*args: str, log: Path) -> float:
@@ -68,11 +75,32 @@ def cpu_flags() -> str:
     return f"{cpu['name']}, {os.cpu_count()} cores, {' '.join(wanted) or 'no avx2'}"
 
 
-def sample_train(workdir: Path, n: int, seed: int) -> Path:
-    lines = (SST2 / "train.tsv").read_text(encoding="utf-8").splitlines(keepends=True)
-    path = workdir / f"sst2_train_{n}_seed{seed}.tsv"
-    path.write_text(lines[0] + "".join(random.Random(seed).sample(lines[1:], n)), encoding="utf-8")
-    return path
+def rotten_tomatoes_rows() -> tuple[list[str], list[str]]:
+    """Rotten Tomatoes has no official split: a fixed test set (seed 0, balanced) and the rest to sample from."""
+    rows = {label: [f"{line.strip()}\t{label}\n" for line in
+                    (CLASSIFICATION / "rotten_tomatoes" / f"rt-polarity.{name}").read_text(encoding="utf-8").splitlines()
+                    if line.strip()] for label, name in (("1", "pos"), ("0", "neg"))}
+    test, rest = [], []
+    for label in ("1", "0"):
+        shuffled = random.Random(0).sample(rows[label], len(rows[label]))
+        test += shuffled[:RT_TEST_RECORDS // 2]
+        rest += shuffled[RT_TEST_RECORDS // 2:]
+    return test, rest
+
+
+def task_files(workdir: Path, task: str, n: int, seed: int) -> tuple[Path, Path]:
+    """(a seeded sample of n training records, the test file) for the task, as TSV with columns text, label."""
+    header = "text\tlabel\n"
+    if task == "rotten_tomatoes":
+        test, pool = rotten_tomatoes_rows()
+        test_file = workdir / "rotten_tomatoes_test.tsv"
+        test_file.write_text(header + "".join(test), encoding="utf-8")
+    else:
+        lines = (CLASSIFICATION / task / "train.tsv").read_text(encoding="utf-8").splitlines(keepends=True)
+        pool, test_file = lines[1:], CLASSIFICATION / task / "dev.tsv"
+    path = workdir / f"{task}_train_{n}_seed{seed}.tsv"
+    path.write_text(header + "".join(random.Random(seed).sample(pool, n)), encoding="utf-8")
+    return path, test_file
 
 
 def evaluate(ckpt: Path, data: Path, out: Path, scoring: str, log: Path, adapter=None) -> tuple[dict, float]:
@@ -90,14 +118,19 @@ def run(args) -> dict:
     log = run_dir / "commands.log"
     log.write_text("")
     ckpt = checkpoint(workdir, log)
-    train_file = sample_train(workdir, args.train_records, args.seed)
+    train_file, test_file = task_files(workdir, args.task, args.train_records, args.seed)
+    instruction, values = TASKS[args.task]
+    columns = {"instruction": f"={instruction}", "input": "text", "output": "label"}
     data = run_dir / "data"
-    prepare_seconds = littune("prepare", "--data_file", str(train_file), "--test_file", str(SST2 / "dev.tsv"),
-                              "--checkpoint_dir", str(ckpt), "--destination_path", str(data), "--columns", COLUMNS,
-                              "--output_values", VALUES, *shlex.split(args.prepare_args), log=log)
-    result = {"name": args.name, "method": args.method, "prepare_args": args.prepare_args,
-              "finetune_args": args.finetune_args, "cpu_flags": cpu_flags(),
-              "train_records": args.train_records, "test_records": 872, "prepare_sec": round(prepare_seconds, 1)}
+    prepare_seconds = littune("prepare", "--data_file", str(train_file), "--test_file", str(test_file),
+                              "--checkpoint_dir", str(ckpt), "--destination_path", str(data),
+                              "--columns", json.dumps(columns), "--output_values", json.dumps(values),
+                              *shlex.split(args.prepare_args), log=log)
+    test_records = len(test_file.read_text(encoding="utf-8").splitlines()) - 1
+    result = {"name": args.name, "task": args.task, "method": args.method, "seed": args.seed,
+              "prepare_args": args.prepare_args, "finetune_args": args.finetune_args, "cpu_flags": cpu_flags(),
+              "train_records": args.train_records, "test_records": test_records,
+              "prepare_sec": round(prepare_seconds, 1)}
     if not args.skip_base:
         for scoring in args.scorings:
             metrics, seconds = evaluate(ckpt, data, run_dir / f"eval-base-{scoring}", scoring, log)
@@ -105,7 +138,8 @@ def run(args) -> dict:
     out = run_dir / "out"
     result["finetune_sec"] = round(littune("finetune", args.method, "--checkpoint_dir", str(ckpt), "--data_dir",
                                            str(data), "--out_dir", str(out), "--epochs", "1",
-                                           *shlex.split(args.finetune_args), log=log), 1)
+                                           "--seed", str(1337 + args.seed), *shlex.split(args.finetune_args),
+                                           log=log), 1)
     hparams = (out / "hyperparameters.yaml").read_text()
     result["hyperparameters"] = {k: v for k, v in (line.split(": ", 1) for line in hparams.splitlines()
                                                    if ": " in line and not line.startswith(" "))
@@ -121,20 +155,41 @@ def run(args) -> dict:
     return result
 
 
+def flags_of(r: dict) -> str:
+    method = "" if r.get("method", "adapter_v2") == "adapter_v2" else f"finetune {r['method']} "
+    return (method + " ".join(x for x in (r["prepare_args"], r["finetune_args"]) if x)).strip() or "(none)"
+
+
+def summary(rows: list[dict]) -> str:
+    """Runs of the same task, method and flags over several seeds: mean and spread (min-max) of each figure."""
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r.get("task", "sst2"), r.get("method", "adapter_v2"), flags_of(r)), []).append(r)
+    lines = ["| task | method | flags | seeds | accuracy mean (min-max) | MCC mean (min-max) | fine-tune + evaluate, mean |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for (task, method, flags), runs in groups.items():
+        def stat(key):
+            values = [r["likelihood"][key] for r in runs]
+            return f"{sum(values) / len(values):.3f} ({min(values):.3f}-{max(values):.3f})"
+        seconds = sum(r["finetune_plus_evaluate_sec"] for r in runs) / len(runs)
+        seeds = ",".join(str(r.get("seed", 0)) for r in runs)
+        lines.append(f"| {task} | {method} | `{flags}` | {seeds} | {stat('accuracy')} | {stat('mcc')} | {seconds:.0f} s |")
+    return "\n".join(lines)
+
+
 def table(workdir: Path) -> str:
     rows = [json.loads(line) for line in (workdir / "accuracy_runs.jsonl").read_text().splitlines() if line.strip()]
     lines = ["| run | flags beyond the defaults | dev accuracy (likelihood) | MCC | macro F1 | accuracy (generate) "
              "| base model, likelihood / generate | fine-tune + evaluate |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
-        method = "" if r.get("method", "adapter_v2") == "adapter_v2" else f"finetune {r['method']} "
-        flags = (method + " ".join(x for x in (r["prepare_args"], r["finetune_args"]) if x)).strip() or "(none)"
+        flags = flags_of(r)
         like, gen = r["likelihood"], r.get("generate")
         base = " / ".join(f"{r[k]['accuracy']:.3f}" if k in r else "-" for k in ("base_likelihood", "base_generate"))
         generated = f"{gen['accuracy']:.3f}" if gen else "-"
         lines.append(f"| {r['name']} | `{flags}` | {like['accuracy']:.3f} | {like['mcc']:.3f} | {like['f1_macro']:.3f} | "
                      f"{generated} | {base} | {r['finetune_sec']:.0f} s + {like['seconds']:.0f} s |")
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n\n" + summary(rows)
 
 
 def main() -> None:
@@ -142,7 +197,11 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/littune-bench-accuracy"))
     parser.add_argument("--name", default="defaults")
     parser.add_argument("--train_records", type=int, default=2000)
-    parser.add_argument("--seed", type=int, default=0, help="seed of the training sample")
+    parser.add_argument("--task", default="sst2", choices=sorted(TASKS),
+                        help="sst2 (SST-2 dev as the test file), rotten_tomatoes (a fixed balanced 1,066-sentence "
+                             "test set), cola (GLUE dev; score with MCC)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the training sample; finetune runs with --seed 1337 + this")
     parser.add_argument("--method", default="adapter_v2", choices=["adapter_v2", "lora"])
     parser.add_argument("--prepare_args", default="", help="extra littune prepare flags, one string")
     parser.add_argument("--finetune_args", default="", help="extra littune finetune flags, one string")
