@@ -30,6 +30,11 @@ ALPACA_335 = TEST_DATA / "alpaca" / "stanford_alpaca_first335.json"
 SST2_TRAIN = TEST_DATA / "sst2" / "train_first500.tsv"  # the first 500 rows of GLUE's SST-2 train split
 SST2_DEV = Path(littune.__file__).parent / "demo_data" / "sst2_dev.tsv"  # GLUE's SST-2 dev split, as the demo has it
 SMOLLM2_CHAT_TEMPLATE = TEST_DATA / "smollm2" / "chat_template.jinja"
+# the chat template and tokenizer texts of `smol_checkpoint` (a SmolLM-style tied Llama)
+SMOL_CHAT_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+                      "'<|im_end|>\n'}}{% endfor %}{% if add_generation_prompt %}{{'<|im_start|>assistant\n'}}{% endif %}")
+SMOL_TEXTS = ["Hello world, this is a test: 1234 and ünïcödé.\n  Two  spaces.",
+              "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"]
 # where the real SmolLM2 GGUF file may already lie: the team's ../shared/data, then the tests' own download cache
 SHARED_CACHE = Path(os.environ.get("LITTUNE_SHARED_DATA", REPO.parent / "shared" / "data"))
 TEST_CACHE = Path(os.environ.get("LITTUNE_TEST_CACHE", Path.home() / ".cache" / "littune-tests"))
@@ -226,20 +231,57 @@ def make_adapter_run(checkpoint: Path, folder: Path, method_name: str, seed: int
 # -------------------------------------------------------------------------------- helpers shared by test modules
 
 
+def finetune_argv(checkpoint, data, out_dir, *flags, method: str = "adapter_v2") -> list[str]:
+    """`littune finetune METHOD` on a checkpoint and prepared data (into out_dir unless it is None), then the flags:
+    the one place the tests spell a finetune command line."""
+    out = ["--out_dir", str(out_dir)] if out_dir is not None else []
+    return ["finetune", method, "--checkpoint_dir", str(checkpoint), "--data_dir", str(data), *out, *map(str, flags)]
+
+
+# a short resumable run: 10 steps, a state saved every 2, evaluated every 3 (test_finetune_resume, test_logs)
+SHORT_RUN_FLAGS = ["--max_steps", "10", "--batch_size", "4", "--micro_batch_size", "2", "--warmup_steps", "2",
+                   "--learning_rate", "0.01", "--seed", "3", "--save_interval", "2", "--eval_interval", "3",
+                   "--eval_iters", "1", "--precision", "32-true"]
+
+
+def sigterm_at_step(monkeypatch, n: int) -> None:
+    """SIGTERM this process during the n-th optimizer step, as a cluster scheduler would."""
+    import signal
+
+    import torch
+
+    step, calls = torch.optim.AdamW.step, {"count": 0}
+
+    def step_then_signal(self, *args, **kwargs):
+        calls["count"] += 1
+        if calls["count"] == n:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step_then_signal)
+
+
 def run_main(capsys, *args: str):
-    """`littune ARGS` in this process (for commands that need no environment of their own): exit code and output."""
+    """`littune ARGS` in this process (for commands that need no environment of their own): exit code and the
+    output of this command alone."""
     import types
 
+    capsys.readouterr()
     code = main([str(a) for a in args])
     out, err = capsys.readouterr()
     return types.SimpleNamespace(returncode=code, stdout=out, stderr=err)
 
 
-def one_error_line(result, *fragments: str) -> str:
-    """The single `littune: error:` line of a failed command (which also passes `assert_clean_error`)."""
+def one_error_line(result, *fragments: str, code: int | None = None, alone: bool = False) -> str:
+    """The single `littune: error:` line of a failed command (which also passes `assert_clean_error`), the one
+    helper for it: `code` the exit code it must have; `alone`: stderr holds nothing else."""
     assert_clean_error(result, *fragments)
+    if code is not None:
+        assert result.returncode == code, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith("littune: error:")]
     assert len(lines) == 1, result.stderr
+    if alone:
+        assert result.stderr.strip().splitlines() == lines, result.stderr
     return lines[0]
 
 
@@ -271,6 +313,57 @@ def lit_logits(folder: Path, ids, adapter_path: Path | None = None):
 def max_diff(a, b) -> float:
     assert a.shape == b.shape, (a.shape, b.shape)
     return (a.float() - b.float()).abs().max().item()
+
+
+def max_difference(a: dict, b: dict) -> float:
+    """Largest elementwise difference of two adapters (dicts of tensors, beside `max_diff` of two tensors), leaving out the key slice of each qkv adapter bias.
+
+    Its true gradient is zero (adding one vector to every key shifts all of a query's scores equally; softmax
+    ignores that), so its gradient is pure rounding noise of ~1e-12, which Adam, dividing by the gradient's own
+    size, turns into updates of up to lr x noise / (noise + eps): different noise, different update."""
+    import torch
+
+    worst = 0.0
+    for k in a:
+        diff = (a[k] - b[k]).abs()
+        if k.endswith("attn.qkv.adapter_bias"):
+            third = diff.numel() // 3  # [q | k | v] for these multi-head models
+            diff = torch.cat([diff[:third], diff[2 * third:]])
+        worst = max(worst, diff.max().item())
+    return worst
+
+
+def smol_checkpoint(folder: Path) -> Path:
+    """A tied Llama (like SmolLM2) with a byte-level BPE whose pre-tokenizer splits digits (llama.cpp's "smollm"),
+    special tokens <|endoftext|>, <|im_start|>, <|im_end|>, and a chat template."""
+    import torch
+    import transformers
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
+    from tokenizers.models import BPE
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tokenizer = Tokenizer(BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                       pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator([json.dumps(r) for r in json.loads(ALPACA_335.read_text())[:100]] + SMOL_TEXTS, trainer)
+    torch.manual_seed(3)
+    config = transformers.LlamaConfig(vocab_size=640, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, rms_norm_eps=1e-5)
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # norms away from 1, so that a swapped or missing norm shows
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+    model.save_pretrained(folder)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
+        "unk_token": "<|endoftext|>", "add_bos_token": False, "chat_template": SMOL_CHAT_TEMPLATE}))
+    return folder
 
 
 class FSDPLikeFabric:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import finetune_argv, one_error_line, run_main
 from littune.cli import COMMANDS, _resolve, main
 
 
@@ -56,19 +57,11 @@ def snapshot(folder: Path) -> dict:
 def run_bad(capsys, folder: Path, argv: list[str], *fragments: str, code: int = 1) -> str:
     """`littune ARGV` fails with one line naming the fragments, and writes nothing under `folder`."""
     before = snapshot(folder)
-    capsys.readouterr()
     words = [str(a) for a in argv if not str(a).startswith("-")][:2]
     COVERED[" ".join(words[:2]) if words[:1] == ["finetune"] else (words or ["(none)"])[0]] += 1
-    returned = main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    assert returned == code, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("littune: error: "), err
-    assert "Traceback" not in err
-    for fragment in fragments:
-        assert fragment in err, (fragment, err)
+    line = one_error_line(run_main(capsys, *argv), *fragments, code=code, alone=True)
     assert snapshot(folder) == before, "the failed command changed files"
-    return err
+    return line
 
 
 # ------------------------------------------------------------------------------------------ declared flag checks
@@ -177,8 +170,8 @@ def test_bad_files_of_every_kind_give_one_line(workspace, tmp_path, capsys, monk
     checkpoint, data = workspace
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "out"
-    train = ["finetune", "adapter_v2", "--checkpoint_dir", checkpoint, "--data_dir", data, "--out_dir", out,
-             "--max_steps", "1", "--micro_batch_size", "2", "--eval_interval", "1", "--eval_iters", "1"]
+    train = finetune_argv(checkpoint, data, out, "--max_steps", "1", "--micro_batch_size", "2", "--eval_interval", "1",
+                          "--eval_iters", "1")
     generate = ["generate", "--prompt", "Name a color.", "--checkpoint_dir", checkpoint, "--max_new_tokens", "2"]
     evaluate = ["evaluate", "--checkpoint_dir", checkpoint, "--data_dir", data, "--out_dir", out / "eval"]
     cases = 0
@@ -252,9 +245,8 @@ def test_bad_inputs_of_download_convert_merge_export_serve_and_evaluate(workspac
                                                     "hidden_act": "silu"}))
     run_bad(capsys, tmp_path, ["convert", "--checkpoint_dir", folder], "model.safetensors", "truncated")
     # an adapter_v2 run cannot be merged or exported (its prefix does not fold into the weights)
-    assert main(["finetune", "adapter_v2", "--checkpoint_dir", str(checkpoint), "--data_dir", str(data), "--out_dir",
-                 str(out), "--max_steps", "1", "--micro_batch_size", "2", "--eval_interval", "1", "--eval_iters",
-                 "1"]) == 0
+    assert main(finetune_argv(checkpoint, data, out, "--max_steps", "1", "--micro_batch_size", "2", "--eval_interval",
+                              "1", "--eval_iters", "1")) == 0
     run_bad(capsys, tmp_path, ["merge", "--checkpoint_dir", checkpoint, "--adapter_path", out, "--out_dir",
                                tmp_path / "merged"], "finetune lora")
     run_bad(capsys, tmp_path, ["export", "--checkpoint_dir", checkpoint, "--adapter_path", out, "--format", "hf",

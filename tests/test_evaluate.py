@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import ALPACA_335, SST2_TRAIN, assert_clean_error, make_hf_checkpoint, run_cli
+from conftest import ALPACA_335, SST2_TRAIN, assert_clean_error, finetune_argv, make_hf_checkpoint, run_cli
 from littune import metrics as label_metrics
 from littune import sampling
 from littune.cli import main
@@ -51,10 +51,9 @@ def sst2(checkpoint, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def run_dir(checkpoint, sst2, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("run") / "sst2"
-    assert main(["finetune", "adapter_v2", "--checkpoint_dir", str(checkpoint), "--data_dir", str(sst2),
-                 "--out_dir", str(out), "--max_steps", "8", "--batch_size", "8", "--micro_batch_size", "8",
-                 "--learning_rate", "0.3", "--lr_schedule", "constant", "--warmup_steps", "0",
-                 "--eval_interval", "4", "--eval_iters", "1", "--save_interval", "100"]) == 0
+    assert main(finetune_argv(checkpoint, sst2, out, "--max_steps", "8", "--batch_size", "8", "--micro_batch_size", "8",
+                              "--learning_rate", "0.3", "--lr_schedule", "constant", "--warmup_steps", "0",
+                              "--eval_interval", "4", "--eval_iters", "1", "--save_interval", "100")) == 0
     return out
 
 

@@ -15,53 +15,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ALPACA_335, lit_logits, make_adapter_run, make_hf_checkpoint, max_diff
+from conftest import (SMOL_CHAT_TEMPLATE, SMOL_TEXTS, lit_logits, make_adapter_run, make_hf_checkpoint,
+                      max_diff, one_error_line, run_main, smol_checkpoint)
 from littune.cli import main
 from littune.methods.lora import TARGETS
 
 TOLERANCE = 1e-4  # float32 logits of the same weights computed by two implementations
-CHAT_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
-                 "'<|im_end|>\n'}}{% endfor %}{% if add_generation_prompt %}{{'<|im_start|>assistant\n'}}{% endif %}")
-TEXTS = ["Hello world, this is a test: 1234 and ünïcödé.\n  Two  spaces.",
-         "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"]
-
-
+CHAT_TEMPLATE, TEXTS = SMOL_CHAT_TEMPLATE, SMOL_TEXTS
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-
-
-def smol_checkpoint(folder: Path) -> Path:
-    """A tied Llama (like SmolLM2) with a byte-level BPE whose pre-tokenizer splits digits (llama.cpp's "smollm"),
-    special tokens <|endoftext|>, <|im_start|>, <|im_end|>, and a chat template."""
-    import transformers
-    from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
-    from tokenizers.models import BPE
-
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    tokenizer = Tokenizer(BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                       pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator([json.dumps(r) for r in json.loads(ALPACA_335.read_text())[:100]] + TEXTS, trainer)
-    torch.manual_seed(3)
-    config = transformers.LlamaConfig(vocab_size=640, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, rms_norm_eps=1e-5)
-    model = transformers.LlamaForCausalLM(config).eval()
-    with torch.no_grad():  # norms away from 1, so that a swapped or missing norm shows
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1 + 0.1 * torch.randn_like(p))
-    model.save_pretrained(folder)
-    tokenizer.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
-        "unk_token": "<|endoftext|>", "add_bos_token": False, "chat_template": CHAT_TEMPLATE}))
-    return folder
 
 
 def hf_logits(model, ids: torch.Tensor) -> torch.Tensor:
@@ -83,12 +47,7 @@ def export(capsys, *args) -> types.SimpleNamespace:
 
 
 def refused(capsys, command: str, *args) -> str:
-    capsys.readouterr()
-    code = main([command, *map(str, args)])
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("littune: error:")]
-    assert code == 1 and len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
+    return one_error_line(run_main(capsys, command, *args), code=1)
 
 
 # --------------------------------------------------------------------------------------------------- fixtures

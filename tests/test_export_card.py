@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import SST2_TRAIN
+from conftest import SST2_TRAIN, finetune_argv
 from littune.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -27,8 +27,8 @@ def evaluated_run(small_checkpoint, tmp_path_factory) -> tuple[Path, Path]:
     assert main(["prepare", "--data_file", str(root / "reviews.tsv"), "--checkpoint_dir", str(checkpoint),
                  "--destination_path", str(data), "--columns", SST2_COLUMNS, "--output_values",
                  '{"1": "positive", "0": "negative"}', "--test_size", "12", "--val_size", "4"]) == 0
-    assert main(["finetune", "lora", "--checkpoint_dir", str(checkpoint), "--data_dir", str(data), "--out_dir",
-                 str(run), "--max_steps", "1", "--micro_batch_size", "4", "--batch_size", "4"]) == 0
+    assert main(finetune_argv(checkpoint, data, run, "--max_steps", "1", "--micro_batch_size", "4", "--batch_size", "4",
+                              method="lora")) == 0
     assert main(["evaluate", "--checkpoint_dir", str(checkpoint), "--data_dir", str(data), "--adapter_path",
                  str(run)]) == 0
     return checkpoint, run

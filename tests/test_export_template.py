@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ALPACA_335, SMOLLM2_CHAT_TEMPLATE, make_adapter_run
+from conftest import ALPACA_335, SMOLLM2_CHAT_TEMPLATE, make_adapter_run, smol_checkpoint
 from littune.cli import main
 from littune.prepared import encode, load_tokenizer
+from littune.methods.lora import TARGETS
 from littune.prompts import load_style_file
-from test_export import TARGETS, smol_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

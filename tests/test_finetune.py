@@ -7,8 +7,8 @@ import pytest
 import torch
 import yaml
 
-from conftest import (ALPACA_335, assert_clean_error, make_hf_checkpoint, read_metrics, run_cli,
-                      small_vocab_checkpoint)
+from conftest import (ALPACA_335, assert_clean_error, finetune_argv, make_hf_checkpoint, max_difference,
+                      one_error_line, read_metrics, run_cli, run_main, small_vocab_checkpoint)
 from littune.cli import main
 from littune.finetune.schedule import learning_rate_at, plan_epoch
 from littune.methods.adapter_v2 import METHOD
@@ -26,28 +26,12 @@ def alpaca_data(alpaca64) -> Path:
     return alpaca64
 
 
+QUICK = ["--eval_interval", "1000", "--eval_iters", "1", "--save_interval", "1000"]  # no evaluation, no states
+
+
 def finetune(checkpoint, data, out_dir, *flags) -> dict:
-    args = ["finetune", "adapter_v2", "--checkpoint_dir", str(checkpoint), "--data_dir", str(data),
-            "--out_dir", str(out_dir), "--eval_interval", "1000", "--eval_iters", "1", "--save_interval", "1000",
-            *map(str, flags)]
-    assert main(args) == 0
+    assert main(finetune_argv(checkpoint, data, out_dir, *QUICK, *flags)) == 0
     return torch.load(out_dir / ADAPTER_FILE, weights_only=True)
-
-
-def max_difference(a: dict, b: dict) -> float:
-    """Largest elementwise difference of two adapters, leaving out the key slice of each qkv adapter bias.
-
-    Its true gradient is zero (adding one vector to every key shifts all of a query's scores equally; softmax
-    ignores that), so its gradient is pure rounding noise of ~1e-12, which Adam, dividing by the gradient's own
-    size, turns into updates of up to lr x noise / (noise + eps): different noise, different update."""
-    worst = 0.0
-    for k in a:
-        diff = (a[k] - b[k]).abs()
-        if k.endswith("attn.qkv.adapter_bias"):
-            third = diff.numel() // 3  # [q | k | v] for these multi-head models
-            diff = torch.cat([diff[:third], diff[2 * third:]])
-        worst = max(worst, diff.max().item())
-    return worst
 
 
 def init_adapter(checkpoint: Path) -> dict:
@@ -250,9 +234,8 @@ def test_weight_decay_and_clipping_take_effect(checkpoint, alpaca_data, tmp_path
 
 def test_eval_and_save_intervals_write_step_folders(checkpoint, alpaca_data, tmp_path):
     out = tmp_path / "run"
-    args = ["finetune", "adapter_v2", "--checkpoint_dir", str(checkpoint), "--data_dir", str(alpaca_data),
-            "--out_dir", str(out), "--max_steps", "4", "--batch_size", "2", "--micro_batch_size", "2",
-            "--save_interval", "2", "--eval_interval", "2", "--eval_iters", "1"]
+    args = finetune_argv(checkpoint, alpaca_data, out, "--max_steps", "4", "--batch_size", "2", "--micro_batch_size",
+                         "2", "--save_interval", "2", "--eval_interval", "2", "--eval_iters", "1")
     assert main(args) == 0
     assert (out / "step-000002" / ADAPTER_FILE).is_file()
     assert (out / ADAPTER_FILE).is_file()
@@ -268,18 +251,13 @@ def test_eval_and_save_intervals_write_step_folders(checkpoint, alpaca_data, tmp
 
 def test_bad_input_gives_one_clear_line(checkpoint, alpaca_data, tmp_path, capsys):
     def run(*flags, data=alpaca_data, ckpt=checkpoint):
-        capsys.readouterr()  # drop what earlier setup printed
-        code = main(["finetune", "adapter_v2", "--checkpoint_dir", str(ckpt), "--data_dir", str(data),
-                     "--out_dir", str(tmp_path / "out"), "--max_steps", "1", *flags])
-        err = capsys.readouterr().err
-        assert code == 1 and err.startswith("littune: error: ") and len(err.strip().splitlines()) == 1, err
-        return err
+        argv = finetune_argv(ckpt, data, tmp_path / "out", "--max_steps", "1", *flags)
+        return one_error_line(run_main(capsys, *argv), code=1, alone=True)
 
     empty = tmp_path / "empty"
     empty.mkdir()
     # one as a user runs it: a separate process, no traceback
-    assert_clean_error(run_cli("finetune", "adapter_v2", "--checkpoint_dir", str(checkpoint), "--data_dir",
-                               str(empty), "--out_dir", str(tmp_path / "out")), str(empty), "train.pt")
+    assert_clean_error(run_cli(*finetune_argv(checkpoint, empty, tmp_path / "out")), str(empty), "train.pt")
     assert "lit_model.pth" in run(ckpt=empty)
     err = run("--batch_size", "6", "--micro_batch_size", "4")
     assert "--batch_size 6" in err and "divisible" in err
@@ -307,9 +285,8 @@ def test_an_out_dir_with_another_run_is_refused_unless_overwrite_or_resume(check
                                                                          capsys):
     out = tmp_path / "run"
     flags = ["--max_steps", 2, "--batch_size", 4, "--micro_batch_size", 4, "--warmup_steps", 0]
-    args = ["finetune", "adapter_v2", "--checkpoint_dir", str(checkpoint), "--data_dir", str(alpaca_data),
-            "--out_dir", str(out), "--eval_interval", "1", "--eval_iters", "1", "--save_interval", "1",
-            *map(str, flags)]
+    args = finetune_argv(checkpoint, alpaca_data, out, "--eval_interval", "1", "--eval_iters", "1", "--save_interval",
+                         "1", *flags)
     assert main(args) == 0
     (out / "eval").mkdir()
     (out / "eval" / "metrics.json").write_text("{}")

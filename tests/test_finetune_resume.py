@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, one_error_line, read_metrics, run_main
+from conftest import (REPO, SHORT_RUN_FLAGS, finetune_argv, one_error_line, read_metrics, run_main,
+                      sigterm_at_step)
 from littune.cli import main
 from littune.common import load_torch
 from littune.finetune.state import STATE_FILE, find_resume_state
@@ -68,14 +69,6 @@ from littune.cli import main
 sys.exit(main(sys.argv[1:]))
 '''
 
-FLAGS = ["--max_steps", "10", "--batch_size", "4", "--micro_batch_size", "2", "--warmup_steps", "2",
-         "--learning_rate", "0.01", "--seed", "3", "--save_interval", "2", "--eval_interval", "3",
-         "--eval_iters", "1", "--precision", "32-true"]
-
-
-def finetune_args(checkpoint: Path, data: Path, out_dir: Path, *flags) -> list[str]:
-    return ["finetune", "adapter_v2", "--checkpoint_dir", str(checkpoint), "--data_dir", str(data),
-            "--out_dir", str(out_dir), *map(str, flags)]
 
 
 def run_killed(tmp_path: Path, args: list[str], kill_at: str):
@@ -138,8 +131,8 @@ def assert_same_run(resumed: Path, reference: Path, last_step: int, python_rng: 
 
 def test_sigkill_at_several_points_then_resume_equals_an_uninterrupted_run(small_checkpoint, alpaca64, tmp_path):
     reference, out = tmp_path / "reference", tmp_path / "killed"
-    assert main(finetune_args(small_checkpoint, alpaca64, reference, *FLAGS)) == 0
-    args = finetune_args(small_checkpoint, alpaca64, out, *FLAGS)
+    assert main(finetune_argv(small_checkpoint, alpaca64, reference, *SHORT_RUN_FLAGS)) == 0
+    args = finetune_argv(small_checkpoint, alpaca64, out, *SHORT_RUN_FLAGS)
 
     # 1. inside optimizer step 5: the state of step 4 is the newest
     killed = run_killed(tmp_path, args, kill_at="optimizer_step:5")
@@ -166,19 +159,6 @@ def test_sigkill_at_several_points_then_resume_equals_an_uninterrupted_run(small
     assert not list(out.rglob("*.tmp*"))
 
 
-def sigterm_at_step(monkeypatch, n: int) -> None:
-    """SIGTERM this process during the n-th optimizer step, as a cluster scheduler would."""
-    step, calls = torch.optim.AdamW.step, {"count": 0}
-
-    def step_then_signal(self, *args, **kwargs):
-        calls["count"] += 1
-        if calls["count"] == n:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return step(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", step_then_signal)
-
-
 def test_sigterm_finishes_the_step_saves_and_resumes_exactly_with_loggers(small_checkpoint, alpaca64, tmp_path,
                                                                           monkeypatch, capsys):
     pytest.importorskip("mlflow")
@@ -186,21 +166,21 @@ def test_sigterm_finishes_the_step_saves_and_resumes_exactly_with_loggers(small_
     from mlflow.tracking import MlflowClient
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    flags = [*FLAGS, "--max_steps", "6", "--logger", "[csv, tensorboard, mlflow]"]
+    flags = [*SHORT_RUN_FLAGS, "--max_steps", "6", "--logger", "[csv, tensorboard, mlflow]"]
     reference, out = tmp_path / "reference", tmp_path / "stopped"
-    assert main(finetune_args(small_checkpoint, alpaca64, reference, *flags)) == 0
+    assert main(finetune_argv(small_checkpoint, alpaca64, reference, *flags)) == 0
 
     with monkeypatch.context() as patch:
         sigterm_at_step(patch, 3)
         capsys.readouterr()
-        assert main(finetune_args(small_checkpoint, alpaca64, out, *flags)) == 1
+        assert main(finetune_argv(small_checkpoint, alpaca64, out, *flags)) == 1
     err = capsys.readouterr().err
     assert "stopped by SIGTERM after step 3" in err and "--resume auto" in err and "Traceback" not in err
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler is gone again
     newest_state_loads(out, 3)
     assert not (out / ADAPTER_FILE).exists()  # no final adapter from a stopped run
 
-    assert main(finetune_args(small_checkpoint, alpaca64, out, *flags, "--resume", "auto")) == 0
+    assert main(finetune_argv(small_checkpoint, alpaca64, out, *flags, "--resume", "auto")) == 0
     # Python's global `random` is left out here: the logger libraries draw from it on their own threads (the
     # state differed in about 1 of 3 runs with these loggers on, never without them); training never uses it.
     assert_same_run(out, reference, 6, python_rng=False)
@@ -234,7 +214,7 @@ def test_best_checkpoint_and_early_stopping_when_validation_loss_rises(small_che
     """A learning rate far too high: the validation loss soon rises; training stops `patience` evaluations after the
     best one, and best/ holds the adapter of that step."""
     out = tmp_path / "run"
-    args = finetune_args(small_checkpoint, alpaca64, out, "--max_steps", 40, "--batch_size", 4,
+    args = finetune_argv(small_checkpoint, alpaca64, out, "--max_steps", 40, "--batch_size", 4,
                          "--micro_batch_size", 4, "--warmup_steps", 0, "--learning_rate", 0.5, "--eval_interval", 1,
                          "--eval_iters", 2, "--save_interval", 1, "--early_stopping_patience", 3, "--seed", 1)
     assert main(args) == 0
@@ -258,14 +238,11 @@ def test_best_checkpoint_and_early_stopping_when_validation_loss_rises(small_che
 def test_resume_refuses_another_run_or_a_damaged_state(small_checkpoint, alpaca64, tmp_path, capsys):
     out = tmp_path / "run"
     flags = ["--max_steps", 2, "--batch_size", 4, "--micro_batch_size", 2, "--save_interval", 1]
-    assert main(finetune_args(small_checkpoint, alpaca64, out, *flags)) == 0
+    assert main(finetune_argv(small_checkpoint, alpaca64, out, *flags)) == 0
 
     def refused(*extra) -> str:
-        capsys.readouterr()
-        assert main(finetune_args(small_checkpoint, alpaca64, out, *flags, *extra)) == 1
-        err = capsys.readouterr().err
-        assert err.startswith("littune: error: ") and len(err.strip().splitlines()) == 1, err
-        return err
+        result = run_main(capsys, *finetune_argv(small_checkpoint, alpaca64, out, *flags, *extra))
+        return one_error_line(result, code=1, alone=True)
 
     err = refused("--learning_rate", "0.1", "--resume", "auto")
     assert "cannot resume" in err and "learning_rate" in err and "step-000002" in err
@@ -284,7 +261,7 @@ def test_a_crafted_training_state_is_refused_in_one_line_naming_its_field(small_
     tracebacks); the run folder is left as it was."""
     out = tmp_path / "run"
     flags = ["--max_steps", 2, "--batch_size", 4, "--micro_batch_size", 2, "--save_interval", 1]
-    assert main(finetune_args(small_checkpoint, alpaca64, out, *flags)) == 0
+    assert main(finetune_argv(small_checkpoint, alpaca64, out, *flags)) == 0
     saved = torch.load(out / "step-000001" / STATE_FILE, weights_only=True)
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
 
@@ -311,7 +288,7 @@ def test_a_crafted_training_state_is_refused_in_one_line_naming_its_field(small_
     for parts, field in cases:
         folder = crafted(**parts)
         capsys.readouterr()
-        result = run_main(capsys, *finetune_args(small_checkpoint, alpaca64, out, *flags, "--resume", folder))
+        result = run_main(capsys, *finetune_argv(small_checkpoint, alpaca64, out, *flags, "--resume", folder))
         line = one_error_line(result, f"{folder / STATE_FILE}: {field} ")
         assert result.returncode == 1 and len(line) < 400, (parts, line)
         assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before, parts  # nothing written
@@ -323,7 +300,7 @@ def test_best_folder_is_replaced_whole_and_leftovers_of_a_kill_are_cleaned(small
     the first one whole (an earlier littune replaced the weights, then failed on the figures). The next run removes
     the temporaries a kill leaves and puts back a best/ set aside for a replacement that never arrived."""
     out = tmp_path / "run"
-    args = finetune_args(small_checkpoint, alpaca64, out, "--max_steps", 3, "--batch_size", 4, "--micro_batch_size",
+    args = finetune_argv(small_checkpoint, alpaca64, out, "--max_steps", 3, "--batch_size", 4, "--micro_batch_size",
                          4, "--warmup_steps", 0, "--learning_rate", 0.01, "--eval_interval", 1, "--eval_iters", 2,
                          "--save_interval", 1, "--seed", 1, "--precision", "32-true")
     dumps, calls = json.dumps, {"best": 0}

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ALPACA_335, make_hf_checkpoint, one_error_line, run_cli, run_main
+from conftest import ALPACA_335, finetune_argv, make_hf_checkpoint, one_error_line, run_cli, run_main
 from littune import generate as generate_module
 from littune.cli import main
 from littune.methods.adapter_v2 import METHOD
@@ -36,10 +36,9 @@ def run_dir(tiny, tmp_path_factory) -> Path:
     source.write_text(json.dumps(json.loads(ALPACA_335.read_text())[:40]))
     assert main(["prepare", "--data_file", str(source), "--checkpoint_dir", str(checkpoint), "--destination_path",
                  str(folder / "data"), "--test_size", "4", "--max_seq_length", "128"]) == 0
-    assert main(["finetune", "adapter_v2", "--checkpoint_dir", str(checkpoint), "--data_dir", str(folder / "data"),
-                 "--out_dir", str(folder / "out"), "--max_steps", "6", "--batch_size", "4", "--micro_batch_size",
-                 "4", "--learning_rate", "0.03", "--warmup_steps", "0", "--eval_interval", "100",
-                 "--save_interval", "100"]) == 0
+    assert main(finetune_argv(checkpoint, folder / "data", folder / "out", "--max_steps", "6", "--batch_size", "4",
+                              "--micro_batch_size", "4", "--learning_rate", "0.03", "--warmup_steps", "0",
+                              "--eval_interval", "100", "--save_interval", "100")) == 0
     return folder / "out"
 
 

@@ -75,13 +75,12 @@ def test_the_cli_reports_a_blow_up_and_best_keeps_the_step_before_it(small_check
     summary, and best/ holds a step from before the blow-up."""
     import json
 
-    from conftest import run_main
+    from conftest import finetune_argv, run_main
 
     out = tmp_path / "run"
-    result = run_main(capsys, "finetune", "adapter_v2", "--checkpoint_dir", small_checkpoint, "--data_dir", alpaca64,
-                      "--out_dir", out,
-                      "--max_steps", 6, "--batch_size", 4, "--micro_batch_size", 4, "--learning_rate", LR,
-                      "--warmup_steps", 0, "--lr_schedule", "constant", "--eval_interval", 6, "--eval_iters", 1)
+    result = run_main(capsys, *finetune_argv(small_checkpoint, alpaca64, out, "--max_steps", 6, "--batch_size", 4,
+                                             "--micro_batch_size", 4, "--learning_rate", LR, "--warmup_steps", 0,
+                                             "--lr_schedule", "constant", "--eval_interval", 6, "--eval_iters", 1))
     assert result.returncode == 0, result.stderr[-2000:]
     text = result.stdout + result.stderr
     with open(out / "metrics.csv") as f:

@@ -7,9 +7,8 @@ import pytest
 import torch
 import yaml
 
-from conftest import read_metrics
+from conftest import SHORT_RUN_FLAGS, finetune_argv, read_metrics, sigterm_at_step
 from littune.cli import main
-from test_finetune_resume import FLAGS, finetune_args, sigterm_at_step
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -70,18 +69,18 @@ def test_wandb_offline_run_gets_the_flags_and_metrics_and_resume_continues_it(sm
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("WANDB_CONSOLE", "off")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    flags = [*FLAGS, "--max_steps", "4", "--logger", "[csv, wandb]"]
+    flags = [*SHORT_RUN_FLAGS, "--max_steps", "4", "--logger", "[csv, wandb]"]
     out = tmp_path / "run"
     with monkeypatch.context() as patch:
         sigterm_at_step(patch, 2)
-        assert main(finetune_args(small_checkpoint, alpaca64, out, *flags)) == 1
+        assert main(finetune_argv(small_checkpoint, alpaca64, out, *flags)) == 1
     first = wandb_runs(out)
     assert len(first) == 1
     run_id = next(iter(first.values()))
     state = torch.load(out / "step-000002" / "training_state.pt", weights_only=True)
     assert state["counters"]["wandb_run_id"] == run_id
 
-    assert main(finetune_args(small_checkpoint, alpaca64, out, *flags, "--resume", "auto")) == 0
+    assert main(finetune_argv(small_checkpoint, alpaca64, out, *flags, "--resume", "auto")) == 0
     sessions = wandb_runs(out)
     assert len(sessions) == 2 and set(sessions.values()) == {run_id}  # the second session continues the same run
 
@@ -93,7 +92,7 @@ def test_wandb_offline_run_gets_the_flags_and_metrics_and_resume_continues_it(sm
     assert [losses[int(r["step"])] for r in rows] == pytest.approx([float(r["train_loss"]) for r in rows], rel=1e-5)
 
     # --overwrite starts over: the run's W&B folder goes with its other outputs
-    assert main(finetune_args(small_checkpoint, alpaca64, out, *FLAGS, "--max_steps", "1", "--overwrite",
+    assert main(finetune_argv(small_checkpoint, alpaca64, out, *SHORT_RUN_FLAGS, "--max_steps", "1", "--overwrite",
                               "true")) == 0
     assert not (out / "wandb").exists()
 
@@ -110,6 +109,6 @@ def test_wandb_without_the_package_is_one_line(small_checkpoint, alpaca64, tmp_p
 
     monkeypatch.setattr(builtins, "__import__", no_wandb)
     capsys.readouterr()
-    assert main(finetune_args(small_checkpoint, alpaca64, tmp_path / "run", *FLAGS, "--logger", "[wandb]")) == 1
+    assert main(finetune_argv(small_checkpoint, alpaca64, tmp_path / "run", *SHORT_RUN_FLAGS, "--logger", "[wandb]")) == 1
     err = capsys.readouterr().err
     assert err.startswith("littune: error: --logger wandb needs Weights & Biases") and len(err.splitlines()) == 1

@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import FSDPLikeFabric, read_metrics, run_main
+from conftest import FSDPLikeFabric, finetune_argv, one_error_line, read_metrics, run_main
 from littune.cli import main
 from littune.methods.lora import METHOD, TARGETS
 
@@ -20,9 +20,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def finetune(checkpoint, data, out_dir, *flags) -> dict:
-    args = ["finetune", "lora", "--checkpoint_dir", str(checkpoint), "--data_dir", str(data), "--out_dir",
-            str(out_dir), "--eval_iters", "1", "--micro_batch_size", "4", "--batch_size", "4", *map(str, flags)]
-    assert main(args) == 0
+    argv = finetune_argv(checkpoint, data, out_dir, "--eval_iters", "1", "--micro_batch_size", "4", "--batch_size",
+                         "4", *flags, method="lora")
+    assert main(argv) == 0
     return torch.load(out_dir / ADAPTER_FILE, weights_only=True)
 
 
@@ -166,9 +166,6 @@ def test_bad_lora_flags_give_one_line(small_checkpoint, alpaca64, tmp_path, caps
     for flags, fragment in ((["--lora_targets", "[]"], "--lora_targets is empty"),
                             (["--lora_r", "0"], "--lora_r 0: must be >= 1"),
                             (["--lora_dropout", "1.0"], "--lora_dropout 1.0: must be >= 0 and < 1")):
-        capsys.readouterr()
-        code = main(["finetune", "lora", "--checkpoint_dir", str(small_checkpoint), "--data_dir", str(alpaca64),
-                     "--out_dir", str(tmp_path / "out"), *flags])
-        err = capsys.readouterr().err
-        assert code == 1 and fragment in err and len(err.strip().splitlines()) == 1, err
+        result = run_main(capsys, *finetune_argv(small_checkpoint, alpaca64, tmp_path / "out", *flags, method="lora"))
+        one_error_line(result, fragment, code=1, alone=True)
     assert not (tmp_path / "out").exists()

@@ -5,7 +5,7 @@ recomputation) and LoRA, and the same trained weights through the real CLI."""
 import pytest
 import torch
 
-from conftest import max_diff
+from conftest import finetune_argv, max_diff
 from littune.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -57,9 +57,9 @@ def test_checkpointed_blocks_give_the_plain_loss_and_gradients(small_checkpoint,
 def test_finetune_with_activation_checkpointing_trains_the_same_weights(small_checkpoint, alpaca64, tmp_path,
                                                                         method_name, capsys):
     def run(out, *flags) -> dict:
-        args = ["finetune", method_name, "--checkpoint_dir", str(small_checkpoint), "--data_dir", str(alpaca64),
-                "--out_dir", str(out), "--max_steps", "2", "--micro_batch_size", "2", "--batch_size", "4",
-                "--eval_interval", "2", "--eval_iters", "1", "--shared_prefix", "false", *flags]
+        args = finetune_argv(small_checkpoint, alpaca64, out, "--max_steps", "2", "--micro_batch_size", "2",
+                             "--batch_size", "4", "--eval_interval", "2", "--eval_iters", "1", "--shared_prefix",
+                             "false", *flags, method=method_name)
         if method_name == "lora":
             args += ["--lora_dropout", "0"]
         assert main(args) == 0

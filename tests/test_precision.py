@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import finetune_argv
 from littune import precision
 from littune.checkpoints import load_model_config
 from littune.cli import main
@@ -42,9 +43,8 @@ def timings(float32_s: float, bfloat16_s: float) -> dict:
 def finetune(checkpoint: Path, data: Path, out: Path, capsys, *flags) -> tuple[str, str]:
     """Run a short fine-tuning; (the precision it trained in, its header line)."""
     capsys.readouterr()
-    assert main(["finetune", "adapter_v2", "--checkpoint_dir", str(checkpoint), "--data_dir", str(data), "--out_dir",
-                 str(out), "--max_steps", "2", "--batch_size", "4", "--micro_batch_size", "4", "--eval_interval",
-                 "1000", "--eval_iters", "1", "--save_interval", "1", *map(str, flags)]) == 0
+    assert main(finetune_argv(checkpoint, data, out, "--max_steps", "2", "--batch_size", "4", "--micro_batch_size",
+                              "4", "--eval_interval", "1000", "--eval_iters", "1", "--save_interval", "1", *flags)) == 0
     header = next(line for line in capsys.readouterr().out.splitlines() if "steps of" in line)
     return yaml.safe_load((out / "hyperparameters.yaml").read_text())["precision"], header
 

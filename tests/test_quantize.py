@@ -4,7 +4,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import one_error_line, read_metrics, run_main
+from conftest import finetune_argv, one_error_line, read_metrics, run_main
 from littune.cli import main
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -61,9 +61,9 @@ def test_nf4_base_logits_are_close_to_the_float_base_but_not_equal(small_checkpo
 def test_finetune_with_nf4_trains_saves_resumes_and_the_adapter_loads_on_both_bases(small_checkpoint, alpaca64,
                                                                                     tmp_path, capsys):
     out = tmp_path / "run"
-    flags = ["finetune", "adapter_v2", "--checkpoint_dir", small_checkpoint, "--data_dir", alpaca64, "--out_dir",
-             out, "--max_steps", "6", "--micro_batch_size", "2", "--batch_size", "4", "--eval_interval", "3",
-             "--eval_iters", "1", "--learning_rate", "0.01", "--save_interval", "3", "--quantize", "bnb.nf4"]
+    flags = finetune_argv(small_checkpoint, alpaca64, out, "--max_steps", "6", "--micro_batch_size", "2", "--batch_size",
+                          "4", "--eval_interval", "3", "--eval_iters", "1", "--learning_rate", "0.01",
+                          "--save_interval", "3", "--quantize", "bnb.nf4")
     assert run_main(capsys, *flags).returncode == 0
     losses = [float(r["train_loss"]) for r in read_metrics(out)]
     assert len(losses) == 6 and sum(losses[-2:]) < sum(losses[:2])
@@ -94,8 +94,8 @@ def test_finetune_with_nf4_trains_saves_resumes_and_the_adapter_loads_on_both_ba
 
 def test_quantize_on_several_devices_or_with_named_serve_adapters_is_one_line(small_checkpoint, alpaca64, tmp_path,
                                                                               capsys):
-    result = run_main(capsys, "finetune", "lora", "--checkpoint_dir", small_checkpoint, "--data_dir", alpaca64,
-                      "--out_dir", tmp_path / "r", "--devices", "2", "--quantize", "bnb.nf4")
+    result = run_main(capsys, *finetune_argv(small_checkpoint, alpaca64, tmp_path / "r", "--devices", "2", "--quantize",
+                                             "bnb.nf4", method="lora"))
     one_error_line(result, "--quantize bnb.nf4", "--devices 1")
     assert not (tmp_path / "r").exists()
     result = run_main(capsys, "serve", "--checkpoint_dir", small_checkpoint, "--adapter", f"a={tmp_path}",
@@ -107,7 +107,7 @@ def test_quantize_on_several_devices_or_with_named_serve_adapters_is_one_line(sm
 def test_serve_with_an_nf4_base_answers_as_generate_does(small_checkpoint):
     """The real server (uvicorn, OpenAI's client) on an NF4 base: its greedy answer is `littune generate
     --quantize bnb.nf4 --temperature 0`'s."""
-    from test_serve import MAX_TOKENS, chat, client_for, in_process_server
+    from serving import MAX_TOKENS, chat, client_for, in_process_server
 
     from littune.generate import generate
 

@@ -15,7 +15,6 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -24,36 +23,13 @@ import pytest
 import torch
 
 from littune import generate as generate_module
-from littune import serve as serve_module
 from littune.serve import app as app_module
 from littune.serve import engine as engine_module
 from littune.serve import protocol as protocol_module
 from littune.serve.engine import End, Text
-from conftest import free_port, make_adapter_run
+from conftest import finetune_argv, free_port, make_adapter_run
+from serving import CHATML, KEY, MAX_TOKENS, PROMPTS, chat, client_for, in_process_server, wait_healthy
 from littune.cli import main
-
-KEY = "sk-test-3f1a9c"  # must never appear in the server's output
-PROMPTS = ["Give three tips for staying healthy.", "What is the capital of France?",
-           "Write a haiku about the sea, please.", "Name a color."]
-CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
-          "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
-MAX_TOKENS = 16
-
-
-
-
-def wait_healthy(base: str, process=None, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise AssertionError(f"littune serve exited: {process.stderr.read()[-3000:]}")
-        try:
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError("the server did not come up")
 
 
 @functools.cache  # each call loads the model: the tests ask for some answers more than once
@@ -61,29 +37,6 @@ def greedy(checkpoint, prompt, adapter_path=None) -> str:
     """`littune generate --temperature 0`'s answer."""
     return generate_module.generate(prompt=prompt, checkpoint_dir=checkpoint, adapter_path=adapter_path,
                                     temperature=0, max_new_tokens=MAX_TOKENS)[0]
-
-
-def client_for(base: str, key: str = KEY) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0, timeout=120)
-
-
-def chat(client, content, stream=False, model="m", **kwargs):
-    """(answer text, finish reason, usage) through the official client, streamed or not."""
-    messages = content if isinstance(content, list) else [{"role": "user", "content": content}]
-    kwargs.setdefault("temperature", 0)
-    kwargs.setdefault("max_tokens", MAX_TOKENS)
-    if not stream:
-        response = client.chat.completions.create(model=model, messages=messages, **kwargs)
-        return response.choices[0].message.content, response.choices[0].finish_reason, response.usage
-    pieces, reason, usage = [], None, None
-    for chunk in client.chat.completions.create(model=model, messages=messages, stream=True,
-                                                stream_options={"include_usage": True}, **kwargs):
-        if chunk.usage is not None:
-            usage = chunk.usage
-        for choice in chunk.choices:
-            pieces.append(choice.delta.content or "")
-            reason = choice.finish_reason or reason
-    return "".join(pieces), reason, usage
 
 
 # ------------------------------------------------------------------------------------------------ servers
@@ -114,25 +67,6 @@ def up(cli_server) -> str:
     return base
 
 
-@contextmanager
-def in_process_server(checkpoint, adapter_path=None, **kwargs):
-    """The same app served by uvicorn on a thread of this process: (base URL, the Service)."""
-    service = serve_module.load_service(checkpoint, adapter_path, **kwargs)
-    sock = serve_module.bind_socket("127.0.0.1", 0)
-    server = serve_module.make_server(app_module.build_app(service), service, log_level="warning")
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    try:
-        wait_healthy(base)
-        yield base, service
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        sock.close()
-        assert not service.engine.thread.is_alive()
-
-
 @pytest.fixture(scope="module")
 def server(small_checkpoint):
     """The base model with the default limits and a key."""
@@ -154,10 +88,9 @@ def chat_checkpoint(small_checkpoint, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def adapter_run(small_checkpoint, alpaca64, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("run") / "out"
-    assert main(["finetune", "adapter_v2", "--checkpoint_dir", str(small_checkpoint), "--data_dir", str(alpaca64),
-                 "--out_dir", str(out), "--max_steps", "2", "--batch_size", "4", "--micro_batch_size", "4",
-                 "--learning_rate", "0.03", "--warmup_steps", "0", "--eval_interval", "100",
-                 "--save_interval", "100"]) == 0
+    assert main(finetune_argv(small_checkpoint, alpaca64, out, "--max_steps", "2", "--batch_size", "4",
+                              "--micro_batch_size", "4", "--learning_rate", "0.03", "--warmup_steps", "0",
+                              "--eval_interval", "100", "--save_interval", "100")) == 0
     return out
 
 

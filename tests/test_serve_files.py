@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from conftest import free_port, make_adapter_run, one_error_line, run_main
-from test_serve import PROMPTS, chat, client_for, wait_healthy
+from serving import PROMPTS, chat, client_for, wait_healthy
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

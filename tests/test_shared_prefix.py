@@ -12,14 +12,13 @@ import pytest
 import torch
 import yaml
 
-from conftest import SST2_TRAIN, read_metrics
+from conftest import SST2_TRAIN, finetune_argv, max_difference, read_metrics
 from littune.cli import main
 from littune.finetune import prefix as prefix_module
 from littune.finetune.prefix import packed_batch, packed_loss_sum, shared_prefix_length, sharing_pays
 from littune.finetune.state import STATE_FILE
 from littune.methods import get_method
 from littune.model import collate, forward_loss_sum
-from test_finetune import max_difference  # leaves out a slice whose gradient is pure rounding noise
 
 COLUMNS = json.dumps({"instruction": "=Is the sentiment of this review positive or negative?", "input": "text",
                       "output": "label"})
@@ -161,9 +160,9 @@ def test_loss_and_every_gradient_equal_the_plain_forward(small_checkpoint, sst2,
 
 
 def finetune_args(checkpoint, data, out_dir, *flags, method: str = "adapter_v2") -> list:
-    return ["finetune", method, "--checkpoint_dir", str(checkpoint), "--data_dir", str(data), "--out_dir",
-            str(out_dir), "--eval_interval", "1000", "--eval_iters", "1", "--save_interval", "1000",
-            "--precision", "32-true", "--micro_batch_size", "2", *map(str, flags)]
+    """Short float32 runs in micro-batches of 2, no evaluation or saved state on the way."""
+    return finetune_argv(checkpoint, data, out_dir, "--eval_interval", "1000", "--eval_iters", "1", "--save_interval",
+                         "1000", "--precision", "32-true", "--micro_batch_size", "2", *flags, method=method)
 
 
 def counting_packed_forwards(monkeypatch) -> dict:
@@ -346,14 +345,12 @@ def test_eight_records_pack_small_on_a_label_task_not_on_instructions(small_chec
         assert eight_pack_small(train) is packs
         capsys.readouterr()
         out = tmp_path / data.name
-        assert main(["finetune", "adapter_v2", "--checkpoint_dir", str(small_checkpoint), "--data_dir", str(data),
-                     "--out_dir", str(out), "--max_steps", "1", "--batch_size", "8", "--eval_iters", "1",
-                     "--precision", "32-true"]) == 0
+        assert main(finetune_argv(small_checkpoint, data, out, "--max_steps", "1", "--batch_size", "8", "--eval_iters",
+                                  "1", "--precision", "32-true")) == 0
         micro = 8 if packs else 4
         assert f"micro-batches of {micro} " in capsys.readouterr().out
         assert yaml.safe_load((out / "hyperparameters.yaml").read_text())["micro_batch_size"] == micro
     # --shared_prefix false: nothing runs packed, so 4
-    assert main(["finetune", "adapter_v2", "--checkpoint_dir", str(small_checkpoint), "--data_dir",
-                 str(sst2["masked"]), "--out_dir", str(tmp_path / "plain"), "--max_steps", "1", "--batch_size", "8",
-                 "--eval_iters", "1", "--precision", "32-true", "--shared_prefix", "false"]) == 0
+    assert main(finetune_argv(small_checkpoint, sst2["masked"], tmp_path / "plain", "--max_steps", "1", "--batch_size",
+                              "8", "--eval_iters", "1", "--precision", "32-true", "--shared_prefix", "false")) == 0
     assert yaml.safe_load((tmp_path / "plain" / "hyperparameters.yaml").read_text())["micro_batch_size"] == 4

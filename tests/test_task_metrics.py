@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import SST2_TRAIN, read_metrics
+from conftest import SST2_TRAIN, finetune_argv, one_error_line, read_metrics, run_main
 from littune.cli import main
 
 COLUMNS = json.dumps({"instruction": "=Is the sentiment of this review positive or negative?", "input": "text",
@@ -35,10 +35,9 @@ def sst2(small_checkpoint, tmp_path_factory) -> Path:
 
 
 def finetune(checkpoint, data, out, *flags) -> list[str]:
-    return ["finetune", "adapter_v2", "--checkpoint_dir", str(checkpoint), "--data_dir", str(data), "--out_dir",
-            str(out), "--batch_size", "8", "--micro_batch_size", "8", "--learning_rate", "0.05", "--warmup_steps",
-            "0", "--lr_schedule", "constant", "--precision", "32-true", "--eval_iters", "all", "--seed", "3",
-            *map(str, flags)]
+    return finetune_argv(checkpoint, data, out, "--batch_size", "8", "--micro_batch_size", "8", "--learning_rate",
+                         "0.05", "--warmup_steps", "0", "--lr_schedule", "constant", "--precision", "32-true",
+                         "--eval_iters", "all", "--seed", "3", *flags)
 
 
 def metric_rows(out: Path) -> list[dict]:
@@ -156,9 +155,6 @@ def test_resume_mid_run_keeps_the_best(small_checkpoint, sst2, tmp_path, monkeyp
 
 
 def test_task_metric_on_free_text_data_is_refused(small_checkpoint, alpaca64, tmp_path, capsys):
-    capsys.readouterr()
-    assert main(["finetune", "adapter_v2", "--checkpoint_dir", str(small_checkpoint), "--data_dir", str(alpaca64),
-                 "--out_dir", str(tmp_path / "run"), "--best_metric", "val_mcc"]) == 1
-    err = capsys.readouterr().err
-    assert "not a label task" in err and "--best_metric val_loss" in err and len(err.strip().splitlines()) == 1
+    result = run_main(capsys, *finetune_argv(small_checkpoint, alpaca64, tmp_path / "run", "--best_metric", "val_mcc"))
+    one_error_line(result, "not a label task", "--best_metric val_loss", code=1, alone=True)
     assert not (tmp_path / "run").exists()
