@@ -13,13 +13,12 @@ import time
 from pathlib import Path
 from typing import Annotated, Optional
 
-import torch
-
 from littune.common import Check, UserError, checked
-from littune.model import Precision, default_precision, load_for_inference, peak_memory_gb
+from littune.inputs import RunInputs, load_for_inference
+from littune.model import Precision, default_precision, peak_memory_gb
 from littune.prepared import encode
 from littune.quantize import Quantize, check_quantize
-from littune.sampling import generate_tokens, stream_text
+from littune.sampling import check_fits, generate_tokens, stream_text
 
 
 @checked
@@ -64,8 +63,9 @@ def generate(
 
     check_quantize(quantize)
     fabric = L.Fabric(devices=1, precision=precision or default_precision(), accelerator="auto")
-    model, tokenizer, run_dir = load_for_inference(fabric, checkpoint_dir, adapter_path, quantize)
-    style = choose_prompt_style(prompt_style, run_dir, checkpoint_dir, system)
+    inputs = RunInputs(checkpoint_dir, adapter_path=adapter_path)
+    model, tokenizer, run_dir = load_for_inference(fabric, checkpoint_dir, quantize=quantize, inputs=inputs)
+    style = inputs.prompt_style(prompt_style, system, run_dir)
     text = style.apply(prompt, input=input)
     prompt_ids = encode(tokenizer, text).to(fabric.device)
     check_fits(prompt_ids, max_new_tokens, model.config.block_size)
@@ -93,24 +93,3 @@ def generate(
             file=sys.stderr,
         )
     return answers
-
-
-def choose_prompt_style(name: Optional[str], run_dir: Optional[Path], checkpoint_dir: Path, system: Optional[str]):
-    """--prompt_style; else the style the adapter was trained with (saved in its run folder, or in a folder made by
-    `littune merge`); else the model's chat template where it has one; else alpaca."""
-    from littune.prompts import STYLE_FILE, default_style_name, load_style_file, style_by_name
-
-    if name:
-        return style_by_name(name, checkpoint_dir, system)
-    for folder in (run_dir, Path(checkpoint_dir)):
-        if folder is not None and (folder / STYLE_FILE).is_file():
-            return load_style_file(folder)
-    return style_by_name(default_style_name(checkpoint_dir), checkpoint_dir, system)
-
-
-def check_fits(prompt_ids: torch.Tensor, max_new_tokens: int, block_size: int) -> None:
-    if prompt_ids.numel() + max_new_tokens > block_size:
-        raise UserError(
-            f"the prompt ({prompt_ids.numel()} tokens) plus --max_new_tokens {max_new_tokens} exceeds the model's "
-            f"context of {block_size} tokens; shorten the prompt or lower --max_new_tokens"
-        )

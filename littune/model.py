@@ -9,7 +9,7 @@ before that would be lost, so FSDP would train a random model. Set up first, the
 import resource
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Literal, Optional
+from typing import Callable, Iterator, Literal, NamedTuple, Optional
 
 import torch
 import yaml
@@ -105,16 +105,17 @@ def build_model(config, method: Optional[Method] = None, method_args=None) -> to
 
 def load_model(fabric, checkpoint_dir: Path, method: Optional[Method] = None, method_args=None,
                adapter: Optional[dict] = None, trainable: bool = False, sharded: Optional[bool] = None,
-               quantize: Optional[str] = None):
+               quantize: Optional[str] = None, config=None):
     """Build, set up, then load: the base weights of `checkpoint_dir`, then `adapter` (a method's trained weights).
 
     trainable: training; the method's parameters keep their initialisation where `adapter` is None and are the only
     ones with requires_grad. Inference leaves nothing initialised: every parameter comes from a file.
     quantize: the frozen linear layers in bitsandbytes' 4 or 8 bits, quantized while loading (`littune.quantize`;
-    one device, never sharded: built, loaded, then set up).
+    one device, never sharded: built, loaded, then set up). config: the checkpoint's, where the caller has it
+    (`littune.inputs`), else read here.
     """
     checkpoint_dir = Path(checkpoint_dir)
-    config = load_model_config(checkpoint_dir)
+    config = config if config is not None else load_model_config(checkpoint_dir)
     sharded = is_sharded(fabric) if sharded is None else sharded
     path = checkpoint_dir / "lit_model.pth"
     if quantize is not None:
@@ -154,21 +155,6 @@ def load_state(model, state: dict, sharded: bool) -> tuple[list, list]:
     return set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True, strict=False))
 
 
-def load_for_inference(fabric, checkpoint_dir: Path, adapter_path: Optional[Path] = None,
-                       quantize: Optional[str] = None):
-    """(model in eval mode, tokenizer, run folder or None) for a base checkpoint plus an optional trained adapter,
-    the base quantized with `quantize` where given."""
-    from littune.prepared import load_tokenizer
-
-    method = method_args = adapter = run_dir = None
-    if adapter_path is not None:
-        adapter_file, run_dir, method, method_args = resolve_adapter(adapter_path)
-        adapter = load_torch(adapter_file, "adapter weights")
-        check_adapter_fits(adapter, adapter_file, checkpoint_dir, method, method_args)
-    model = load_model(fabric, checkpoint_dir, method, method_args, adapter=adapter, quantize=quantize)
-    return model.eval(), load_tokenizer(Path(checkpoint_dir)), run_dir
-
-
 # ------------------------------------------------------------------------------------------------- run folders
 
 
@@ -194,9 +180,17 @@ def read_run(run_dir: Path) -> tuple[Method, object]:
     return method, method.args(**check_fields(method.args, hparams, str(path)))
 
 
-def resolve_adapter(adapter_path: Path) -> tuple[Path, Path, Method, object]:
-    """(weights file, the folder with its hyperparameters and prompt style, method, method flags) for a trained
-    adapter given as its file or as a run folder (then: its final weights)."""
+class Adapter(NamedTuple):
+    """A trained adapter, resolved: where its weights and its run's files are, and how it was trained."""
+
+    file: Path  # the weights file
+    run_dir: Path  # the folder with its hyperparameters.yaml and prompt_style.yaml
+    method: Method
+    args: object  # the method's flags
+
+
+def resolve_adapter(adapter_path: Path) -> Adapter:
+    """The Adapter of a trained adapter given as its file or as a run folder (then: its final weights)."""
     adapter_path = Path(adapter_path)
     run_dir = adapter_path if adapter_path.is_dir() else adapter_path.parent
     if not run_dir.is_dir():
@@ -207,13 +201,15 @@ def resolve_adapter(adapter_path: Path) -> tuple[Path, Path, Method, object]:
         hint = f"a run folder must hold the final adapter {method.adapter_file}" if adapter_path.is_dir() \
             else "no such file"
         raise UserError(f"--adapter_path {adapter_path}: {hint}")
-    return adapter_file, run_dir, method, method_args
+    return Adapter(adapter_file, run_dir, method, method_args)
 
 
-def check_adapter_fits(adapter: dict, adapter_file: Path, checkpoint_dir: Path, method: Method, method_args) -> None:
-    """An adapter trained on another model has other names or shapes: say which, instead of a wall of errors."""
+def check_adapter_fits(adapter: dict, adapter_file: Path, checkpoint_dir: Path, method: Method, method_args,
+                       config=None) -> None:
+    """An adapter trained on another model has other names or shapes: say which, instead of a wall of errors.
+    config: the checkpoint's, where the caller has it."""
     with torch.device("meta"):
-        model = build_model(load_model_config(checkpoint_dir), method, method_args)
+        model = build_model(config if config is not None else load_model_config(checkpoint_dir), method, method_args)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if method.is_trainable(k)}
     got = {k: tuple(v.shape) for k, v in adapter.items()}
     unknown = sorted(set(got) - set(expected))
@@ -228,11 +224,14 @@ def check_adapter_fits(adapter: dict, adapter_file: Path, checkpoint_dir: Path, 
         raise UserError(f"{adapter_file}: not an adapter for {checkpoint_dir} ({detail})")
 
 
-def check_data_fits_model(data_dir: Path, meta: dict, records: list, checkpoint_dir: Path, config) -> None:
-    """Refuse data prepared with another tokenizer, or records the model cannot take."""
-    from littune.prepared import tokenizer_identity
+def check_data_fits_model(data_dir: Path, meta: dict, records: list, checkpoint_dir: Path, config,
+                          tokenizer=None) -> None:
+    """Refuse data prepared with another tokenizer, or records the model cannot take. tokenizer: the checkpoint's,
+    where the caller has it."""
+    from littune.prepared import tokenizer_identity, tokenizer_identity_of
 
-    mine = tokenizer_identity(checkpoint_dir)
+    mine = tokenizer_identity_of(tokenizer, Path(checkpoint_dir)) if tokenizer is not None \
+        else tokenizer_identity(checkpoint_dir)
     theirs = meta.get("tokenizer", {})
     differing = [k for k in ("sha256", "vocab_size", "eos_id", "bos_id") if k in theirs and theirs.get(k) != mine.get(k)]
     if differing:

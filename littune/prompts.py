@@ -33,18 +33,35 @@ ANSWER_MARKER = "LITTUNE_ANSWER_f3a9"
 END_OF_TURN = re.compile(r"<[^<>\s]{1,64}>")
 
 
-def style_by_name(name: str, checkpoint_dir: Path, system: Optional[str] = None, *, tokenizer=None):
+def style_by_name(name: str, checkpoint_dir: Path, system: Optional[str] = None, *, tokenizer=None,
+                  tokenizer_config: Optional[dict] = None):
     """The prompt style called `name`: "chat" (the checkpoint's own chat template) or a litgpt style name.
 
-    `system` (a system message) only goes with "chat". `tokenizer`: the checkpoint's litgpt Tokenizer if already
-    loaded (chat needs to know whether it adds BOS itself).
+    `system` (a system message) only goes with "chat". `tokenizer`, `tokenizer_config`: the checkpoint's litgpt
+    Tokenizer and tokenizer_config.json if already loaded (chat needs to know whether it adds BOS itself).
     """
     check_style_name(name, system)
     if name == CHAT_STYLE:
-        return chat_style(Path(checkpoint_dir), system, tokenizer)
+        return chat_style(Path(checkpoint_dir), system, tokenizer, tokenizer_config)
     from litgpt.prompts import PromptStyle
 
     return PromptStyle.from_name(name)
+
+
+def choose_prompt_style(name: Optional[str], run_dir: Optional[Path], checkpoint_dir: Path, system: Optional[str],
+                        *, tokenizer=None, tokenizer_config: Optional[dict] = None):
+    """The prompt style of generate and serve: --prompt_style; else the style the adapter was trained with (saved in
+    its run folder, or in a folder made by `littune merge`); else the model's chat template where it has one; else
+    alpaca. `tokenizer`, `tokenizer_config`: as `style_by_name`'s (read here where not given, once each)."""
+    checkpoint_dir = Path(checkpoint_dir)
+    if name:
+        return style_by_name(name, checkpoint_dir, system, tokenizer=tokenizer, tokenizer_config=tokenizer_config)
+    for folder in (run_dir, checkpoint_dir):
+        if folder is not None and (Path(folder) / STYLE_FILE).is_file():
+            return load_style_file(folder)
+    config = tokenizer_config if tokenizer_config is not None else read_tokenizer_config(checkpoint_dir)
+    default = CHAT_STYLE if read_chat_template(checkpoint_dir, config)[0] is not None else "alpaca"
+    return style_by_name(default, checkpoint_dir, system, tokenizer=tokenizer, tokenizer_config=config)
 
 
 def check_style_name(name: str, system: Optional[str]) -> None:
@@ -201,9 +218,10 @@ def token_id(tokenizer, token: str) -> Optional[int]:
     return found
 
 
-def chat_style(checkpoint_dir: Path, system: Optional[str], tokenizer=None):
-    """The checkpoint's chat template (chat_template.jinja, else tokenizer_config.json's chat_template) as a style."""
-    config = read_tokenizer_config(checkpoint_dir)
+def chat_style(checkpoint_dir: Path, system: Optional[str], tokenizer=None, config: Optional[dict] = None):
+    """The checkpoint's chat template (chat_template.jinja, else tokenizer_config.json's chat_template) as a style;
+    `tokenizer` and `config` (tokenizer_config.json) where the caller has them."""
+    config = config if config is not None else read_tokenizer_config(checkpoint_dir)
     template, source = read_chat_template(checkpoint_dir, config)
     if template is None:
         raise UserError(

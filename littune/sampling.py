@@ -24,6 +24,7 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
+from littune.common import UserError
 from littune.model import final_norm_keeps, sequence_length, unwrap
 
 
@@ -192,3 +193,10 @@ def _greedy_batch(module, prompts: list[torch.Tensor], max_new_tokens: int, stop
         positions += 1
     return [m.output for m in matchers]
 
+
+def check_fits(prompt_ids: torch.Tensor, max_new_tokens: int, block_size: int) -> None:
+    if prompt_ids.numel() + max_new_tokens > block_size:
+        raise UserError(
+            f"the prompt ({prompt_ids.numel()} tokens) plus --max_new_tokens {max_new_tokens} exceeds the model's "
+            f"context of {block_size} tokens; shorten the prompt or lower --max_new_tokens"
+        )

@@ -181,6 +181,30 @@ def loss_terms(requests: list[dict], results: list[dict], plans: list[Optional[d
     return total, count
 
 
+def results_with_loss(model, requests: list[dict], records: list[dict], ignore_index: int, batch_size: int = 16,
+                      progress: bool = False, desc: str = "Scoring") -> tuple[list[dict], float, int]:
+    """(the requests' continuation scores, the records' summed target-token loss, their number of target tokens)
+    from one scoring pass: the loss targets ride along with the requests (`with_loss`)."""
+    scored, plans = with_loss(requests, records, ignore_index)
+    results = token_logprobs(model, scored, batch_size, progress=progress, desc=desc)
+    loss_sum, targets = loss_terms(scored, results, plans)
+    return results, loss_sum, targets
+
+
+def labels_with_loss(model, tokenizer, style, records: list[dict], labels: list[str], ignore_index: int,
+                     batch_size: int = 16, progress: bool = False) -> tuple[list[dict], float, int]:
+    """The label-scoring pass of `littune evaluate --scoring likelihood` and of the training loop's task metrics:
+    (a row per record as `score_labels` gives it, the summed target-token loss, the number of target tokens), the
+    prompt of each record run once for both."""
+    texts = label_texts([r["output"] for r in records], labels)
+    requests = label_requests(tokenizer, style, records, texts, unwrap(model).config.block_size)
+    results, loss_sum, targets = results_with_loss(model, requests, records, ignore_index, batch_size, progress,
+                                                   "Scoring labels")
+    # the records' own requests come first (zip stops there)
+    return [label_result(request, result, labels, texts) for request, result in zip(requests, results)], loss_sum, \
+        targets
+
+
 # ---------------------------------------------------------------------------------------------- the model passes
 
 

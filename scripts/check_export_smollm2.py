@@ -96,7 +96,7 @@ def run_checks(args, work: Path) -> None:
     # 3. the reference and the prompts
     import lightning as L
 
-    from littune.model import load_for_inference
+    from littune.inputs import load_for_inference
 
     val = torch.load(data / "val.pt", weights_only=True)
     prompts = [r["input_ids_no_response"] for r in val[:3]]

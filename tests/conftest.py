@@ -299,7 +299,7 @@ def lit_logits(folder: Path, ids, adapter_path: Path | None = None):
     if adapter_path is not None:
         import lightning as L
 
-        from littune.model import load_for_inference
+        from littune.inputs import load_for_inference
 
         fabric = L.Fabric(devices=1, accelerator="cpu", precision="32-true")
         model, _, _ = load_for_inference(fabric, folder, adapter_path)

@@ -82,7 +82,7 @@ def inference(checkpoint, run_dir):
 
     from litgpt.prompts import Alpaca
 
-    from littune.model import load_for_inference
+    from littune.inputs import load_for_inference
 
     fabric = L.Fabric(devices=1, accelerator="cpu", precision="32-true")
     model, tokenizer, _ = load_for_inference(fabric, checkpoint, run_dir)
@@ -227,7 +227,7 @@ def test_batched_greedy_equals_one_by_one_for_every_prompt(checkpoint, perturbed
     import lightning as L
     from litgpt.prompts import Alpaca
 
-    from littune.model import load_for_inference
+    from littune.inputs import load_for_inference
     from littune.sampling import generate_tokens
 
     if arch != "gpt_neox":
@@ -391,7 +391,7 @@ def test_explicit_labels_and_free_text_task_without_adapter(checkpoint, sst2, tm
     import lightning as L
 
     from littune.prepared import load_prepared
-    from littune.model import load_for_inference
+    from littune.inputs import load_for_inference
     from littune.sampling import generate_tokens
 
     from littune.evaluate import label_answer_tokens

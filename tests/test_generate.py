@@ -10,7 +10,7 @@ from conftest import ALPACA_335, finetune_argv, make_hf_checkpoint, one_error_li
 from littune import generate as generate_module
 from littune.cli import main
 from littune.methods.adapter_v2 import METHOD
-from littune.model import load_for_inference
+from littune.inputs import load_for_inference
 from littune.sampling import generate_tokens
 
 ADAPTER_FILE = METHOD.adapter_file

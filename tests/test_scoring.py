@@ -43,7 +43,7 @@ def tiny(request, tmp_path_factory):
 def load(checkpoint, precision="32-true"):
     import lightning as L
 
-    from littune.model import load_for_inference
+    from littune.inputs import load_for_inference
 
     model, tokenizer, _ = load_for_inference(L.Fabric(devices=1, accelerator="cpu", precision=precision), checkpoint)
     return model, tokenizer

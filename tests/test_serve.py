@@ -174,7 +174,7 @@ def test_temperature_top_p_top_k_and_seed(server, small_checkpoint):
 def test_chat_template_renders_conversations_and_key_is_required(chat_checkpoint, capsys):
     import lightning as L
     from littune.prompts import style_by_name
-    from littune.model import load_for_inference
+    from littune.inputs import load_for_inference
     from littune.sampling import generate_tokens
 
     with in_process_server(chat_checkpoint, api_key=KEY, max_concurrency=1, max_queue=1) as (base, service):

@@ -26,7 +26,7 @@ def loaded(small_checkpoint):
     """(model, tokenizer) of the tiny checkpoint, on CPU in float32, as `littune generate` loads it."""
     import lightning as L
 
-    from littune.model import load_for_inference
+    from littune.inputs import load_for_inference
 
     model, tokenizer, _ = load_for_inference(L.Fabric(devices=1, accelerator="cpu", precision="32-true"),
                                              small_checkpoint)
@@ -171,7 +171,8 @@ def test_adapters_share_the_base_answer_as_alone_and_take_turns(small_checkpoint
     the engine steps the four batches in turn."""
     import lightning as L
 
-    from littune.model import load_for_inference
+    from littune.inputs import load_for_inference
+    from littune.inputs import RunInputs
     from littune.serve.models import load_models
 
     runs = {"lora-a": make_adapter_run(small_checkpoint, tmp_path / "a", "lora", 0, lora_r=4, lora_dropout=0.0),
@@ -186,7 +187,7 @@ def test_adapters_share_the_base_answer_as_alone_and_take_turns(small_checkpoint
         expected[name] = [expected_tokens(alone, p) for p in prompts]
     assert len({str(tokens) for tokens in expected.values()}) == 4  # every adapter changes the answer
 
-    models, _ = load_models(fabric, small_checkpoint, runs, None, None)
+    models, _ = load_models(fabric, RunInputs(small_checkpoint), runs, None, None)
     assert [m.name for m in models] == [small_checkpoint.name, *runs]
     base, lora_a, lora_b, v2 = (m.served.module for m in models)
     assert lora_a is lora_b and v2 is not lora_a and base is not v2

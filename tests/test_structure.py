@@ -17,7 +17,7 @@ from littune.cli import main
 PACKAGE = REPO / "littune"
 # the inference side: modules and packages (every file in them) that must never import littune.finetune
 INFERENCE = ["generate.py", "evaluate.py", "sampling.py", "scoring.py", "model.py", "metrics.py", "prompts.py",
-             "prepared.py", "serve", "export"]
+             "prepared.py", "inputs.py", "plots.py", "scorings", "serve", "export"]
 INFERENCE_MODULES = [p for name in INFERENCE for p in ([PACKAGE / name] if name.endswith(".py")
                                                         else sorted((PACKAGE / name).glob("*.py")))]
 # the data flow, bottom up: a module imports only from a lower rank, or from its own package (export.hf from
@@ -27,11 +27,12 @@ RANKS = {
     "littune": 0, "common": 0,
     "checkpoints": 1, "methods": 1, "metrics": 1, "precision": 1, "quantize": 1, "prepared": 1,
     "prompts": 2, "model": 2,
-    "sampling": 3, "scoring": 3, "data": 3,
-    "finetune": 4,
-    "evaluate": 5, "generate": 5, "export": 5, "serve": 5,
-    "sweep": 6, "demo": 6,
-    "cli": 7,
+    "sampling": 3, "scoring": 3, "data": 3, "inputs": 3, "plots": 3,
+    "scorings": 4,
+    "finetune": 5,
+    "evaluate": 6, "generate": 6, "export": 6, "serve": 6,
+    "sweep": 7, "demo": 7,
+    "cli": 8,
 }
 
 

@@ -29,8 +29,9 @@ hf, peft and gguf exports of a run carry a chat template that writes the run's p
 and BOS rule) from one user message, so that the exported model is prompted as it was trained (`template.py`); an
 export of a base model keeps the base's template.
 
-One file per format: `hf.py` (also the model families and config.json every format shares), `peft.py`, `gguf.py`;
-`template.py` (the chat template), `card.py` (the model card).
+One file per format, registered in `formats.py` (FORMATS: adding a format is a file and a line): `hf.py` (also the
+model families and config.json every format shares), `peft.py`, `gguf.py`; `template.py` (the chat template),
+`card.py` (the model card).
 This is the inference side: it never imports the training package.
 """
 
@@ -41,21 +42,17 @@ import sys
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Iterator, Literal, Optional
+from typing import Iterator, Optional
 
 import torch
 
-from littune.checkpoints import load_model_config
 from littune.common import UserError, atomic_folder, checked, load_torch, save_json, save_torch
-from littune.export.card import write_model_card
-from littune.export.gguf import gguf_tokenizer, write_gguf
-from littune.export.hf import check_family, copy_tokenizer_files, write_hf, write_safetensors
-from littune.export.peft import peft_adapter
-from littune.export.template import chat_template, run_prompt, write_chat_template
-from littune.model import build_model, check_adapter_fits, resolve_adapter
+from littune.export.formats import FORMATS, ExportDtype, ExportJob, FormatName, get_format
+from littune.export.hf import check_family, copy_tokenizer_files
+from littune.export.template import chat_template, run_prompt
+from littune.inputs import RunInputs
+from littune.model import build_model
 
-ExportFormat = Literal["hf", "peft", "gguf"]
-ExportDtype = Literal["float32", "bfloat16", "float16", "q8_0"]
 # written into every export and merge folder: the files littune wrote there (what --overwrite may replace)
 OUTPUT_RECORD = "littune_export.json"
 
@@ -71,8 +68,9 @@ def merge(checkpoint_dir: Path, adapter_path: Path, out_dir: Path, overwrite: bo
         overwrite: Replace an earlier export or merge in --out_dir (a folder holding other files is refused).
     """
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
-    config = load_model_config(checkpoint_dir)
-    adapter = read_adapter(adapter_path, checkpoint_dir)
+    inputs = RunInputs(checkpoint_dir, adapter_path=adapter_path)
+    config = inputs.config
+    adapter = read_adapter(inputs)
     check_out_dir(out_dir, overwrite, [checkpoint_dir, adapter["run_dir"]])
     base = load_base(checkpoint_dir, config)
     state = merged_state(config, base, adapter)
@@ -94,7 +92,7 @@ def merge(checkpoint_dir: Path, adapter_path: Path, out_dir: Path, overwrite: bo
 @checked
 def export(
     checkpoint_dir: Path,
-    format: ExportFormat,
+    format: FormatName,
     out_dir: Path,
     adapter_path: Optional[Path] = None,
     dtype: Optional[ExportDtype] = None,
@@ -116,65 +114,50 @@ def export(
         overwrite: Replace an earlier export or merge in --out_dir (a folder holding other files is refused).
     """
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
+    chosen = get_format(format)
     shard_bytes = parse_size(max_shard_size)
-    if dtype == "q8_0" and format != "gguf":
-        raise UserError(f"--dtype q8_0 is a GGUF type; --format {format} takes float32, bfloat16 or float16")
-    if format == "peft" and adapter_path is None:
-        raise UserError("--format peft writes a LoRA adapter: give the run with --adapter_path")
-    config = load_model_config(checkpoint_dir)
+    if dtype is not None and dtype not in chosen.dtypes:
+        takes = [name for name in FORMATS if dtype in get_format(name).dtypes]
+        raise UserError(f"--dtype {dtype} is a {'/'.join(name.upper() for name in takes)} type; --format {format} "
+                        f"takes {', '.join(chosen.dtypes[:-1])} or {chosen.dtypes[-1]}")
+    if chosen.needs_adapter and adapter_path is None:
+        raise UserError(chosen.needs_adapter)
+    inputs = RunInputs(checkpoint_dir, adapter_path=adapter_path)
+    config = inputs.config
     family = check_family(config, checkpoint_dir, format)
-    adapter = read_adapter(adapter_path, checkpoint_dir) if adapter_path is not None else None
-    if format == "gguf":
-        tokenizer = gguf_tokenizer(checkpoint_dir, config)  # refuses a tokenizer llama.cpp could not read first
+    chosen.check(config, checkpoint_dir, family)
+    adapter = read_adapter(inputs) if adapter_path is not None else None
+    prepared = chosen.prepare(checkpoint_dir, config)
     run_dir = adapter["run_dir"] if adapter else merged_run(checkpoint_dir)
     # the run's prompt as a chat template (none for a base model: its own template stays)
     prompt = run_prompt(run_dir, checkpoint_dir)
-    template = chat_template(prompt, gguf=format == "gguf") if prompt is not None else None
+    template = chat_template(prompt, gguf=chosen.gguf_template) if prompt is not None else None
     check_out_dir(out_dir, overwrite, [checkpoint_dir] + ([adapter["run_dir"]] if adapter else []))
 
-    if format == "peft":
-        tensors, adapter_config = peft_adapter(config, family, adapter, checkpoint_dir, dtype)
-        with building(out_dir, "export peft") as tmp:
-            write_safetensors(tensors, tmp / "adapter_model.safetensors", None)
-            save_json(adapter_config, tmp / "adapter_config.json")
-            copy_tokenizer_files(checkpoint_dir, tmp)
-            if template is not None:
-                write_chat_template(tmp, template)
-            write_model_card(tmp, "peft", checkpoint_dir, config, run_dir)
-        print(f"Wrote the PEFT adapter to {out_dir} (r={adapter_config['r']}, lora_alpha="
-              f"{adapter_config['lora_alpha']}, {len(tensors)} tensors); load it onto the original model with "
-              f"PeftModel.from_pretrained", file=sys.stderr)
-        return out_dir
-
-    base = load_base(checkpoint_dir, config)
-    state = merged_state(config, base, adapter) if adapter else base
-    if format == "hf":
-        with building(out_dir, "export hf") as tmp:
-            write_hf(tmp, config, family, state, checkpoint_dir, dtype, shard_bytes)
-            if template is not None:
-                write_chat_template(tmp, template)
-            write_model_card(tmp, "hf", checkpoint_dir, config, run_dir)
-        print(f"Wrote a transformers model to {out_dir}", file=sys.stderr)
-    else:
-        with building(out_dir, "export gguf") as tmp:
-            path = write_gguf(tmp, config, state, checkpoint_dir, tokenizer, dtype or "float16", prompt, template)
-        print(f"Wrote {out_dir / path.name}", file=sys.stderr)
+    job = ExportJob(checkpoint_dir, out_dir, config, family, adapter, run_dir, prompt, template, dtype, shard_bytes,
+                    prepared=prepared)
+    if chosen.merged:
+        base = load_base(checkpoint_dir, config)
+        job.state = merged_state(config, base, adapter) if adapter else base
+    with building(out_dir, f"export {format}") as tmp:
+        done = chosen.write(job, tmp)
+    print(done, file=sys.stderr)
     return out_dir
 
 
-def read_adapter(adapter_path: Path, checkpoint_dir: Path) -> dict:
+def read_adapter(inputs: RunInputs) -> dict:
     """The trained weights of a run that can be merged, checked against the base model: file, run_dir, method,
     args, weights."""
-    adapter_file, run_dir, method, method_args = resolve_adapter(adapter_path)
-    if method.merge is None:
+    adapter = inputs.adapter
+    if adapter.method.merge is None:
         raise UserError(
-            f"--adapter_path {adapter_path}: an {method.name} run cannot be merged or exported: its learned prefix is "
-            f"attended to as extra keys and values, which no base weight can hold; train with `littune finetune lora` "
-            f"to export"
+            f"--adapter_path {inputs.adapter_path}: an {adapter.method.name} run cannot be merged or exported: its "
+            f"learned prefix is attended to as extra keys and values, which no base weight can hold; train with "
+            f"`littune finetune lora` to export"
         )
-    weights = load_torch(adapter_file, "adapter weights")
-    check_adapter_fits(weights, adapter_file, checkpoint_dir, method, method_args)
-    return {"file": adapter_file, "run_dir": run_dir, "method": method, "args": method_args, "weights": weights}
+    weights = inputs.adapter_weights(adapter)
+    return {"file": adapter.file, "run_dir": adapter.run_dir, "method": adapter.method, "args": adapter.args,
+            "weights": weights}
 
 
 def load_base(checkpoint_dir: Path, config) -> dict:
@@ -205,7 +188,7 @@ def merged_state(config, base: dict, adapter: dict) -> dict:
     for name, value in model.state_dict().items():
         if method.is_trainable(name):
             continue
-        base_name = name.replace(".linear.", ".")  # litgpt's method models wrap each base Linear as `.linear`
+        base_name = method.base_name(name)
         if base_name not in base:
             raise UserError(f"{adapter['file']}: the merged weight {name} has no place in the base model")
         merged[base_name] = value

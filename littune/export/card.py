@@ -14,57 +14,42 @@ from typing import Optional
 
 import yaml
 
+from littune.methods import METHODS, get_method
+
 # training flags that name places on this machine or a logger's endpoint, never written into a card
 PLACES = {"checkpoint_dir", "data_dir", "out_dir", "resume", "logger", "mlflow_tracking_uri", "tracking_uri"}
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
-LOAD = {
-    "hf": """```python
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-model = AutoModelForCausalLM.from_pretrained("PATH")
-tokenizer = AutoTokenizer.from_pretrained("PATH")
-```
-llama.cpp / Ollama: `littune export --format gguf` writes the GGUF file (Llama-family models), or run llama.cpp's
-`convert_hf_to_gguf.py PATH` on this folder.""",
-    "peft": """```python
-from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-base = AutoModelForCausalLM.from_pretrained("BASE")
-model = PeftModel.from_pretrained(base, "PATH")
-tokenizer = AutoTokenizer.from_pretrained("PATH")
-```
-vLLM serves it with `--enable-lora --lora-modules NAME=PATH`; llama.cpp converts it with `convert_lora_to_gguf.py`.""",
-}
 
 
-def write_model_card(folder: Path, format: str, checkpoint_dir: Path, config, run_dir: Optional[Path]) -> None:
-    """folder/README.md for an hf or peft export of checkpoint_dir (plus the run in run_dir, if any)."""
+def write_model_card(folder: Path, format, checkpoint_dir: Path, config, run_dir: Optional[Path]) -> None:
+    """folder/README.md for an export (`format`: its `formats.ExportFormat`) of checkpoint_dir (plus the run in
+    run_dir, if any)."""
     from littune.common import save_text
 
     save_text(model_card(format, checkpoint_dir, config, run_dir), Path(folder) / "README.md")
 
 
-def model_card(format: str, checkpoint_dir: Path, config, run_dir: Optional[Path]) -> str:
+def model_card(format, checkpoint_dir: Path, config, run_dir: Optional[Path]) -> str:
     from huggingface_hub import ModelCard, ModelCardData
 
     checkpoint_dir = Path(checkpoint_dir)
     run = read_run_files(run_dir)
     base = base_model_id(checkpoint_dir, config)
     method = run["hparams"].get("method")
+    known = get_method(method) if isinstance(method, str) and method in METHODS else None  # its card label, tags
     evaluation = run["eval"]
     data_name = Path(run["prepare"].get("data_file") or "data").name
     name = run_dir.name if run_dir is not None else config.name
     card_data = ModelCardData(
         model_name=name,
         base_model=base,
-        library_name="peft" if format == "peft" else "transformers",
+        library_name=format.card_library,
         pipeline_tag="text-generation",
-        tags=["littune", *([method] if method else []), *(["lora"] if method == "lora" else [])],
+        tags=["littune", *([method] if method else []), *(known.card_tags if known else ())],
         license=base_license(checkpoint_dir),
         eval_results=eval_results(evaluation, data_name),
     )
-    sections = [f"# {name}", intro(base, config, method, format)]
+    sections = [f"# {name}", intro(base, config, method, known, format)]
     if run["hparams"]:
         sections.append(training_section(run["hparams"]))
     if run["prepare"]:
@@ -73,7 +58,7 @@ def model_card(format: str, checkpoint_dir: Path, config, run_dir: Optional[Path
         sections.append(prompt_section(run["style"], run["example"]))
     if evaluation:
         sections.append(evaluation_section(evaluation))
-    load = LOAD[format].replace("BASE", base or checkpoint_dir.name)
+    load = format.card_load.replace("BASE", base or checkpoint_dir.name)
     sections.append("## How to load it\n\n`PATH` is this folder (or its repo id once uploaded).\n\n" + load)
     return str(ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n"))
 
@@ -156,10 +141,9 @@ def eval_results(evaluation: dict, dataset: str) -> Optional[list]:
             for kind, key, name in figures if evaluation.get(key) is not None]
 
 
-def intro(base: Optional[str], config, method: Optional[str], format: str) -> str:
-    what = {"lora": "a LoRA adapter", "adapter_v2": "LLaMA-Adapter v2"}.get(method, "no adapter")
-    text = (f"{'A LoRA adapter for' if format == 'peft' else 'A fine-tune of'} `{base or config.name}`, trained with "
-            f"littune ({what}).")
+def intro(base: Optional[str], config, method: Optional[str], known, format) -> str:
+    what = known.card_label if known is not None and known.card_label else "no adapter"
+    text = f"{format.card_intro} `{base or config.name}`, trained with littune ({what})."
     return text if method else f"`{base or config.name}` exported by littune (no fine-tuning run)."
 
 

@@ -11,6 +11,7 @@ import torch
 from tqdm import tqdm
 
 from littune.common import UserError, first_line
+from littune.export.formats import DTYPES, ExportFormat
 from littune.export.hf import lit_to_hf
 
 # gguf.LlamaFileType and the tensor type of the 2-D weights, per --dtype
@@ -230,3 +231,30 @@ def _gguf_metadata(gguf, writer, config, checkpoint_dir: Path, tokenizer: dict, 
         value = json.loads(tokenizer_config.read_text(encoding="utf-8")).get("add_prefix_space")
         if isinstance(value, bool):
             writer.add_add_space_prefix(value)
+
+
+def check_gguf_model(config, checkpoint_dir: Path, family: str) -> None:
+    """GGUF is written for Llama-family models, without sliding-window attention."""
+    if family != "llama":
+        raise UserError(f"{checkpoint_dir}: --format gguf writes Llama-family models (Llama, Mistral, SmolLM, ...); "
+                        f"{config.name} is {family}: use --format hf")
+    if config.sliding_window_size is not None:
+        raise UserError(f"{checkpoint_dir}: {config.name} uses sliding-window attention, which llama.cpp's llama "
+                        f"architecture does not apply: use --format hf")
+
+
+def write(job, folder: Path) -> str:
+    path = write_gguf(folder, job.config, job.state, job.checkpoint_dir, job.prepared, job.dtype or "float16",
+                      job.prompt, job.template)
+    return f"Wrote {job.out_dir / path.name}"
+
+
+FORMAT = ExportFormat(
+    name="gguf",
+    summary="one .gguf file for llama.cpp and Ollama (Llama-family models)",
+    write=write,
+    dtypes=DTYPES,
+    gguf_template=True,
+    check=check_gguf_model,
+    prepare=gguf_tokenizer,  # refuses a tokenizer llama.cpp could not read, before anything is written
+)

@@ -12,6 +12,7 @@ import torch
 from tqdm import tqdm
 
 from littune.common import UserError, save_json
+from littune.export.formats import ExportFormat
 
 # files of a converted folder that describe the tokenizer and generation, copied into every output that has them
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
@@ -44,8 +45,8 @@ def model_family(config) -> Optional[str]:
 
 
 def check_family(config, checkpoint_dir: Path, format: str) -> str:
-    """The family, or a UserError when the format cannot hold this model (the config.json written for it must
-    convert back to the very same Lit-GPT config, and GGUF is written for Llama-family models only)."""
+    """The family, or a UserError when the formats cannot hold this model (the config.json written for it must
+    convert back to the very same Lit-GPT config; a format's own limits are its FORMAT.check)."""
     family = model_family(config)
     if family is None:
         raise UserError(f"{checkpoint_dir}: {config.name} ({config.mlp_class_name}) cannot be exported to --format "
@@ -55,12 +56,6 @@ def check_family(config, checkpoint_dir: Path, format: str) -> str:
         raise UserError(f"{checkpoint_dir}: {config.name} cannot be written as a transformers {family} model "
                         f"({', '.join(differs[:3])} would change); littune exports {FAMILIES} models as littune "
                         f"converts them")
-    if format == "gguf" and family != "llama":
-        raise UserError(f"{checkpoint_dir}: --format gguf writes Llama-family models (Llama, Mistral, SmolLM, ...); "
-                        f"{config.name} is {family}: use --format hf")
-    if format == "gguf" and config.sliding_window_size is not None:
-        raise UserError(f"{checkpoint_dir}: {config.name} uses sliding-window attention, which llama.cpp's llama "
-                        f"architecture does not apply: use --format hf")
     return family
 
 
@@ -197,3 +192,33 @@ def write_safetensors(tensors: dict, path: Path, dtype: Optional[torch.dtype], s
     if split.is_sharded:
         save_json({"metadata": split.metadata, "weight_map": split.tensor_to_filename},
                   path.parent / f"{path.name}.index.json")
+
+
+HF_LOAD = """```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model = AutoModelForCausalLM.from_pretrained("PATH")
+tokenizer = AutoTokenizer.from_pretrained("PATH")
+```
+llama.cpp / Ollama: `littune export --format gguf` writes the GGUF file (Llama-family models), or run llama.cpp's
+`convert_hf_to_gguf.py PATH` on this folder."""
+
+
+def write(job, folder: Path) -> str:
+    from littune.export.card import write_model_card
+    from littune.export.template import write_chat_template
+
+    write_hf(folder, job.config, job.family, job.state, job.checkpoint_dir, job.dtype, job.shard_bytes)
+    if job.template is not None:
+        write_chat_template(folder, job.template)
+    write_model_card(folder, FORMAT, job.checkpoint_dir, job.config, job.run_dir)
+    return f"Wrote a transformers model to {job.out_dir}"
+
+
+FORMAT = ExportFormat(
+    name="hf",
+    summary="a transformers folder, the LoRA merged in",
+    write=write,
+    card_library="transformers",
+    card_load=HF_LOAD,
+)

@@ -6,6 +6,7 @@ from typing import Optional
 
 import torch
 
+from littune.export.formats import ExportFormat
 from littune.export.hf import lit_to_hf
 from littune.model import build_model
 
@@ -80,3 +81,44 @@ def peft_adapter(config, family: str, adapter: dict, checkpoint_dir: Path, dtype
         "revision": None,
     }
     return tensors, adapter_config
+
+
+PEFT_LOAD = """```python
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+base = AutoModelForCausalLM.from_pretrained("BASE")
+model = PeftModel.from_pretrained(base, "PATH")
+tokenizer = AutoTokenizer.from_pretrained("PATH")
+```
+vLLM serves it with `--enable-lora --lora-modules NAME=PATH`; llama.cpp converts it with `convert_lora_to_gguf.py`."""
+
+
+def write(job, folder: Path) -> str:
+    from littune.common import save_json
+    from littune.export.card import write_model_card
+    from littune.export.hf import copy_tokenizer_files, write_safetensors
+    from littune.export.template import write_chat_template
+
+    tensors, adapter_config = peft_adapter(job.config, job.family, job.adapter, job.checkpoint_dir, job.dtype)
+    write_safetensors(tensors, folder / "adapter_model.safetensors", None)
+    save_json(adapter_config, folder / "adapter_config.json")
+    copy_tokenizer_files(job.checkpoint_dir, folder)
+    if job.template is not None:
+        write_chat_template(folder, job.template)
+    write_model_card(folder, FORMAT, job.checkpoint_dir, job.config, job.run_dir)
+    return (f"Wrote the PEFT adapter to {job.out_dir} (r={adapter_config['r']}, lora_alpha="
+            f"{adapter_config['lora_alpha']}, {len(tensors)} tensors); load it onto the original model with "
+            f"PeftModel.from_pretrained")
+
+
+FORMAT = ExportFormat(
+    name="peft",
+    summary="the LoRA alone, for PEFT/vLLM",
+    write=write,
+    merged=False,
+    needs_adapter="--format peft writes a LoRA adapter: give the run with --adapter_path",
+    card_library="peft",
+    card_intro="A LoRA adapter for",
+    card_load=PEFT_LOAD,
+)

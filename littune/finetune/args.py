@@ -13,6 +13,7 @@ from typing import Annotated, Literal, Optional, Union
 from littune.common import Check, UserError
 from littune.model import Precision
 from littune.quantize import Quantize
+from littune.scorings import BestMetric
 
 
 def same_run(default):
@@ -78,7 +79,7 @@ class TrainArgs:
     """Steps between evaluations on the validation split: loss, task metrics (label tasks), one sample answer."""
     eval_iters: Union[Annotated[int, Check(ge=1)], Literal["all"]] = 100
     """Validation micro-batches per evaluation (the first ones, the same each time), or all: the whole split."""
-    best_metric: Optional[Literal["val_loss", "val_accuracy", "val_f1_macro", "val_mcc"]] = same_run(None)
+    best_metric: Optional[BestMetric] = same_run(None)
     """What best/ and early stopping follow (default: val_mcc for label tasks, val_loss for open-ended outputs)."""
     save_interval: Annotated[int, Check(ge=1)] = 100
     """Steps between resumable checkpoints (out_dir/step-NNNNNN/)."""

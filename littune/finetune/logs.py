@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Optional
 
 from littune.common import UserError, atomic_path
+from littune.scorings import TASK_METRICS  # label tasks: likelihood-scored validation records (`littune.scorings`)
 
-TASK_METRICS = ["val_accuracy", "val_f1_macro", "val_mcc"]  # label tasks: likelihood-scored validation records
 METRIC_COLUMNS = ["step", "epoch", "train_loss", "learning_rate", "val_loss", *TASK_METRICS, "tokens",
                   "tokens_per_sec", "elapsed_sec", "eval_sec"]
 

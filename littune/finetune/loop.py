@@ -1,4 +1,5 @@
-"""The one Fabric training loop every fine-tuning method shares, read top to bottom: setup -> fit -> save.
+"""The one Fabric training loop every fine-tuning method shares, read top to bottom: `finetune` checks and decides,
+`fit` sets up and runs the steps (`take_step`, `evaluate_and_keep_best`, `log_step`, `maybe_save`), then saves.
 
 A method (`littune/methods/`) says which model class to build, which parameters train and how its weights are
 named; the flags are declared in `args.py`, the batch order and learning rate in `schedule.py`, resumable state in
@@ -13,34 +14,33 @@ named; the flags are declared in `args.py`, the batch order and learning rate in
 """
 
 import json
-import math
 import os
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import yaml
 
-from littune.checkpoints import load_model_config
 from littune.common import UserError, atomic_folder, replace_outputs, save_text, save_torch, write_torch
-from littune.prepared import load_prepare_json, load_split, load_tokenizer, validation_split_name
-from littune.prompts import load_style_file
 from littune.finetune.args import TrainArgs, hyperparameters, resolve_defaults, same_run_values, total_steps
+from littune.finetune.evaluation import better, evaluate_now, sample_response, validate  # noqa: F401 (validate: tests)
 from littune.finetune.guard import LossWatch, blow_up_line, watch_loss
-from littune.finetune.logs import (TASK_METRICS, close_loggers, keep_metrics_until, log_row, logger_run_ids,
-                                   make_loggers, make_progress)
+from littune.finetune.logs import (close_loggers, keep_metrics_until, log_row, logger_run_ids, make_loggers,
+                                   make_progress)
 from littune.finetune.prefix import (eight_pack_small, packed_batch, plain_reason, prefix_to_share,
                                      shared_prefix_loss_sum)
 from littune.finetune.schedule import learning_rate_at, make_optimizer, steps_from
 from littune.finetune.state import (Progress, StopRequest, find_resume_state, fingerprint, load_training_state,
                                     remove_stale_temporaries, save_training_state, saved_precision, step_folder,
                                     trained_state)
+from littune.inputs import RunInputs
 from littune.methods import Method
-from littune.model import (check_data_fits_model, check_precision, checkpoint_activations, collate, count_targets,
-                           default_precision, forward_loss_sum, is_sharded, load_model, peak_memory_gb, unwrap)
+from littune.model import (check_precision, checkpoint_activations, collate, count_targets, default_precision,
+                           forward_loss_sum, is_sharded, load_model, peak_memory_gb, unwrap)
 from littune.precision import run_precision, shared_with_ranks
+from littune.prepared import validation_split_name
 from littune.quantize import check_quantize
 
 
@@ -50,11 +50,10 @@ def finetune(method: Method, args: TrainArgs, method_args, on_evaluation=None) -
     stops the run there as early stopping does (`littune sweep`'s pruner)."""
     import lightning as L
 
-    config = load_model_config(args.checkpoint_dir)
-    data_dir = Path(args.data_dir)
-    train, val = load_split(data_dir, "train"), load_split(data_dir, validation_split_name(data_dir))
-    meta = load_prepare_json(data_dir)
-    check_data_fits_model(data_dir, meta, train, Path(args.checkpoint_dir), config)
+    inputs = RunInputs(args.checkpoint_dir, args.data_dir)
+    config, data_dir = inputs.config, inputs.data_dir
+    train, val = inputs.split("train"), inputs.split(validation_split_name(data_dir))
+    inputs.check_data_fits(train)
     if args.strategy == "fsdp" and not torch.cuda.is_available():
         raise UserError("--strategy fsdp needs GPUs (FSDP shards the model over CUDA devices); on CPU use "
                         "--strategy ddp")
@@ -62,12 +61,12 @@ def finetune(method: Method, args: TrainArgs, method_args, on_evaluation=None) -
         raise UserError(f"--best_metric {args.best_metric}: task metrics are not scored under --strategy fsdp (every "
                         f"rank would have to take part in each forward); use --best_metric val_loss")
     check_quantize(args.quantize, args.strategy, args.devices * args.num_nodes)
-    label_task = meta.get("labels") is not None and args.strategy != "fsdp"
-    plain = plain_reason(args.shared_prefix, args.strategy, method_args, config, args.activation_checkpointing)
+    label_task = inputs.labels is not None and args.strategy != "fsdp"  # FSDP: no task metrics (see above)
+    plain = plain_reason(args.shared_prefix, args.strategy, method, method_args, config, args.activation_checkpointing)
     args = resolve_defaults(args, method.name, len(train), None, label_task,  # an unset precision: decided below
                             eight_pack_small=plain is None and eight_pack_small(train),
                             default_learning_rate=method.learning_rate)
-    if args.precision is not None:  # a flag littune cannot use fails before any file is touched
+    if args.precision is not None:  # a flag littune cannot use fails before any output is written
         check_precision(args.precision)
     print(f"shared prefix: off ({plain})" if plain else "shared prefix: on (the first tokens a micro-batch's records "
           "share run once where that pays; --shared_prefix false turns it off)")
@@ -80,8 +79,9 @@ def finetune(method: Method, args: TrainArgs, method_args, on_evaluation=None) -
     # one machine's launching process measures; the ranks it starts inherit its decision (shared_with_ranks)
     precision, why = run_precision(args.precision, config, saved_precision(resume_dir) if resume_dir else None,
                                    launching_process() and args.num_nodes == 1, default_precision(training=True))
+    if precision != args.precision:  # decided here (kept from the resumed run, measured, or the device's): check it
+        check_precision(precision)
     args = replace(args, precision=precision)
-    check_precision(args.precision)
     print(f"{steps} steps of {args.batch_size} records in micro-batches of {args.micro_batch_size} ({len(train):,} "
           f"training records), warmup {args.warmup_steps} "
           f"steps to learning rate {args.learning_rate:g}, {args.lr_schedule} after, precision {args.precision}"
@@ -94,30 +94,54 @@ def finetune(method: Method, args: TrainArgs, method_args, on_evaluation=None) -
     with shared_with_ranks(args.precision, why):
         fabric.launch()
     run = fingerprint(same_run_values(args, method_args), args.checkpoint_dir, data_dir, data_dir / "train.pt", steps)
-    return fit(fabric, method, method_args, args, train, val, meta, run, steps, resume_dir, on_evaluation)
+    return fit(fabric, method, method_args, args, inputs, train, val, run, steps, resume_dir, on_evaluation)
 
 
-def fit(fabric, method: Method, method_args, args: TrainArgs, train: list, val: list, meta: dict, run_fingerprint: dict,
-        steps: int, resume_dir=None, on_evaluation=None) -> Path:
+@dataclass(eq=False)
+class Training:
+    """What the functions of one run's steps share: set up by `fit`, `progress` (and the counters) updated as the
+    steps go."""
+
+    fabric: object
+    method: Method
+    args: TrainArgs
+    model: object
+    optimizer: object
+    steps: int  # of the whole run
+    progress: Progress
+    val: list  # the validation split (its first record gets a sample answer at each evaluation)
+    scored: list  # the validation records each evaluation scores
+    ignore_index: int
+    task: Optional[tuple]  # a label task: (tokenizer, prompt style, labels), for likelihood-scored task metrics
+    tokenizer: object
+    shared_prefix: bool
+    sharded: bool
+    out_dir: Path
+    run_files: dict  # written beside every weights file: hyperparameters.yaml, prompt_style.yaml
+    metrics_path: Path
+    loggers: list
+    run_fingerprint: dict  # saved with every state: what a resumed run must match
+    on_evaluation: Optional[Callable] = None
+    watch: LossWatch = field(default_factory=LossWatch)
+    session_start: float = field(default_factory=time.perf_counter)
+    session_tokens: int = 0
+    seconds: float = 0.0  # of this session, at the end of the last step (evaluations after it not counted)
+    elapsed_before: float = 0.0  # of the sessions before a resumed one
+
+    def tokens_per_sec(self) -> float:
+        return self.session_tokens / max(self.seconds, 1e-9)
+
+
+def fit(fabric, method: Method, method_args, args: TrainArgs, inputs: RunInputs, train: list, val: list,
+        run_fingerprint: dict, steps: int, resume_dir=None, on_evaluation=None) -> Path:
+    """Set up, then per step: the step, an evaluation that may keep best/, a row of logs, a state that may be saved;
+    at the end the final weights."""
     out_dir, rank, sharded = Path(args.out_dir), fabric.global_rank, is_sharded(fabric)
-    fabric.seed_everything(args.seed, verbose=False)  # the same seed everywhere: the same initial weights
-    model = load_model(fabric, args.checkpoint_dir, method, method_args, trainable=True, sharded=sharded,
-                       quantize=args.quantize)
-    if args.activation_checkpointing and not sharded:  # FSDP recomputes through its own policy (fabric_strategy)
-        checkpoint_activations(unwrap(model), method.block_class, method.before_forward)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    fabric.print(f"{method.name}: {trainable:,} trainable parameters, "
-                 f"{sum(p.numel() for p in model.parameters()) - trainable:,} frozen"
-                 f"{f' (linear layers in {args.quantize}, counted as stored)' if args.quantize else ''}")
-    optimizer = fabric.setup_optimizers(make_optimizer(model, args.learning_rate, args.weight_decay))
-    progress = Progress()
-    if resume_dir is not None:
-        progress = load_training_state(resume_dir, model, optimizer, method, run_fingerprint, sharded)
-        fabric.print(f"Resuming from {resume_dir} at step {progress.step}")
+    model, optimizer, progress = set_up_model(fabric, method, method_args, args, inputs, run_fingerprint, resume_dir)
 
     hparams = hyperparameters(method.name, args, method_args)
     run_files = {"hyperparameters.yaml": yaml.dump(hparams, sort_keys=False),
-                 "prompt_style.yaml": (Path(args.data_dir) / "prompt_style.yaml").read_text(encoding="utf-8")}
+                 "prompt_style.yaml": inputs.style_text}
     metrics_path = out_dir / "metrics.csv"
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -131,76 +155,39 @@ def fit(fabric, method: Method, method_args, args: TrainArgs, train: list, val: 
             experiment_logger.log_hyperparams(hparams)
     progress = replace(progress, **logger_run_ids(loggers))
 
-    tokenizer = load_tokenizer(Path(args.checkpoint_dir))
-    ignore_index = int(meta.get("ignore_index", -100))
-    scored = val if args.eval_iters == "all" else val[:args.eval_iters * args.micro_batch_size]
-    task = None  # a label task: (tokenizer, prompt style, labels) for likelihood-scored task metrics
-    shared_prefix = plain_reason(args.shared_prefix, "fsdp" if sharded else args.strategy, method_args,
-                                 unwrap(model).config, args.activation_checkpointing) is None
-    if meta.get("labels") is not None and not sharded:
-        task = (tokenizer, load_style_file(Path(args.data_dir)), meta["labels"])
+    run = Training(
+        fabric, method, args, model, optimizer, steps, progress, val,
+        scored=val if args.eval_iters == "all" else val[:args.eval_iters * args.micro_batch_size],
+        ignore_index=inputs.ignore_index, tokenizer=inputs.tokenizer,
+        task=(inputs.tokenizer, inputs.data_style, inputs.labels) if inputs.labels is not None and not sharded else None,
+        shared_prefix=plain_reason(args.shared_prefix, "fsdp" if sharded else args.strategy, method, method_args,
+                                   unwrap(model).config, args.activation_checkpointing) is None,
+        sharded=sharded, out_dir=out_dir, run_files=run_files, metrics_path=metrics_path, loggers=loggers,
+        run_fingerprint=run_fingerprint, on_evaluation=on_evaluation, elapsed_before=progress.elapsed)
     batches = steps_from([len(r["input_ids"]) for r in train], args.batch_size, args.micro_batch_size,
                          fabric.world_size, args.seed, args.group_by_length, progress.epoch, progress.step_in_epoch)
     patience = args.early_stopping_patience
     stopped_early = patience is not None and progress.evals_since_best >= patience  # a resumed early-stopped run
     stop, bar, stopped_by_caller = StopRequest(), make_progress(fabric, steps, progress.step), False
-    session_start, session_tokens, elapsed_before = time.perf_counter(), 0, progress.elapsed
-    status, watch = "FAILED", LossWatch()
+    status = "FAILED"
     try:
-        while progress.step < steps and not stopped_early and not stopped_by_caller:
+        while run.progress.step < steps and not stopped_early and not stopped_by_caller:
             epoch, step_in_epoch, step_batches = next(batches)
-            step = progress.step + 1
-            lr = learning_rate_at(step, args.learning_rate, args.warmup_steps, steps, args.lr_schedule)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss, tokens = train_step(fabric, model, optimizer, method, train, step_batches, ignore_index,
-                                      args.grad_clip, shared_prefix)
-            session_tokens += tokens
-            seconds = time.perf_counter() - session_start
-            progress = replace(progress, step=step, epoch=epoch, step_in_epoch=step_in_epoch,
-                               tokens_seen=progress.tokens_seen + tokens, elapsed=elapsed_before + seconds)
-
-            blown = watch_loss(watch, step, loss, lambda: {} if sharded else trainable_copy(model))
-            if blown is not None:
-                kept = keep_before_blow_up(fabric, model, method, watch, blown[0], progress, args, scored,
-                                           ignore_index, task, out_dir, run_files)
-                bar.write(blow_up_line(*blown, args.learning_rate, progress.best_step, args.best_metric, kept))
-            evaluation = {}
+            loss, lr = take_step(run, train, step_batches, epoch, step_in_epoch, bar)
+            step, evaluation = run.progress.step, {}
             if step % args.eval_interval == 0 or step == steps:
-                evaluation = evaluate_now(fabric, model, method, scored, args.micro_batch_size, ignore_index, task)
-                value = evaluation[args.best_metric]
-                improved = progress.best_value is None or better(value, progress.best_value, args.best_metric)
-                progress.evals_since_best = 0 if improved else progress.evals_since_best + 1
-                if improved:
-                    progress.best_value, progress.best_step = value, step
-                    save_best(fabric, model, method, out_dir / "best", run_files,
-                              info={"metric": args.best_metric, "value": value, "step": step,
-                                    **{k: v for k, v in evaluation.items() if k != "eval_sec"}})
-                if rank == 0:  # FSDP would need every rank in each forward: no sample answer there
-                    answer = sample_response(model, method, val[0], tokenizer) if not sharded else "(FSDP: none)"
-                    figures = ", ".join(f"{k} {v:.4f}" for k, v in evaluation.items() if k != "eval_sec")
-                    bar.write(f"step {step}: {figures}{' (best)' if improved else ''}, {len(scored)} records in "
-                              f"{evaluation['eval_sec']:.1f}s | {val[0]['instruction'][:50]!r} -> {answer!r}")
-                stopped_early = patience is not None and progress.evals_since_best >= patience
-                stopped_by_caller = on_evaluation is not None and bool(on_evaluation(step, evaluation))  # pruned
-            if rank == 0 and (step % args.log_interval == 0 or step == steps or evaluation):
-                log_row(metrics_path, loggers, {
-                    "step": step, "epoch": epoch, "train_loss": loss, "learning_rate": lr, **evaluation,
-                    "tokens": progress.tokens_seen, "tokens_per_sec": session_tokens / max(seconds, 1e-9),
-                    "elapsed_sec": progress.elapsed})
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{session_tokens / max(seconds, 1e-9):,.0f}")
-            bar.update(1)
+                evaluation, stopped_by_caller = evaluate_and_keep_best(run, bar)
+                stopped_early = patience is not None and run.progress.evals_since_best >= patience
+            log_step(run, epoch, loss, lr, evaluation, bar)
             stop.agree(fabric)
-            if step % args.save_interval == 0 or step == steps or stopped_early or stopped_by_caller or stop.requested:
-                save_training_state(fabric, model, optimizer, method, out_dir, progress, run_fingerprint, run_files,
-                                    sharded)
+            maybe_save(run, final=stopped_early or stopped_by_caller or stop.requested)
             if stop.requested:
                 status = "KILLED"
                 raise UserError(f"stopped by {stop.requested} after step {step}; the state is saved in "
                                 f"{out_dir / step_folder(step)}. Resume with the same command plus --resume auto")
         if stopped_early:
             fabric.print(f"Early stopping: no better {args.best_metric} in {patience} evaluations (best "
-                         f"{progress.best_value:.4f} at step {progress.best_step}, in {out_dir / 'best'})")
+                         f"{run.progress.best_value:.4f} at step {run.progress.best_step}, in {out_dir / 'best'})")
         status = "success"
     finally:  # whichever way the loop ends: signal handlers back, logs flushed and marked
         stop.restore()
@@ -208,13 +195,99 @@ def fit(fabric, method: Method, method_args, args: TrainArgs, train: list, val: 
         close_loggers(loggers, status)
 
     save_weights(fabric, model, method, out_dir, {})
-    seconds = time.perf_counter() - session_start
+    progress, seconds = run.progress, time.perf_counter() - run.session_start
     fabric.print(f"Done: {progress.step} steps, {progress.tokens_seen:,} tokens trained in "
-                 f"{elapsed_before + seconds:.1f}s ({session_tokens / max(seconds, 1e-9):,.0f} tokens/s), "
+                 f"{run.elapsed_before + seconds:.1f}s ({run.session_tokens / max(seconds, 1e-9):,.0f} tokens/s), "
                  f"peak memory {peak_memory_gb(fabric.device):.2f} GB. Weights: {out_dir / method.adapter_file}"
                  + "".join(f"; the training loss blew up at step {b[0]} (best/: step {progress.best_step})"
-                           for b in watch.blow_ups))
+                           for b in run.watch.blow_ups))
     return out_dir / method.adapter_file
+
+
+def set_up_model(fabric, method: Method, method_args, args: TrainArgs, inputs: RunInputs, run_fingerprint: dict,
+                 resume_dir) -> tuple:
+    """(the model set up for training, its optimizer, the progress: a resumed run's, else a fresh one)."""
+    sharded = is_sharded(fabric)
+    fabric.seed_everything(args.seed, verbose=False)  # the same seed everywhere: the same initial weights
+    model = load_model(fabric, args.checkpoint_dir, method, method_args, trainable=True, sharded=sharded,
+                       quantize=args.quantize, config=inputs.config)
+    if args.activation_checkpointing and not sharded:  # FSDP recomputes through its own policy (fabric_strategy)
+        checkpoint_activations(unwrap(model), method.block_class, method.before_forward)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    fabric.print(f"{method.name}: {trainable:,} trainable parameters, "
+                 f"{sum(p.numel() for p in model.parameters()) - trainable:,} frozen"
+                 f"{f' (linear layers in {args.quantize}, counted as stored)' if args.quantize else ''}")
+    optimizer = fabric.setup_optimizers(make_optimizer(model, args.learning_rate, args.weight_decay))
+    progress = Progress()
+    if resume_dir is not None:
+        progress = load_training_state(resume_dir, model, optimizer, method, run_fingerprint, sharded)
+        fabric.print(f"Resuming from {resume_dir} at step {progress.step}")
+    return model, optimizer, progress
+
+
+def take_step(run: Training, train: list, step_batches: list, epoch: int, step_in_epoch: int, bar) -> tuple:
+    """One optimizer step at its scheduled learning rate, the progress moved on, the loss watched for a blow-up
+    (best/ then gets the last healthy weights: `keep_before_blow_up`). Returns (the step's loss, learning rate)."""
+    args, progress = run.args, run.progress
+    step = progress.step + 1
+    lr = learning_rate_at(step, args.learning_rate, args.warmup_steps, run.steps, args.lr_schedule)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    loss, tokens = train_step(run.fabric, run.model, run.optimizer, run.method, train, step_batches,
+                              run.ignore_index, args.grad_clip, run.shared_prefix)
+    run.session_tokens += tokens
+    run.seconds = time.perf_counter() - run.session_start
+    run.progress = replace(progress, step=step, epoch=epoch, step_in_epoch=step_in_epoch,
+                           tokens_seen=progress.tokens_seen + tokens, elapsed=run.elapsed_before + run.seconds)
+    blown = watch_loss(run.watch, step, loss, lambda: {} if run.sharded else trainable_copy(run.model))
+    if blown is not None:
+        kept = keep_before_blow_up(run, blown[0])
+        bar.write(blow_up_line(*blown, args.learning_rate, run.progress.best_step, args.best_metric, kept))
+    return loss, lr
+
+
+def evaluate_and_keep_best(run: Training, bar) -> tuple[dict, bool]:
+    """Evaluate the step's weights; an improvement on --best_metric replaces best/. Rank 0 writes one line with a
+    sample answer. Returns (the evaluation, whether `on_evaluation` asks to stop)."""
+    fabric, args, progress, step = run.fabric, run.args, run.progress, run.progress.step
+    evaluation = evaluate_now(fabric, run.model, run.method, run.scored, args.micro_batch_size, run.ignore_index,
+                              run.task)
+    value = evaluation[args.best_metric]
+    improved = progress.best_value is None or better(value, progress.best_value, args.best_metric)
+    progress.evals_since_best = 0 if improved else progress.evals_since_best + 1
+    if improved:
+        progress.best_value, progress.best_step = value, step
+        save_best(fabric, run.model, run.method, run.out_dir / "best", run.run_files,
+                  info={"metric": args.best_metric, "value": value, "step": step,
+                        **{k: v for k, v in evaluation.items() if k != "eval_sec"}})
+    if fabric.global_rank == 0:  # FSDP would need every rank in each forward: no sample answer there
+        answer = sample_response(run.model, run.method, run.val[0], run.tokenizer) if not run.sharded \
+            else "(FSDP: none)"
+        figures = ", ".join(f"{k} {v:.4f}" for k, v in evaluation.items() if k != "eval_sec")
+        bar.write(f"step {step}: {figures}{' (best)' if improved else ''}, {len(run.scored)} records in "
+                  f"{evaluation['eval_sec']:.1f}s | {run.val[0]['instruction'][:50]!r} -> {answer!r}")
+    stopped = run.on_evaluation is not None and bool(run.on_evaluation(step, evaluation))  # pruned
+    return evaluation, stopped
+
+
+def log_step(run: Training, epoch: int, loss: float, lr: float, evaluation: dict, bar) -> None:
+    """A row of metrics.csv (and the experiment loggers) every --log_interval steps, the last and each evaluated
+    one; the progress bar moved on."""
+    step, progress = run.progress.step, run.progress
+    if run.fabric.global_rank == 0 and (step % run.args.log_interval == 0 or step == run.steps or evaluation):
+        log_row(run.metrics_path, run.loggers, {
+            "step": step, "epoch": epoch, "train_loss": loss, "learning_rate": lr, **evaluation,
+            "tokens": progress.tokens_seen, "tokens_per_sec": run.tokens_per_sec(), "elapsed_sec": progress.elapsed})
+    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{run.tokens_per_sec():,.0f}")
+    bar.update(1)
+
+
+def maybe_save(run: Training, final: bool) -> None:
+    """The resumable state every --save_interval steps, at the last step, and where the run stops (final)."""
+    step = run.progress.step
+    if step % run.args.save_interval == 0 or step == run.steps or final:
+        save_training_state(run.fabric, run.model, run.optimizer, run.method, run.out_dir, run.progress,
+                            run.run_fingerprint, run.run_files, run.sharded)
 
 
 def trainable_copy(model) -> dict:
@@ -228,20 +301,19 @@ def load_trainable(model, weights: dict) -> None:
         parameters[name].copy_(value)
 
 
-def keep_before_blow_up(fabric, model, method: Method, watch: LossWatch, first_spike: int, progress: Progress,
-                        args: TrainArgs, scored: list, ignore_index: int, task, out_dir: Path, run_files: dict
-                        ) -> Optional[float]:
+def keep_before_blow_up(run: Training, first_spike: int) -> Optional[float]:
     """best/ gets the weights of the last step before a loss blow-up (`littune.finetune.guard`), scored as an
     evaluation, unless best/ already holds a step from before it. Not sharded: one process holds every weight.
     Returns the kept weights' --best_metric value, None where best/ was left as it was."""
+    watch, progress, args, model, method = run.watch, run.progress, run.args, run.model, run.method
     if not watch.healthy_weights or (progress.best_value is not None and progress.best_step < first_spike):
         return None
     current = trainable_copy(model)
     load_trainable(model, watch.healthy_weights)
     method.before_forward(unwrap(model))
-    evaluation = evaluate_now(fabric, model, method, scored, args.micro_batch_size, ignore_index, task)
+    evaluation = evaluate_now(run.fabric, model, method, run.scored, args.micro_batch_size, run.ignore_index, run.task)
     progress.best_value, progress.best_step = evaluation[args.best_metric], watch.healthy_step
-    save_best(fabric, model, method, out_dir / "best", run_files,
+    save_best(run.fabric, model, method, run.out_dir / "best", run.run_files,
               info={"metric": args.best_metric, "value": progress.best_value, "step": watch.healthy_step,
                     "before_blow_up_at": first_spike, **{k: v for k, v in evaluation.items() if k != "eval_sec"}})
     load_trainable(model, current)
@@ -304,92 +376,6 @@ def train_step(fabric, model, optimizer, method: Method, data: list, step_batche
     optimizer.zero_grad(set_to_none=True)
     loss_sum = fabric.all_reduce(loss_sum, reduce_op="sum") if world > 1 else loss_sum
     return loss_sum.item() / max(step_targets, 1), step_tokens
-
-
-def evaluate_now(fabric, model, method: Method, records: list, micro_batch_size: int, ignore_index: int,
-                 task: Optional[tuple]) -> dict:
-    """val_loss of the records; for a label task also val_accuracy, val_f1_macro and val_mcc, the labels scored by
-    likelihood (`littune.scoring`, as `littune evaluate --scoring likelihood` scores them) in the same pass that
-    gives the loss: rank 0 scores, every rank gets the figures (every rank decides best/ and early stopping).
-    Without labels: `validate`, shared by every rank. eval_sec: how long it all took."""
-    started = time.perf_counter()
-    if task is None:
-        evaluation = {"val_loss": validate(fabric, model, method, records, micro_batch_size, ignore_index)}
-    else:
-        figures = torch.zeros(1 + len(TASK_METRICS), dtype=torch.float64, device=fabric.device)
-        if fabric.global_rank == 0:
-            figures[:] = torch.tensor(task_figures(model, method, records, ignore_index, *task), dtype=torch.float64)
-        if fabric.world_size > 1:
-            figures = fabric.broadcast(figures, src=0)
-        evaluation = dict(zip(["val_loss", *TASK_METRICS], figures.tolist()))
-    return {**evaluation, "eval_sec": time.perf_counter() - started}
-
-
-def task_figures(model, method: Method, records: list, ignore_index: int, tokenizer, style, labels: list) -> list:
-    """[mean token loss, accuracy, macro F1, MCC] of the records from one likelihood-scoring pass: each record's
-    loss targets ride along with its labels (`scoring.with_loss`, as in `littune evaluate`), so the prompt runs once
-    for both. The loss is `validate`'s: the same target tokens, summed over the records, over their number. It runs on
-    the model itself, not Fabric's wrapper: under bf16-mixed in float32, as `littune evaluate` scores."""
-    from littune.metrics import classification_metrics
-    from littune.scoring import label_requests, label_result, label_texts, loss_terms, token_logprobs, with_loss
-
-    texts = label_texts([r["output"] for r in records], labels)
-    requests = label_requests(tokenizer, style, records, texts, unwrap(model).config.block_size)
-    scored, plans = with_loss(requests, records, ignore_index)
-    model.eval()
-    method.before_forward(unwrap(model))
-    results = token_logprobs(model, scored)
-    method.before_forward(unwrap(model))
-    model.train()
-    loss_sum, targets = loss_terms(scored, results, plans)
-    predicted = [label_result(request, result, labels, texts)["predicted"]
-                 for request, result in zip(requests, results)]  # the records' own requests come first
-    metrics = classification_metrics([r["output"] for r in records], predicted, labels)
-    return [loss_sum / max(targets, 1), metrics["accuracy"], metrics["f1_macro"], metrics["mcc"]]
-
-
-def better(value: float, best: float, metric: str) -> bool:
-    return value < best if metric == "val_loss" else value > best
-
-
-@torch.no_grad()
-def validate(fabric, model, method: Method, records: list, micro_batch_size: int, ignore_index: int) -> float:
-    """Mean token loss over the records, in a fixed order (comparable evaluations). Every rank runs the same number
-    of forwards (FSDP gathers weights in each), the extra ones with weight 0."""
-    model.eval()
-    world, rank = fabric.world_size, fabric.global_rank
-    batches = [list(range(i, min(i + micro_batch_size, len(records))))
-               for i in range(0, len(records), micro_batch_size)]
-    mine = batches[rank::world]
-    loss_sum = torch.zeros((), device=fabric.device, dtype=torch.float64)
-    targets = torch.zeros((), device=fabric.device, dtype=torch.float64)
-    for i in range(math.ceil(len(batches) / world)):
-        indices, weight = (mine[i], 1.0) if i < len(mine) else (batches[0], 0.0)
-        input_ids, labels = collate(records, indices, ignore_index, fabric.device)
-        method.before_forward(unwrap(model))
-        loss_sum += forward_loss_sum(model, input_ids, labels, ignore_index).double() * weight
-        targets += count_targets(records, indices, ignore_index) * weight
-    if world > 1:
-        loss_sum, targets = fabric.all_reduce(loss_sum, reduce_op="sum"), fabric.all_reduce(targets, reduce_op="sum")
-    model.train()
-    method.before_forward(unwrap(model))
-    return (loss_sum / targets.clamp(min=1)).item()
-
-
-def sample_response(model, method: Method, record: dict, tokenizer, max_new_tokens: int = 50) -> str:
-    """Greedy answer to one validation instruction (shows what the model learned)."""
-    from littune.sampling import generate_tokens
-
-    prompt = record["input_ids_no_response"].to(next(unwrap(model).parameters()).device)
-    max_new_tokens = min(max_new_tokens, unwrap(model).config.block_size - len(prompt))
-    if max_new_tokens < 1:
-        return ""
-    model.eval()
-    method.before_forward(unwrap(model))
-    tokens = list(generate_tokens(model, prompt, max_new_tokens, temperature=0.0, stop_tokens=([tokenizer.eos_id],)))
-    method.before_forward(unwrap(model))
-    model.train()
-    return tokenizer.decode(torch.tensor(tokens, dtype=torch.int64)).strip()[:120]
 
 
 def save_weights(fabric, model, method: Method, folder: Path, run_files: dict) -> None:

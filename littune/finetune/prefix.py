@@ -38,18 +38,19 @@ MIN_TOKEN_RATIO = 1.25  # plain tokens / packed tokens: below it packing saved a
 MAX_PACKED_TOKENS = 512  # beyond it the packed attention cost more than the tokens saved (8 x 120 tokens: 1.06x)
 
 
-def plain_reason(enabled: bool, strategy: str, method_args, config, activation_checkpointing: bool = False
+def plain_reason(enabled: bool, strategy: str, method, method_args, config, activation_checkpointing: bool = False
                  ) -> Optional[str]:
-    """Why a run's micro-batches all run whole, or None where a shared prefix is used (the run's header says it)."""
+    """Why a run's micro-batches all run whole, or None where a shared prefix is used (the run's header says it).
+    The method's own reason comes from its flags (`Method.unshared_reason`: LoRA's dropout)."""
     if not enabled:
         return "--shared_prefix false"
     if activation_checkpointing:
         return "--activation_checkpointing: a block recomputed in the backward would not find the packed positions"
     if strategy == "fsdp":
         return "FSDP: not measured sharded"
-    if getattr(method_args, "lora_dropout", 0) > 0:
-        return (f"--lora_dropout {method_args.lora_dropout}: one dropout mask for a shared prefix is another "
-                f"regularisation; --lora_dropout 0 shares it")
+    reason = method.unshared_reason(method_args)
+    if reason is not None:
+        return reason
     if config.sliding_window_size is not None:
         return "sliding-window attention"
     if config.attention_logit_softcapping is not None:

@@ -40,6 +40,7 @@ METHOD = Method(
     block_class=litgpt_adapter_v2.Block,
     adapter_file="lit_model_adapter_finetuned.pth",
     before_forward=clear_adapter_cache,
+    card_label="LLaMA-Adapter v2",
     # 3e-3 (LoRA's) sat at the edge for adapter_v2: the demo's run (760 SST-2 records, batches of 4) blew up at step
     # 79 (train loss 0.3 -> 7.6) with it, while 1.5e-3 scored 0.874 against 0.860 on the 2,000-record benchmark
     learning_rate=1.5e-3,

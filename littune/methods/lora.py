@@ -101,6 +101,15 @@ def qkv_parts(module) -> list[tuple[str, torch.Tensor, torch.Tensor, slice]]:
     return parts
 
 
+def unshared_reason(args: LoRAArgs):
+    """Dropout on the LoRA branch draws one mask per record in the plain forward: one mask for a shared prefix would
+    be another regularisation."""
+    if args.lora_dropout > 0:
+        return (f"--lora_dropout {args.lora_dropout}: one dropout mask for a shared prefix is another "
+                f"regularisation; --lora_dropout 0 shares it")
+    return None
+
+
 METHOD = Method(
     name="lora",
     summary="LoRA: a trainable low-rank update of the attention (and optionally MLP/head) weights; mergeable and "
@@ -111,4 +120,7 @@ METHOD = Method(
     block_class=litgpt_lora.Block,
     adapter_file="lit_model_lora_finetuned.pth",
     merge=merge,
+    unshared_reason=unshared_reason,
+    card_label="a LoRA adapter",
+    card_tags=("lora",),
 )

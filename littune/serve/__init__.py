@@ -201,18 +201,19 @@ def load_service(checkpoint_dir: Path, adapter_path: Optional[Path] = None, *,
     -> PATH), each with the prompt style `littune generate` would use with it."""
     import lightning as L
 
-    from littune.generate import choose_prompt_style
-    from littune.model import check_precision, default_precision, load_for_inference, unwrap
+    from littune.inputs import RunInputs, load_for_inference
+    from littune.model import check_precision, default_precision, unwrap
 
     checkpoint_dir = Path(checkpoint_dir)
     precision = precision or default_precision()
     check_precision(precision)
     fabric = L.Fabric(devices=1, precision=precision, accelerator="auto")
+    inputs = RunInputs(checkpoint_dir, adapter_path=adapter_path)
     if adapters is not None:
-        models, tokenizer = load_models(fabric, checkpoint_dir, adapters, prompt_style, system)
+        models, tokenizer = load_models(fabric, inputs, adapters, prompt_style, system)
     else:
-        model, tokenizer, run_dir = load_for_inference(fabric, checkpoint_dir, adapter_path, quantize)
-        style = choose_prompt_style(prompt_style, run_dir, checkpoint_dir, system)
+        model, tokenizer, run_dir = load_for_inference(fabric, checkpoint_dir, quantize=quantize, inputs=inputs)
+        style = inputs.prompt_style(prompt_style, system, run_dir)
         model_id = checkpoint_dir.resolve().name + (f"+{run_dir.resolve().name}" if run_dir is not None else "")
         models = [Model(model_id, Served(model_id, unwrap(model)), style, tuple(style.stop_tokens(tokenizer)))]
     config = models[0].served.module.config

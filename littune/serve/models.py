@@ -18,8 +18,9 @@ from typing import Any, Optional
 
 import torch
 
-from littune.common import UserError, load_torch
-from littune.model import check_adapter_fits, load_model, resolve_adapter, unwrap
+from littune.common import UserError
+from littune.inputs import RunInputs
+from littune.model import load_model, resolve_adapter, unwrap
 from littune.serve.engine import Served
 
 ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
@@ -55,20 +56,18 @@ def parse_adapter_flags(specs: list[str], base_name: str) -> dict[str, Path]:
     return adapters
 
 
-def load_models(fabric, checkpoint_dir: Path, adapters: dict[str, Path], prompt_style: Optional[str],
+def load_models(fabric, inputs: RunInputs, adapters: dict[str, Path], prompt_style: Optional[str],
                 system: Optional[str]) -> tuple[list[Model], Any]:
-    """([the base model, then each adapter in the order given], tokenizer) on one copy of the base weights."""
-    from littune.generate import choose_prompt_style
-    from littune.prepared import load_tokenizer
-
-    checkpoint_dir = Path(checkpoint_dir)
-    tokenizer = load_tokenizer(checkpoint_dir)
-    loaded = {name: load_adapter(name, path, checkpoint_dir) for name, path in adapters.items()}  # all checked first
-    base = unwrap(load_model(fabric, checkpoint_dir)).eval()
+    """([the base model, then each adapter in the order given], tokenizer) on one copy of the base weights.
+    inputs: the run's (the checkpoint's config, tokenizer and files, each read once)."""
+    checkpoint_dir = inputs.checkpoint_dir
+    tokenizer = inputs.tokenizer
+    loaded = {name: load_adapter(name, path, inputs) for name, path in adapters.items()}  # all checked first
+    base = unwrap(load_model(fabric, checkpoint_dir, config=inputs.config)).eval()
     base_name = checkpoint_dir.resolve().name
 
     def model(name: str, served: Served, run_dir: Optional[Path]) -> Model:
-        style = choose_prompt_style(prompt_style, run_dir, checkpoint_dir, system)
+        style = inputs.prompt_style(prompt_style, system, run_dir)
         return Model(name, served, style, tuple(style.stop_tokens(tokenizer)))
 
     models = [model(base_name, Served(base_name, base), None)]
@@ -82,12 +81,12 @@ def load_models(fabric, checkpoint_dir: Path, adapters: dict[str, Path], prompt_
     return models, tokenizer
 
 
-def load_adapter(name: str, path: Path, checkpoint_dir: Path) -> tuple[dict, Path, Any, Any]:
-    """(weights, run folder, method, method flags) of one --adapter, checked to fit the base model."""
+def load_adapter(name: str, path: Path, inputs: RunInputs) -> tuple[dict, Path, Any, Any]:
+    """(weights, run folder, method, method flags) of one --adapter, checked to fit the base model of `inputs`."""
     try:
-        adapter_file, run_dir, method, method_args = resolve_adapter(path)
-        weights = load_torch(adapter_file, "adapter weights")
-        check_adapter_fits(weights, adapter_file, checkpoint_dir, method, method_args)
+        adapter = resolve_adapter(path)
+        weights = inputs.adapter_weights(adapter)
+        run_dir, method, method_args = adapter.run_dir, adapter.method, adapter.args
     except UserError as e:  # resolve_adapter names the flag as generate's --adapter_path
         raise UserError(str(e).replace(f"--adapter_path {path}", f"--adapter {name}={path}")) from e
     # load_torch maps the file, and the modules take these tensors as they are (`.to()` of the same dtype and
