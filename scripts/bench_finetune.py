@@ -481,7 +481,7 @@ def profile_littune(args, checkpoint_dir: Path, data_dir: Path, workdir: Path) -
 import sys, torch
 from torch.profiler import profile, record_function, ProfilerActivity
 import littune.cli
-from littune.finetune import loop
+from littune.finetune import evaluation, loop
 
 def labelled(name, fn):
     def wrapper(*a, **k):
@@ -491,8 +491,9 @@ def labelled(name, fn):
 
 for name in ("train_step", "collate", "forward_loss_sum", "validate", "sample_response",
              "save_training_state", "save_weights"):
-    if hasattr(loop, name):
-        setattr(loop, name, labelled(name, getattr(loop, name)))
+    for module in (loop, evaluation):  # the evaluations' passes run in evaluation.py
+        if hasattr(module, name):
+            setattr(module, name, labelled(name, getattr(module, name)))
 with profile(activities=[ProfilerActivity.CPU]) as prof:
     rc = littune.cli.main({cmd!r})
 print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=40, max_name_column_width=60))

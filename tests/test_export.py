@@ -314,14 +314,14 @@ def test_bad_input_is_refused_with_one_line_and_nothing_written(models, tmp_path
     assert json.loads((ours / "littune_export.json").read_text())["files"] == sorted(
         p.name for p in ours.iterdir() if p.name != "littune_export.json")
     # a failure half-way through writing leaves the old folder as it was and no temporary folder
-    import littune.export
+    import littune.export.hf
 
     before = {p.name: p.read_bytes() for p in ours.iterdir()}
 
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(littune.export, "write_safetensors", broken)
+    monkeypatch.setattr(littune.export.hf, "write_safetensors", broken)  # every format's safetensors writer
     with pytest.raises(OSError):
         main([*map(str, peft_args), "--out_dir", str(ours), "--overwrite", "true"])
     monkeypatch.undo()

@@ -48,7 +48,7 @@ def validate_adapter(checkpoint: Path, data: Path, adapter_file: Path) -> float:
     """The validation loss of a saved adapter by the training loop's loss pass (`validate`), float32."""
     import lightning as L
 
-    from littune.finetune.loop import validate
+    from littune.finetune.evaluation import validate
     from littune.methods.adapter_v2 import METHOD
     from littune.model import load_model
     from littune.prepared import load_prepare_json, load_split
@@ -62,11 +62,11 @@ def validate_adapter(checkpoint: Path, data: Path, adapter_file: Path) -> float:
 
 def test_logged_task_metrics_equal_evaluate_on_the_saved_adapter_and_best_is_their_argmax(small_checkpoint, sst2,
                                                                                          tmp_path):
-    from littune.finetune import loop
+    from littune.finetune import evaluation
 
     out, loss_passes = tmp_path / "run", []
     with pytest.MonkeyPatch.context() as patch:  # a label task's evaluation is one scoring pass, no loss pass
-        patch.setattr(loop, "validate", lambda *a, **k: loss_passes.append(a) or 0.0)
+        patch.setattr(evaluation, "validate", lambda *a, **k: loss_passes.append(a) or 0.0)
         assert main(finetune(small_checkpoint, sst2, out, "--max_steps", 6, "--eval_interval", 2,
                              "--save_interval", 2)) == 0
     assert loss_passes == []

@@ -25,7 +25,7 @@ import yaml
 
 from littune.common import UserError, atomic_folder, replace_outputs, save_text, save_torch, write_torch
 from littune.finetune.args import TrainArgs, hyperparameters, resolve_defaults, same_run_values, total_steps
-from littune.finetune.evaluation import better, evaluate_now, sample_response, validate  # noqa: F401 (validate: tests)
+from littune.finetune.evaluation import better, evaluate_now, sample_response
 from littune.finetune.guard import LossWatch, blow_up_line, watch_loss
 from littune.finetune.logs import (close_loggers, keep_metrics_until, log_row, logger_run_ids, make_loggers,
                                    make_progress)
@@ -94,7 +94,8 @@ def finetune(method: Method, args: TrainArgs, method_args, on_evaluation=None) -
     with shared_with_ranks(args.precision, why):
         fabric.launch()
     run = fingerprint(same_run_values(args, method_args), args.checkpoint_dir, data_dir, data_dir / "train.pt", steps)
-    return fit(fabric, method, method_args, args, inputs, train, val, run, steps, resume_dir, on_evaluation)
+    return fit(fabric, method, method_args, args, inputs, train, val, run, steps, resume_dir, on_evaluation,
+               label_task)
 
 
 @dataclass(eq=False)
@@ -133,9 +134,9 @@ class Training:
 
 
 def fit(fabric, method: Method, method_args, args: TrainArgs, inputs: RunInputs, train: list, val: list,
-        run_fingerprint: dict, steps: int, resume_dir=None, on_evaluation=None) -> Path:
+        run_fingerprint: dict, steps: int, resume_dir=None, on_evaluation=None, label_task: bool = False) -> Path:
     """Set up, then per step: the step, an evaluation that may keep best/, a row of logs, a state that may be saved;
-    at the end the final weights."""
+    at the end the final weights. label_task: the evaluations score the labels (task metrics)."""
     out_dir, rank, sharded = Path(args.out_dir), fabric.global_rank, is_sharded(fabric)
     model, optimizer, progress = set_up_model(fabric, method, method_args, args, inputs, run_fingerprint, resume_dir)
 
@@ -159,7 +160,7 @@ def fit(fabric, method: Method, method_args, args: TrainArgs, inputs: RunInputs,
         fabric, method, args, model, optimizer, steps, progress, val,
         scored=val if args.eval_iters == "all" else val[:args.eval_iters * args.micro_batch_size],
         ignore_index=inputs.ignore_index, tokenizer=inputs.tokenizer,
-        task=(inputs.tokenizer, inputs.data_style, inputs.labels) if inputs.labels is not None and not sharded else None,
+        task=(inputs.tokenizer, inputs.data_style, inputs.labels) if label_task else None,
         shared_prefix=plain_reason(args.shared_prefix, "fsdp" if sharded else args.strategy, method, method_args,
                                    unwrap(model).config, args.activation_checkpointing) is None,
         sharded=sharded, out_dir=out_dir, run_files=run_files, metrics_path=metrics_path, loggers=loggers,
