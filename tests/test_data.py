@@ -5,13 +5,14 @@ import functools
 import hashlib
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import yaml
 
 from conftest import (ALPACA_335, SMOLLM2_CHAT_TEMPLATE, SST2_DEV, SST2_TRAIN, assert_clean_error, copy_tokenizer,
-                      run_cli, smollm2_gguf)
+                      one_error_line, run_cli, smollm2_gguf)
 from littune.cli import main
 from littune.common import UserError
 from littune.data import split_sizes
@@ -429,12 +430,9 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(case, bad, tmp_path, cap
     data_file, checkpoint_dir, flags, fragments = bad[case]
     destination = tmp_path / "out"
     code, _, err = prepare(data_file, checkpoint_dir, destination, *flags, capsys=capsys)
-    assert code == 1
-    errors = [line for line in err.splitlines() if line.startswith("littune: error:")]
-    assert len(errors) == 1, err
-    assert "Traceback" not in err
+    line = one_error_line(SimpleNamespace(returncode=code, stderr=err), code=1)
     for fragment in fragments:
-        assert fragment in errors[0], f"{fragment!r} not in {errors[0]!r}"
+        assert fragment in line, f"{fragment!r} not in {line!r}"
     assert not any((destination / name).exists() for name in OUTPUTS)
 
 
@@ -453,7 +451,7 @@ def test_existing_destination_is_refused_unless_overwrite(pythia, tmp_path, caps
     assert prepare(ALPACA_335, pythia, destination, "--test_size", "5", "--seed", "1")[0] == 0
     before = {name: (destination / name).read_bytes() for name in OUTPUTS}
     code, _, err = prepare(ALPACA_335, pythia, destination, "--test_size", "5", "--seed", "2", capsys=capsys)
-    assert code == 1 and "holds prepared data" in err and len(err.strip().splitlines()) == 1
+    one_error_line(SimpleNamespace(returncode=code, stderr=err), "holds prepared data", code=1, alone=True)
     assert {name: (destination / name).read_bytes() for name in OUTPUTS} == before  # untouched
     assert prepare(ALPACA_335, pythia, destination, "--test_size", "5", "--seed", "2", "--overwrite", "true")[0] == 0
     assert (destination / "train.pt").read_bytes() != before["train.pt"]

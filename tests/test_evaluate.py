@@ -10,12 +10,12 @@ import json
 import math
 import random
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 
-from conftest import ALPACA_335, SST2_TRAIN, assert_clean_error, finetune_argv, make_hf_checkpoint, run_cli
+from conftest import (ALPACA_335, SST2_TRAIN, assert_clean_error, finetune_argv, make_hf_checkpoint, one_error_line,
+                      run_cli, run_main)
 from littune import metrics as label_metrics
 from littune import sampling
 from littune.cli import main
@@ -448,11 +448,10 @@ def test_explicit_labels_and_free_text_task_without_adapter(checkpoint, sst2, tm
 
 def test_bad_input_gives_one_clear_line(checkpoint, sst2, run_dir, tmp_path, capsys):
     def run(*flags, data=sst2):
-        code = main(["evaluate", "--checkpoint_dir", str(checkpoint), "--data_dir", str(data),
-                     "--out_dir", str(tmp_path / "out"), *map(str, flags)])
-        captured = capsys.readouterr()
-        assert len(captured.err.strip().splitlines()) == 1, captured.err
-        return SimpleNamespace(returncode=code, stderr=captured.err)
+        result = run_main(capsys, "evaluate", "--checkpoint_dir", checkpoint, "--data_dir", data, "--out_dir",
+                          tmp_path / "out", *flags)
+        one_error_line(result, alone=True)
+        return result
 
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -292,11 +292,7 @@ def test_an_out_dir_with_another_run_is_refused_unless_overwrite_or_resume(check
     (out / "eval" / "metrics.json").write_text("{}")
     (out / "notes.txt").write_text("mine")  # a file of the user's
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    capsys.readouterr()
-    assert main(args) == 1
-    err = capsys.readouterr().err
-    assert "holds another run" in err and "--overwrite" in err and "--resume auto" in err
-    assert len(err.strip().splitlines()) == 1
+    one_error_line(run_main(capsys, *args), "holds another run", "--overwrite", "--resume auto", code=1, alone=True)
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # nothing touched
     assert main([*args, "--max_steps", "1", "--overwrite", "true"]) == 0
     assert sorted(p.name for p in out.glob("step-*")) == ["step-000001"]  # the old run's step 2 is gone

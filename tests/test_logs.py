@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import SHORT_RUN_FLAGS, finetune_argv, read_metrics, sigterm_at_step
+from conftest import SHORT_RUN_FLAGS, finetune_argv, one_error_line, read_metrics, run_main, sigterm_at_step
 from littune.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -108,7 +108,7 @@ def test_wandb_without_the_package_is_one_line(small_checkpoint, alpaca64, tmp_p
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_wandb)
-    capsys.readouterr()
-    assert main(finetune_argv(small_checkpoint, alpaca64, tmp_path / "run", *SHORT_RUN_FLAGS, "--logger", "[wandb]")) == 1
-    err = capsys.readouterr().err
-    assert err.startswith("littune: error: --logger wandb needs Weights & Biases") and len(err.splitlines()) == 1
+    result = run_main(capsys, *finetune_argv(small_checkpoint, alpaca64, tmp_path / "run", *SHORT_RUN_FLAGS, "--logger",
+                                             "[wandb]"))
+    line = one_error_line(result, code=1, alone=True)
+    assert line.startswith("littune: error: --logger wandb needs Weights & Biases")

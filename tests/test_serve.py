@@ -28,7 +28,7 @@ from littune.serve import app as app_module
 from littune.serve import engine as engine_module
 from littune.serve import protocol as protocol_module
 from littune.serve.engine import End, Text
-from conftest import finetune_argv, free_port, make_adapter_run
+from conftest import finetune_argv, free_port, make_adapter_run, one_error_line, run_main
 from serving import CHATML, KEY, MAX_TOKENS, PROMPTS, chat, client_for, in_process_server, wait_healthy
 from littune.cli import main
 
@@ -278,9 +278,7 @@ def test_many_adapters_on_one_base_through_the_real_command(small_checkpoint, ad
         (["--adapter", f"a={foreign}"], "not an adapter for"),
         (["--adapter", f"a={lora}", "--adapter_path", str(lora)], "--adapter_path and --adapter"),
     ):
-        assert main(flags + extra) == 1, extra
-        err = capsys.readouterr().err
-        assert message in err and len(err.strip().splitlines()) == 1, (extra, err)
+        one_error_line(run_main(capsys, *flags, *extra), message, code=1, alone=True)
 
 
 # ------------------------------------------------------------------------- limits, disconnects, bad requests
@@ -531,9 +529,8 @@ def test_setup_errors_are_one_line(cli_server, tmp_path, capsys, monkeypatch):
     missing = tmp_path / "nowhere"
     monkeypatch.delenv("LITTUNE_API_KEY", raising=False)
     # the port is taken (by the server above)
-    assert main(["serve", "--checkpoint_dir", str(missing), "--port", str(port)]) == 1
-    err = capsys.readouterr().err
-    assert "cannot listen on 127.0.0.1:" in err and "another --port" in err and len(err.strip().splitlines()) == 1
+    one_error_line(run_main(capsys, "serve", "--checkpoint_dir", missing, "--port", port),
+                   "cannot listen on 127.0.0.1:", "another --port", code=1, alone=True)
     # every network, no key: a warning (then the missing checkpoint's error)
     assert main(["serve", "--checkpoint_dir", str(missing), "--host", "0.0.0.0", "--port", str(free_port())]) == 1
     err = capsys.readouterr().err
@@ -543,9 +540,8 @@ def test_setup_errors_are_one_line(cli_server, tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert "warning" not in err and KEY not in err
     for hosts in ("proxy.example.com:8000", "a b", "", "http://x"):
-        assert main(["serve", "--checkpoint_dir", str(missing), "--allowed_hosts", hosts]) == 1
-        err = capsys.readouterr().err
-        assert "--allowed_hosts" in err and "not a host name" in err and len(err.strip().splitlines()) == 1
+        one_error_line(run_main(capsys, "serve", "--checkpoint_dir", missing, "--allowed_hosts", hosts),
+                       "--allowed_hosts", "not a host name", code=1, alone=True)
     # flag ranges, and the server packages named in one line when missing
     assert main(["serve", "--checkpoint_dir", str(missing), "--port", "0"]) == 1
     assert "--port 0: must be >= 1 and <= 65535" in capsys.readouterr().err

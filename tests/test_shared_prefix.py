@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import SST2_TRAIN, finetune_argv, max_difference, read_metrics
+from conftest import SST2_TRAIN, finetune_argv, max_difference, one_error_line, read_metrics, run_main
 from littune.cli import main
 from littune.finetune import prefix as prefix_module
 from littune.finetune.prefix import packed_batch, packed_loss_sum, shared_prefix_length, sharing_pays
@@ -230,11 +230,10 @@ def test_resume_is_bit_identical_and_keeps_the_setting(small_checkpoint, sst2, t
     assert all(torch.equal(again[k], final[k]) for k in final)
     assert [r["train_loss"] for r in read_metrics(resumed)] == [r["train_loss"] for r in read_metrics(run)][2:]
 
-    capsys.readouterr()
-    assert main(finetune_args(small_checkpoint, sst2["masked"], resumed, *flags, "--shared_prefix", "false",
-                              "--resume", str(resumed / "step-000002"))) == 1
-    err = capsys.readouterr().err
-    assert err.startswith("littune: error: ") and "cannot resume" in err and "shared_prefix" in err, err
+    result = run_main(capsys, *finetune_args(small_checkpoint, sst2["masked"], resumed, *flags, "--shared_prefix",
+                                             "false", "--resume", resumed / "step-000002"))
+    one_error_line(result, "cannot resume", "shared_prefix", code=1)
+    assert result.stderr.startswith("littune: error: "), result.stderr
 
     # a state saved before --shared_prefix existed trained on the plain path: it resumes as such, and the default
     # is refused with the flag to give
