@@ -14,6 +14,8 @@ from typing import Optional
 
 import yaml
 
+from littune.outbound import outbound
+
 # training flags that name places on this machine or a logger's endpoint, never written into a card
 PLACES = {"checkpoint_dir", "data_dir", "out_dir", "resume", "logger", "mlflow_tracking_uri", "tracking_uri"}
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
@@ -164,7 +166,7 @@ def intro(base: Optional[str], config, method: Optional[str], format: str) -> st
 
 
 def training_section(hparams: dict) -> str:
-    rows = [(k, v) for k, v in hparams.items() if k not in PLACES and not isinstance(v, (dict, list))]
+    rows = [(k, v) for k, v in outbound(hparams).items() if k not in PLACES and not isinstance(v, (dict, list))]
     table = "\n".join(f"| `{k}` | `{v}` |" for k, v in rows)
     return f"## Training\n\n| flag | value |\n| --- | --- |\n{table}"
 

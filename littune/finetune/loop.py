@@ -29,8 +29,8 @@ from littune.prepared import load_prepare_json, load_split, load_tokenizer, vali
 from littune.prompts import load_style_file
 from littune.finetune.args import TrainArgs, hyperparameters, resolve_defaults, same_run_values, total_steps
 from littune.finetune.guard import LossWatch, blow_up_line, watch_loss
-from littune.finetune.logs import (TASK_METRICS, close_loggers, keep_metrics_until, log_row, logger_run_ids,
-                                   make_loggers, make_progress)
+from littune.finetune.logs import (TASK_METRICS, check_loggers, close_loggers, keep_metrics_until, log_row,
+                                   logger_run_ids, make_loggers, make_progress)
 from littune.finetune.prefix import (eight_pack_small, packed_batch, plain_reason, prefix_to_share,
                                      shared_prefix_loss_sum)
 from littune.finetune.schedule import learning_rate_at, make_optimizer, steps_from
@@ -38,6 +38,7 @@ from littune.finetune.state import (Progress, StopRequest, find_resume_state, fi
                                     remove_stale_temporaries, save_training_state, saved_precision, step_folder,
                                     trained_state)
 from littune.methods import Method
+from littune.outbound import outbound
 from littune.model import (check_data_fits_model, check_precision, checkpoint_activations, collate, count_targets,
                            default_precision, forward_loss_sum, is_sharded, load_model, peak_memory_gb, unwrap)
 from littune.precision import run_precision, shared_with_ranks
@@ -62,6 +63,9 @@ def finetune(method: Method, args: TrainArgs, method_args, on_evaluation=None) -
         raise UserError(f"--best_metric {args.best_metric}: task metrics are not scored under --strategy fsdp (every "
                         f"rank would have to take part in each forward); use --best_metric val_loss")
     check_quantize(args.quantize, args.strategy, args.devices * args.num_nodes)
+    wandb_line = check_loggers(args.logger)  # a missing package or key fails before out_dir is touched
+    if wandb_line:
+        print(wandb_line)
     label_task = meta.get("labels") is not None and args.strategy != "fsdp"
     plain = plain_reason(args.shared_prefix, args.strategy, method_args, config, args.activation_checkpointing)
     args = resolve_defaults(args, method.name, len(train), None, label_task,  # an unset precision: decided below
@@ -127,8 +131,8 @@ def fit(fabric, method: Method, method_args, args: TrainArgs, train: list, val: 
         keep_metrics_until(metrics_path, progress.step)
     loggers = make_loggers(hparams, out_dir, progress.mlflow_run_id, progress.wandb_run_id) if rank == 0 else []
     for experiment_logger in loggers:
-        if resume_dir is None:
-            experiment_logger.log_hyperparams(hparams)
+        if resume_dir is None:  # no credentials or local paths leave the machine (littune.outbound)
+            experiment_logger.log_hyperparams(outbound(hparams))
     progress = replace(progress, **logger_run_ids(loggers))
 
     tokenizer = load_tokenizer(Path(args.checkpoint_dir))

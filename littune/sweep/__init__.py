@@ -24,6 +24,7 @@ from typing import Annotated, Literal, Optional, Union
 
 from littune.common import Check, UserError, check_flags, checked, first_line
 from littune.methods import METHODS, get_method
+from littune.outbound import redacted
 from littune.sweep.space import describe, distributions, read_search, suggest
 
 SWEEP_FLAGS = {
@@ -81,11 +82,6 @@ def __getattr__(name: str):
     if name in METHODS:
         return command(name)
     raise AttributeError(name)
-
-
-def redacted(url: str) -> str:
-    """A URL with its password replaced, for messages and files."""
-    return re.sub(r"(//[^/:@]*:)[^@/]*@", r"\1***@", url)
 
 
 def trial_seed(seed: int, number: int) -> int:
