@@ -99,6 +99,7 @@ def export(
     adapter_path: Optional[Path] = None,
     dtype: Optional[ExportDtype] = None,
     max_shard_size: str = "50GB",
+    card_example: bool = True,
     overwrite: bool = False,
 ) -> Path:
     """Write the model (with a LoRA run merged in) for transformers, PEFT or llama.cpp.
@@ -113,6 +114,8 @@ def export(
             and peft; float16 for gguf, as llama.cpp's converter).
         max_shard_size: hf: split model.safetensors into shards of at most this size (e.g. 5GB, 500MB), with
             model.safetensors.index.json, as transformers' save_pretrained does (its default is 50GB).
+        card_example: The model card (README.md) shows one record of the run's test split as the prompt example
+            (its text as it is: false for private data, the card shows the prompt's shape instead).
         overwrite: Replace an earlier export or merge in --out_dir (a folder holding other files is refused).
     """
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
@@ -140,7 +143,7 @@ def export(
             copy_tokenizer_files(checkpoint_dir, tmp)
             if template is not None:
                 write_chat_template(tmp, template)
-            write_model_card(tmp, "peft", checkpoint_dir, config, run_dir)
+            write_model_card(tmp, "peft", checkpoint_dir, config, run_dir, card_example)
         print(f"Wrote the PEFT adapter to {out_dir} (r={adapter_config['r']}, lora_alpha="
               f"{adapter_config['lora_alpha']}, {len(tensors)} tensors); load it onto the original model with "
               f"PeftModel.from_pretrained", file=sys.stderr)
@@ -153,7 +156,7 @@ def export(
             write_hf(tmp, config, family, state, checkpoint_dir, dtype, shard_bytes)
             if template is not None:
                 write_chat_template(tmp, template)
-            write_model_card(tmp, "hf", checkpoint_dir, config, run_dir)
+            write_model_card(tmp, "hf", checkpoint_dir, config, run_dir, card_example)
         print(f"Wrote a transformers model to {out_dir}", file=sys.stderr)
     else:
         with building(out_dir, "export gguf") as tmp:
