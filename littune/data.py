@@ -337,6 +337,10 @@ def _read_table(text: str, delimiter: str, data_file: Path) -> tuple[list, list[
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     try:
         header = next(reader)
+        repeated = sorted({name for name in header if header.count(name) > 1})
+        if repeated:  # a dict per row would keep the last such column and drop the others without a word
+            raise UserError(f"{data_file}: the header names {', '.join(map(repr, repeated))} more than once; give "
+                            f"each column its own name")
         rows, lines = [], []
         start = reader.line_num + 1
         for values in reader:

@@ -15,6 +15,7 @@ whitespace and lowercasing. When the expected outputs form a small label set (at
 Zero divisions (a label never predicted, no variance for MCC) give 0.0, as scikit-learn's zero_division=0.
 """
 
+import json
 import math
 from collections import Counter
 from typing import Optional
@@ -34,7 +35,18 @@ def exact_match(expected: list[str], predicted: list[str]) -> float:
 
 
 def parse_labels(labels: str) -> list[str]:
-    parsed = [normalize(label) for label in labels.split(",") if label.strip()]
+    """--labels: a JSON list (labels may hold commas) or comma-separated names."""
+    if labels.lstrip().startswith("["):
+        try:
+            given = json.loads(labels)
+        except json.JSONDecodeError as e:
+            raise UserError(f"--labels {labels[:100]!r}: not a JSON list ({e.msg}); give e.g. "
+                            f"'[\"positive\", \"negative\"]' or positive,negative") from None
+        if not isinstance(given, list) or not all(isinstance(label, str) for label in given):
+            raise UserError(f"--labels {labels[:100]!r}: a JSON list of strings, e.g. '[\"positive\", \"negative\"]'")
+    else:
+        given = labels.split(",")
+    parsed = [normalize(label) for label in given if label.strip()]
     if len(parsed) < 2:
         raise UserError(f"--labels {labels!r}: give at least 2 labels, comma-separated, e.g. positive,negative")
     duplicates = sorted(label for label, n in Counter(parsed).items() if n > 1)

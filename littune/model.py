@@ -208,6 +208,10 @@ def check_adapter_fits(adapter: dict, adapter_file: Path, checkpoint_dir: Path, 
                        config=None) -> None:
     """An adapter trained on another model has other names or shapes: say which, instead of a wall of errors.
     config: the checkpoint's, where the caller has it."""
+    if not isinstance(adapter, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                for k, v in adapter.items()):
+        raise UserError(f"{adapter_file}: not adapter weights (a mapping of parameter names to tensors, as littune "
+                        f"finetune saves them); give the run folder or its {method.adapter_file}")
     with torch.device("meta"):
         model = build_model(config if config is not None else load_model_config(checkpoint_dir), method, method_args)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if method.is_trainable(k)}

@@ -80,3 +80,34 @@ def test_a_base_model_export_has_a_card_without_training(small_checkpoint, tmp_p
     card = ModelCard.load(out / "README.md")
     assert card.data.library_name == "transformers" and card.data.eval_results is None
     assert "## Training" not in card.text and "no fine-tuning run" in card.text
+
+
+def test_the_card_fences_a_record_whatever_backticks_it_holds_and_can_leave_it_out(small_checkpoint, tmp_path):
+    """A test record whose text holds lines of ``` and ```` stays inside the card's code block (issue 36); with
+    --card_example false no record of the test split is in the card at all."""
+    import re
+
+    secret = "PRIVATE-CUSTOMER-4711"
+    records = [{"instruction": f"Summarise\n```\n# not a heading {secret}\n````\nend", "input": "", "output": "ok"}
+               for _ in range(12)]
+    (tmp_path / "records.json").write_text(json.dumps(records))
+    data, run = tmp_path / "data", tmp_path / "run"
+    assert main(["prepare", "--data_file", str(tmp_path / "records.json"), "--checkpoint_dir", str(small_checkpoint),
+                 "--destination_path", str(data), "--test_size", "4", "--val_size", "2"]) == 0
+    assert main(finetune_argv(small_checkpoint, data, run, "--max_steps", "1", "--micro_batch_size", "2", "--batch_size",
+                              "2", method="lora")) == 0
+    assert main(["evaluate", "--checkpoint_dir", str(small_checkpoint), "--data_dir", str(data), "--adapter_path",
+                 str(run), "--scoring", "generate", "--max_new_tokens", "2"]) == 0
+    assert main(["export", "--checkpoint_dir", str(small_checkpoint), "--adapter_path", str(run), "--format", "peft",
+                 "--out_dir", str(tmp_path / "with")]) == 0
+    text = (tmp_path / "with" / "README.md").read_text()
+    assert "a record of the test split" in text and "--card_example false" in text
+    # the block holding the record opens and closes with a fence longer than the record's longest backtick run
+    block = re.search(r"^(`{5,})text\n(.*?)\n\1$", text, re.S | re.M)
+    assert block and secret in block.group(2) and "````\nend" in block.group(2)
+    assert "\n# not a heading" not in text.replace(block.group(0), "")
+
+    assert main(["export", "--checkpoint_dir", str(small_checkpoint), "--adapter_path", str(run), "--format", "peft",
+                 "--out_dir", str(tmp_path / "without"), "--card_example", "false"]) == 0
+    text = (tmp_path / "without" / "README.md").read_text()
+    assert secret not in text and "INSTRUCTION" in text and "## Prompt format" in text

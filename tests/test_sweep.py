@@ -157,3 +157,12 @@ def test_the_space_grammar():
     assert space["shared_prefix"] == CategoricalDistribution([True, False])
     assert space["weight_decay"] == FloatDistribution(0.0, 0.1, step=0.05)
     assert space["lora_alpha"] == CategoricalDistribution([8, 32]) and space["seed"] == ("fixed", 7)
+
+
+def test_the_budget_stops_a_running_trial_at_its_next_evaluation(small_checkpoint, alpaca64, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    code = main(sweep_args(small_checkpoint, alpaca64, out, "--n_trials", 3, "--budget_minutes", 0.0001))
+    rows = table(out)
+    assert [(r["state"], r["note"]) for r in rows] == [("pruned", "stopped by --budget_minutes at step 1")], rows
+    assert len((out / "trial-000" / "metrics.csv").read_text().splitlines()) == 2  # header + step 1 of 4
+    assert code == 0 and "no completed trial yet: no best.yaml" in capsys.readouterr().err

@@ -97,6 +97,7 @@ def export(
     adapter_path: Optional[Path] = None,
     dtype: Optional[ExportDtype] = None,
     max_shard_size: str = "50GB",
+    card_example: bool = True,
     overwrite: bool = False,
 ) -> Path:
     """Write the model (with a LoRA run merged in) for transformers, PEFT or llama.cpp.
@@ -111,6 +112,8 @@ def export(
             and peft; float16 for gguf, as llama.cpp's converter).
         max_shard_size: hf: split model.safetensors into shards of at most this size (e.g. 5GB, 500MB), with
             model.safetensors.index.json, as transformers' save_pretrained does (its default is 50GB).
+        card_example: The model card (README.md) shows one record of the run's test split as the prompt example
+            (its text as it is: false for private data, the card shows the prompt's shape instead).
         overwrite: Replace an earlier export or merge in --out_dir (a folder holding other files is refused).
     """
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
@@ -135,7 +138,7 @@ def export(
     check_out_dir(out_dir, overwrite, [checkpoint_dir] + ([adapter["run_dir"]] if adapter else []))
 
     job = ExportJob(checkpoint_dir, out_dir, config, family, adapter, run_dir, prompt, template, dtype, shard_bytes,
-                    prepared=prepared)
+                    card_example=card_example, prepared=prepared)
     if chosen.merged:
         base = load_base(checkpoint_dir, config)
         job.state = merged_state(config, base, adapter) if adapter else base

@@ -15,21 +15,30 @@ from typing import Optional
 import yaml
 
 from littune.methods import METHODS, get_method
+from littune.outbound import outbound
 
 # training flags that name places on this machine or a logger's endpoint, never written into a card
 PLACES = {"checkpoint_dir", "data_dir", "out_dir", "resume", "logger", "mlflow_tracking_uri", "tracking_uri"}
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 
 
-def write_model_card(folder: Path, format, checkpoint_dir: Path, config, run_dir: Optional[Path]) -> None:
+def write_model_card(folder: Path, format, checkpoint_dir: Path, config, run_dir: Optional[Path],
+                     example: bool = True) -> None:
     """folder/README.md for an export (`format`: its `formats.ExportFormat`) of checkpoint_dir (plus the run in
-    run_dir, if any)."""
+    run_dir, if any); example: show one test record in the prompt format (false: placeholders)."""
     from littune.common import save_text
 
-    save_text(model_card(format, checkpoint_dir, config, run_dir), Path(folder) / "README.md")
+    save_text(model_card(format, checkpoint_dir, config, run_dir, example), Path(folder) / "README.md")
 
 
-def model_card(format, checkpoint_dir: Path, config, run_dir: Optional[Path]) -> str:
+def fenced(text: str, language: str) -> str:
+    """text in a code fence longer than any run of backticks in it, so that nothing it quotes closes the fence."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}{language}\n{text}\n{fence}"
+
+
+def model_card(format, checkpoint_dir: Path, config, run_dir: Optional[Path], example: bool = True) -> str:
     from huggingface_hub import ModelCard, ModelCardData
 
     checkpoint_dir = Path(checkpoint_dir)
@@ -55,7 +64,7 @@ def model_card(format, checkpoint_dir: Path, config, run_dir: Optional[Path]) ->
     if run["prepare"]:
         sections.append(data_section(run["prepare"]))
     if run["style"] is not None:
-        sections.append(prompt_section(run["style"], run["example"]))
+        sections.append(prompt_section(run["style"], run["example"] if example else None))
     if evaluation:
         sections.append(evaluation_section(evaluation))
     load = format.card_load.replace("BASE", base or checkpoint_dir.name)
@@ -148,7 +157,7 @@ def intro(base: Optional[str], config, method: Optional[str], known, format) -> 
 
 
 def training_section(hparams: dict) -> str:
-    rows = [(k, v) for k, v in hparams.items() if k not in PLACES and not isinstance(v, (dict, list))]
+    rows = [(k, v) for k, v in outbound(hparams).items() if k not in PLACES and not isinstance(v, (dict, list))]
     table = "\n".join(f"| `{k}` | `{v}` |" for k, v in rows)
     return f"## Training\n\n| flag | value |\n| --- | --- |\n{table}"
 
@@ -174,12 +183,15 @@ def prompt_section(style, example: Optional[dict]) -> str:
     # the chat template exported with the model (littune/export/template.py) writes this prompt from one user message
     message = {"role": "user", "content": instruction + (f"\n\n{input_text}" if input_text else "")}
     split = "" if isinstance(style, ChatTemplate) else " (the text before the first blank line is the instruction)"
+    what = ("One example, a record of the test split as it is (export with `--card_example false` to leave it out):"
+            if example else "Its shape:")
+    code = (f"messages = [{json.dumps(message, ensure_ascii=False)}]\n"
+            f"ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)")
     return (f"## Prompt format\n\nThe model was trained on prompts in the `{name}` style; the answer follows the "
-            f"prompt. One example:\n\n```text\n{prompt}\n```\n\nThe exported chat template (`chat_template.jinja`; "
+            f"prompt. {what}\n\n{fenced(prompt, 'text')}\n\nThe exported chat template (`chat_template.jinja`; "
             f"`tokenizer.chat_template` in a GGUF file) writes this prompt, BOS included where training had one, from "
-            f"one user message: the instruction and the input separated by a blank line{split}.\n\n```python\n"
-            f"messages = [{json.dumps(message, ensure_ascii=False)}]\n"
-            f"ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)\n```")
+            f"one user message: the instruction and the input separated by a blank line{split}.\n\n"
+            f"{fenced(code, 'python')}")
 
 
 def evaluation_section(evaluation: dict) -> str:

@@ -38,6 +38,7 @@ class ExportJob:
     template: Optional[str]  # the chat template that writes the run's prompt, or None (the base's stays)
     dtype: Optional[str]  # --dtype, None: the format's default
     shard_bytes: int  # --max_shard_size in bytes
+    card_example: bool = True  # the model card shows a test record as its prompt example
     state: Optional[dict] = None  # the full state dict (Lit-GPT names), the adapter merged in: formats that merge
     prepared: Any = None  # what the format's `prepare` returned
 

@@ -211,7 +211,7 @@ def write(job, folder: Path) -> str:
     write_hf(folder, job.config, job.family, job.state, job.checkpoint_dir, job.dtype, job.shard_bytes)
     if job.template is not None:
         write_chat_template(folder, job.template)
-    write_model_card(folder, FORMAT, job.checkpoint_dir, job.config, job.run_dir)
+    write_model_card(folder, FORMAT, job.checkpoint_dir, job.config, job.run_dir, job.card_example)
     return f"Wrote a transformers model to {job.out_dir}"
 
 

@@ -106,7 +106,7 @@ def write(job, folder: Path) -> str:
     copy_tokenizer_files(job.checkpoint_dir, folder)
     if job.template is not None:
         write_chat_template(folder, job.template)
-    write_model_card(folder, FORMAT, job.checkpoint_dir, job.config, job.run_dir)
+    write_model_card(folder, FORMAT, job.checkpoint_dir, job.config, job.run_dir, job.card_example)
     return (f"Wrote the PEFT adapter to {job.out_dir} (r={adapter_config['r']}, lora_alpha="
             f"{adapter_config['lora_alpha']}, {len(tensors)} tensors); load it onto the original model with "
             f"PeftModel.from_pretrained")

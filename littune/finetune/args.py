@@ -45,7 +45,7 @@ class TrainArgs:
     seed: int = same_run(1337)
     """Random seed: the same seed gives the same batches and the same weights."""
     learning_rate: Optional[Annotated[float, Check(gt=0)]] = same_run(None)
-    """Peak learning rate of AdamW (default: the method's, measured on SST-2: adapter_v2 1.5e-3, lora 3e-3)."""
+    """Peak learning rate of AdamW (default: the method's, measured on SST-2: adapter_v2 1e-3, lora 3e-3)."""
     batch_size: Optional[Annotated[int, Check(ge=1)]] = same_run(None)
     """Records per optimizer step, over all devices (default: about 100 steps per epoch, at most 64 records)."""
     micro_batch_size: Optional[Annotated[int, Check(ge=1)]] = same_run(None)

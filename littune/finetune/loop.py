@@ -27,8 +27,8 @@ from littune.common import UserError, atomic_folder, replace_outputs, save_text,
 from littune.finetune.args import TrainArgs, hyperparameters, resolve_defaults, same_run_values, total_steps
 from littune.finetune.evaluation import better, evaluate_now, sample_response
 from littune.finetune.guard import LossWatch, blow_up_line, watch_loss
-from littune.finetune.logs import (close_loggers, keep_metrics_until, log_row, logger_run_ids, make_loggers,
-                                   make_progress)
+from littune.finetune.logs import (check_loggers, close_loggers, keep_metrics_until, log_row, logger_run_ids,
+                                   make_loggers, make_progress)
 from littune.finetune.prefix import (eight_pack_small, packed_batch, plain_reason, prefix_to_share,
                                      shared_prefix_loss_sum)
 from littune.finetune.schedule import learning_rate_at, make_optimizer, steps_from
@@ -39,6 +39,7 @@ from littune.inputs import RunInputs
 from littune.methods import Method
 from littune.model import (check_precision, checkpoint_activations, collate, count_targets, default_precision,
                            forward_loss_sum, is_sharded, load_model, peak_memory_gb, unwrap)
+from littune.outbound import outbound
 from littune.precision import run_precision, shared_with_ranks
 from littune.prepared import validation_split_name
 from littune.quantize import check_quantize
@@ -61,6 +62,9 @@ def finetune(method: Method, args: TrainArgs, method_args, on_evaluation=None) -
         raise UserError(f"--best_metric {args.best_metric}: task metrics are not scored under --strategy fsdp (every "
                         f"rank would have to take part in each forward); use --best_metric val_loss")
     check_quantize(args.quantize, args.strategy, args.devices * args.num_nodes)
+    wandb_line = check_loggers(args.logger)  # a missing package or key fails before out_dir is touched
+    if wandb_line:
+        print(wandb_line)
     label_task = inputs.labels is not None and args.strategy != "fsdp"  # FSDP: no task metrics (see above)
     plain = plain_reason(args.shared_prefix, args.strategy, method, method_args, config, args.activation_checkpointing)
     args = resolve_defaults(args, method.name, len(train), None, label_task,  # an unset precision: decided below
@@ -152,8 +156,8 @@ def fit(fabric, method: Method, method_args, args: TrainArgs, inputs: RunInputs,
         keep_metrics_until(metrics_path, progress.step)
     loggers = make_loggers(hparams, out_dir, progress.mlflow_run_id, progress.wandb_run_id) if rank == 0 else []
     for experiment_logger in loggers:
-        if resume_dir is None:
-            experiment_logger.log_hyperparams(hparams)
+        if resume_dir is None:  # no credentials or local paths leave the machine (littune.outbound)
+            experiment_logger.log_hyperparams(outbound(hparams))
     progress = replace(progress, **logger_run_ids(loggers))
 
     run = Training(

@@ -42,6 +42,7 @@ METHOD = Method(
     before_forward=clear_adapter_cache,
     card_label="LLaMA-Adapter v2",
     # 3e-3 (LoRA's) sat at the edge for adapter_v2: the demo's run (760 SST-2 records, batches of 4) blew up at step
-    # 79 (train loss 0.3 -> 7.6) with it, while 1.5e-3 scored 0.874 against 0.860 on the 2,000-record benchmark
-    learning_rate=1.5e-3,
+    # 79 (train loss 0.3 -> 7.6) with it. On the 2,000-record SST-2 benchmark (README: Accuracy) 1e-3 scored 0.886
+    # over 3 seeds (0.883-0.889), 1.5e-3 0.874 (seed 0), 3e-3 0.860
+    learning_rate=1e-3,
 )

@@ -24,6 +24,7 @@ from typing import Annotated, Literal, Optional, Union
 
 from littune.common import Check, UserError, check_flags, checked, first_line
 from littune.methods import METHODS, get_method
+from littune.outbound import redacted
 from littune.sweep.space import describe, distributions, read_search, suggest
 
 SWEEP_FLAGS = {
@@ -33,7 +34,8 @@ SWEEP_FLAGS = {
     "n_trials": (Optional[Annotated[int, Check(ge=1)]], None,
                  "Trials the study should hold (completed, pruned or running; a resumed sweep runs the rest)."),
     "budget_minutes": (Optional[Annotated[float, Check(gt=0)]], None,
-                       "Start no trial after this many minutes of this invocation (a running trial finishes)."),
+                       "Minutes for this invocation: no trial starts later, and a running trial stops at its first evaluation "
+                       "after them (kept as pruned, its best/ as it stands)."),
     "storage": (Optional[str], None, "An Optuna storage URL (sqlite:///x.db, postgresql://..., mysql://...); "
                                      "default sqlite:///OUT_DIR/sweep.db."),
     "study_name": (Optional[str], None, "The study's name in the storage (default METHOD-<data folder name>)."),
@@ -80,11 +82,6 @@ def __getattr__(name: str):
     if name in METHODS:
         return command(name)
     raise AttributeError(name)
-
-
-def redacted(url: str) -> str:
-    """A URL with its password replaced, for messages and files."""
-    return re.sub(r"(//[^/:@]*:)[^@/]*@", r"\1***@", url)
 
 
 def trial_seed(seed: int, number: int) -> int:
@@ -141,7 +138,8 @@ def sweep(name: str, options: dict, flags: dict) -> dict:
     check_same_study(study, record, study_name)
     print(f"sweep {study_name} in {redacted(url)}: {counted(study)} trials so far, {metric} "
           f"({study.direction.name.lower()}), runs in {out_dir}", file=sys.stderr)
-    objective = make_objective(method, finetune, flags, space, metric, out_dir)
+    deadline = time.monotonic() + options["budget_minutes"] * 60 if options["budget_minutes"] else None
+    objective = make_objective(method, finetune, flags, space, metric, out_dir, deadline)
     try:
         run_trials(study, objective, options["n_trials"], options["budget_minutes"])
     finally:
@@ -198,7 +196,8 @@ def check_same_study(study, record: dict, study_name: str) -> None:
                         f"the same flags to resume it, or another --study_name")
 
 
-def make_objective(method, finetune, flags: dict, space: dict, metric: str, out_dir: Path):
+def make_objective(method, finetune, flags: dict, space: dict, metric: str, out_dir: Path,
+                   deadline: Optional[float] = None):
     import optuna
 
     from littune.finetune import loop
@@ -215,12 +214,15 @@ def make_objective(method, finetune, flags: dict, space: dict, metric: str, out_
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         run_flags = {**flags, **values, "out_dir": folder, "resume": None, "overwrite": False}
         check_flags(finetune.checks, run_flags)
-        pruned_at = []
+        pruned_at, why = [], []
 
         def on_evaluation(step: int, figures: dict) -> bool:  # the loop's hook: report, and stop when pruned
             trial.report(figures[metric], step)
             if trial.should_prune():
                 pruned_at.append(step)
+            elif deadline is not None and time.monotonic() > deadline:  # the user's minutes are spent
+                pruned_at.append(step)
+                why.append("budget")
             return bool(pruned_at)
 
         print(f"trial {trial.number}: {' '.join(f'--{k} {v}' for k, v in values.items())}", file=sys.stderr)
@@ -239,7 +241,9 @@ def make_objective(method, finetune, flags: dict, space: dict, metric: str, out_
         trial.set_user_attr("best_step", info["step"])
         if pruned_at:
             trial.set_user_attr("pruned_at", pruned_at[0])
-            raise optuna.TrialPruned(f"pruned at step {pruned_at[0]}")
+            if why:
+                trial.set_user_attr("stopped_by", "budget")
+            raise optuna.TrialPruned(f"{'stopped by --budget_minutes' if why else 'pruned'} at step {pruned_at[0]}")
         return info["value"]
 
     return objective

@@ -15,7 +15,8 @@ def trial_rows(study, metric: str) -> list[dict]:
     rows = []
     for t in study.get_trials(deepcopy=False):
         attrs = t.user_attrs
-        note = f"pruned at step {attrs['pruned_at']}" if "pruned_at" in attrs else attrs.get("error", "")
+        stopped = "stopped by --budget_minutes" if attrs.get("stopped_by") == "budget" else "pruned"
+        note = f"{stopped} at step {attrs['pruned_at']}" if "pruned_at" in attrs else attrs.get("error", "")
         if t.system_attrs.get("failed_trial") is not None:
             note = f"rerun of trial {t.system_attrs['failed_trial']} (interrupted) {note}".strip()
         value = attrs.get("best_value")
