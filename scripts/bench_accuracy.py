@@ -42,17 +42,24 @@ TASKS = {
 RT_TEST_RECORDS = 1066  # the size of HF's rotten_tomatoes test split (10%), drawn once with seed 0
 
 
+PEAK_RSS_GB: dict = {}  # command name -> the peak resident memory of its last run, GB (os.wait4's ru_maxrss)
+
+
 def littune(*args: str, log: Path) -> float:
-    """Run `littune ARGS` (this checkout's), its output to log; the wall time in seconds."""
+    """Run `littune ARGS` (this checkout's), its output to log; the wall time in seconds (its peak RSS goes to
+    PEAK_RSS_GB)."""
     command = [sys.executable, "-m", "littune.cli", *args]
     start = time.perf_counter()
     with open(log, "a", encoding="utf-8") as f:
         f.write(f"$ littune {shlex.join(args)}\n")
         f.flush()
-        result = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, cwd=REPO,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    if result.returncode != 0:
-        sys.exit(f"littune {args[0]} failed (exit {result.returncode}); see {log}")
+        process = subprocess.Popen(command, stdout=f, stderr=subprocess.STDOUT, cwd=REPO,
+                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        _, status, usage = os.wait4(process.pid, 0)  # this child's own rusage (Linux: ru_maxrss in KiB)
+    PEAK_RSS_GB[args[0]] = round(usage.ru_maxrss / 2**20, 2)
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        sys.exit(f"littune {args[0]} failed (exit {code}); see {log}")
     return time.perf_counter() - start
 
 
@@ -103,9 +110,11 @@ def task_files(workdir: Path, task: str, n: int, seed: int) -> tuple[Path, Path]
     return path, test_file
 
 
-def evaluate(ckpt: Path, data: Path, out: Path, scoring: str, log: Path, adapter=None) -> tuple[dict, float]:
+def evaluate(ckpt: Path, data: Path, out: Path, scoring: str, log: Path, adapter=None,
+             quantize=None) -> tuple[dict, float]:
     args = ["evaluate", "--checkpoint_dir", str(ckpt), "--data_dir", str(data), "--out_dir", str(out),
-            "--scoring", scoring] + (["--adapter_path", str(adapter)] if adapter else [])
+            "--scoring", scoring] + (["--adapter_path", str(adapter)] if adapter else []) + \
+        (["--quantize", quantize] if quantize else [])
     seconds = littune(*args, log=log)
     metrics = json.loads((out / "metrics.json").read_text())
     return {k: metrics.get(k) for k in ("accuracy", "mcc", "f1_macro", "accuracy_norm", "not_a_label")}, seconds
@@ -140,6 +149,7 @@ def run(args) -> dict:
                                            str(data), "--out_dir", str(out), "--epochs", "1",
                                            "--seed", str(1337 + args.seed), *shlex.split(args.finetune_args),
                                            log=log), 1)
+    result["finetune_peak_rss_gb"] = PEAK_RSS_GB["finetune"]
     hparams = (out / "hyperparameters.yaml").read_text()
     result["hyperparameters"] = {k: v for k, v in (line.split(": ", 1) for line in hparams.splitlines()
                                                    if ": " in line and not line.startswith(" "))
@@ -148,6 +158,11 @@ def run(args) -> dict:
     for scoring in args.scorings:
         metrics, seconds = evaluate(ckpt, data, run_dir / f"eval-{scoring}", scoring, log, adapter=out)
         result[scoring] = {**metrics, "seconds": round(seconds, 1)}
+    for quantize in args.evaluate_quantize:  # the same adapter on a quantized base, scored by likelihood
+        metrics, seconds = evaluate(ckpt, data, run_dir / f"eval-likelihood-{quantize}", "likelihood", log,
+                                    adapter=out, quantize=quantize)
+        result[f"likelihood_{quantize}"] = {**metrics, "seconds": round(seconds, 1),
+                                            "peak_rss_gb": PEAK_RSS_GB["evaluate"]}
     default_scoring = args.scorings[0]
     result["finetune_plus_evaluate_sec"] = round(result["finetune_sec"] + result[default_scoring]["seconds"], 1)
     with open(workdir / "accuracy_runs.jsonl", "a", encoding="utf-8") as f:
@@ -206,6 +221,8 @@ def main() -> None:
     parser.add_argument("--prepare_args", default="", help="extra littune prepare flags, one string")
     parser.add_argument("--finetune_args", default="", help="extra littune finetune flags, one string")
     parser.add_argument("--scorings", nargs="+", default=["likelihood", "generate"])
+    parser.add_argument("--evaluate_quantize", nargs="*", default=[],
+                        help="also evaluate the adapter on the base quantized so (e.g. bnb.nf4), by likelihood")
     parser.add_argument("--skip_base", action="store_true", help="do not evaluate the base model")
     parser.add_argument("--table", action="store_true", help="print the recorded runs and exit")
     args = parser.parse_args()

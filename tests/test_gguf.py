@@ -118,12 +118,15 @@ def encode_tensor(w: np.ndarray, qtype, rng) -> tuple[np.ndarray, object]:
 
 
 def write_gguf(path: Path, model, tokenizer, qtype=Q.F32, arch: str = "llama", pre: str = "smollm",
-               extra_tensors: dict = (), seed: int = 0) -> Path:
-    """`model` (a transformers Llama/Qwen2) as llama.cpp writes it, with `tokenizer` in the metadata."""
+               extra_tensors: dict = (), seed: int = 0, metadata: dict = ()) -> Path:
+    """`model` (a transformers Llama/Qwen2) as llama.cpp writes it, with `tokenizer` in the metadata (and the
+    string fields `metadata`, e.g. general.license)."""
     c = model.config
     rng = np.random.default_rng(seed)
     writer = gguf.GGUFWriter(path, arch)
     writer.add_name(path.stem)
+    for key, value in dict(metadata).items():
+        writer.add_string(key, value)
     writer.add_context_length(c.max_position_embeddings)
     writer.add_embedding_length(c.hidden_size)
     writer.add_block_count(c.num_hidden_layers)
@@ -767,6 +770,27 @@ def test_download_gguf_file_fetches_only_it_and_converts(hub_runs, llama):
     assert max_diff(lit_logits(folder, ids), transformers_gguf_logits(folder, "tiny.Q8_0.gguf", ids)) <= 1e-4
     again = job.again
     assert again.returncode == 0 and again.gets == [] and "skipping conversion" in again.stderr, again.stderr
+    assert json.loads((folder / "origin.json").read_text()) == {"repo_id": "org/tiny-GGUF", "name": "tiny.Q8_0"}
+
+
+def test_a_gguf_files_origin_reaches_the_cards_of_its_exports(tmp_path, bpe):
+    """general.organization / license / source.repo_url of a GGUF file: recorded by convert, named by the card of an
+    export of a folder that is not laid out as checkpoints/ORG/NAME (a URL of another host is not a repo id)."""
+    from huggingface_hub import ModelCard
+
+    cards = {}
+    for source in ("https://huggingface.co/SomeOrg/Some-Model-1B", "https://example.com/SomeOrg/Some-Model-1B"):
+        folder = tmp_path / f"my-model-{len(cards)}"
+        folder.mkdir()
+        small_gguf(folder / "m.gguf", bpe, metadata={"general.organization": "SomeOrg", "general.license": "mit",
+                                                      "general.source.repo_url": source})
+        assert main(["convert", "--checkpoint_dir", str(folder)]) == 0
+        out = tmp_path / f"hf-{len(cards)}"
+        assert main(["export", "--checkpoint_dir", str(folder), "--format", "hf", "--out_dir", str(out)]) == 0
+        cards[source] = ModelCard.load(out / "README.md").data
+    on_hub, elsewhere = cards.values()
+    assert on_hub.base_model == "SomeOrg/Some-Model-1B" and on_hub.license == "mit"
+    assert elsewhere.base_model is None and elsewhere.license == "mit"
 
 
 @pytest.mark.parametrize("name, fragments", [

@@ -29,6 +29,7 @@ from tqdm import tqdm
 from littune.checkpoints.configs import config_for, config_from_hf, named_config, save_model_config, sizes_match
 from littune.checkpoints.gguf_header import HeaderError, read_header
 from littune.checkpoints.gguf_tokenizer import build_tokenizer, token_id
+from littune.checkpoints.origin import GGUF_FIELDS, GGUF_SOURCES, gguf_origin, record_origin
 from littune.checkpoints.weights import LazyTensor, StreamingStateDict, check_state_dict, copier, find_weight_files
 from littune.common import UserError, atomic_path, first_line, save_json
 
@@ -153,6 +154,7 @@ def convert_gguf(
     if tokenizer_only:
         print(f"Wrote the tokenizer of {gguf_path} to {checkpoint_dir}", file=sys.stderr)
         return
+    record_origin(checkpoint_dir, gguf_origin(meta), keep_repo_id=True)  # for the model cards of its exports
     save_model_config(config, checkpoint_dir)  # last: its presence marks the folder as converted
     print(
         f"Wrote {checkpoint_dir / 'lit_model.pth'}, model_config.yaml, tokenizer.json, tokenizer_config.json and "
@@ -193,7 +195,8 @@ def _read(gguf, path: Path) -> tuple[dict, dict]:
 
 
 def _kept_key(key: str) -> bool:
-    return (key == "general.architecture" or key.startswith(("tokenizer.", "split."))
+    return (key == "general.architecture" or key in GGUF_FIELDS or key in GGUF_SOURCES
+            or key.startswith(("tokenizer.", "split."))
             or key.split(".", 1)[0] in ARCHITECTURES)
 
 

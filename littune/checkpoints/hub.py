@@ -11,6 +11,7 @@ from littune.checkpoints.gguf import convert_gguf
 from littune.checkpoints.configs import check_convertible, read_hf_config
 from littune.checkpoints.hf import CONFIG_FILES, TOKENIZER_FILES, models
 from littune.checkpoints.hf import convert as convert_folder
+from littune.checkpoints.origin import record_origin
 from littune.checkpoints.weights import NOT_WEIGHTS, check_shard_name, find_weight_files, index_shards, read_index
 from littune.common import UserError, first_line
 
@@ -84,6 +85,7 @@ def download(
             raise UserError(
                 f"{repo_id}: download incomplete, missing {', '.join(missing[:5])} in {local_dir}; re-run to resume"
             )
+    record_origin(local_dir, {"repo_id": repo_id, "revision": revision})  # for the model cards of its exports
     if gguf_file and convert and tokenizer_only:  # the tokenizer is inside the GGUF file
         convert_gguf(local_dir, local_dir / gguf_file, tokenizer_only=True)
     if not convert_after:

@@ -14,12 +14,12 @@ from typing import Optional
 
 import yaml
 
+from littune.checkpoints.origin import REPO_ID, read_origin
 from littune.methods import METHODS, get_method
 from littune.outbound import outbound
 
 # training flags that name places on this machine or a logger's endpoint, never written into a card
 PLACES = {"checkpoint_dir", "data_dir", "out_dir", "resume", "logger", "mlflow_tracking_uri", "tracking_uri"}
-REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 
 
 def write_model_card(folder: Path, format, checkpoint_dir: Path, config, run_dir: Optional[Path],
@@ -113,8 +113,12 @@ def read_json(path: Path) -> dict:
 
 
 def base_model_id(checkpoint_dir: Path, config) -> Optional[str]:
-    """The base model's Hub repo id: litgpt's config names it (org/name), else a folder laid out as `littune
-    download` lays it out (checkpoints/ORG/NAME); None where neither says."""
+    """The base model's Hub repo id: the folder's origin.json (what `download` or a GGUF file's metadata recorded),
+    else litgpt's config names it (org/name), else a folder laid out as `littune download` lays it out
+    (checkpoints/ORG/NAME); None where none says."""
+    recorded = read_origin(checkpoint_dir).get("repo_id")
+    if recorded and REPO_ID.fullmatch(recorded):
+        return recorded
     hf = getattr(config, "hf_config", None) or {}
     if hf.get("org") and hf.get("name"):
         return f"{hf['org']}/{hf['name']}"
@@ -124,16 +128,17 @@ def base_model_id(checkpoint_dir: Path, config) -> Optional[str]:
 
 
 def base_license(checkpoint_dir: Path) -> Optional[str]:
-    """The licence in the base checkpoint's own model card (README.md metadata), where it has one."""
+    """The licence in the base checkpoint's own model card (README.md metadata), else the one its origin.json
+    records (a GGUF file's general.license), where either has one."""
     from huggingface_hub import metadata_load
 
     readme = Path(checkpoint_dir) / "README.md"
     try:
         metadata = metadata_load(readme) if readme.is_file() else None
     except (ValueError, yaml.YAMLError, UnicodeDecodeError):
-        return None
+        metadata = None
     value = (metadata or {}).get("license")
-    return value if isinstance(value, str) else None
+    return value if isinstance(value, str) else read_origin(checkpoint_dir).get("license")
 
 
 def eval_results(evaluation: dict, dataset: str) -> Optional[list]:
