@@ -802,3 +802,17 @@ def test_download_gguf_errors(hub_runs, name, fragments):
     line = one_error_line(result, *fragments)
     assert "org/tiny-GGUF-" in line
     assert result.gets == [] and not result.folder.exists()
+
+
+def test_a_gguf_model_above_1b_parameters_converts_to_bfloat16_by_default():
+    from littune.checkpoints.gguf import default_dtype
+    from littune.checkpoints.gguf_header import TensorInfo
+
+    def model(hidden, layers, vocab=32000):  # a Llama's tensors, ggml order; a 4-bit type: the rule is by count
+        block = [TensorInfo(f"blk.{i}.{n}", Q.Q4_K, shape, 0, 0) for i in range(layers)
+                 for n, shape in (("attn_q.weight", (hidden, hidden)), ("ffn_up.weight", (hidden, 8 * hidden // 3)))]
+        return {t.name: t for t in [TensorInfo("token_embd.weight", Q.Q4_K, (hidden, vocab), 0, 0), *block]}
+
+    assert default_dtype(model(576, 30)) == torch.float32  # SmolLM2-135M-sized
+    assert default_dtype(model(4096, 32)) == torch.bfloat16  # Llama-2-7B-sized
+

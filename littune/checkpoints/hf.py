@@ -41,7 +41,7 @@ def convert(
     Arguments:
         checkpoint_dir: A folder holding an HF model (config.json and *.safetensors or *.bin weights) or a .gguf file.
         model_name: The litgpt config name to use (default: the folder name if litgpt knows it, else config.json).
-        dtype: Convert the weights to this dtype (default: keep the dtype of the files; float32 for GGUF).
+        dtype: Convert the weights to this dtype (default: keep the dtype of the files; for GGUF float32 up to 1B parameters, bfloat16 above).
         gguf_file: The .gguf file in the folder to convert (default: the folder's only .gguf file, when the folder
             has no HF weights).
     """
