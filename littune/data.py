@@ -37,7 +37,8 @@ from littune.common import (Check, UserError, atomic_path, checked, first_line, 
                             sha256_file, write_torch)
 from littune.metrics import detect_labels
 from littune.prepared import encode_batch, load_tokenizer, tokenizer_identity_of, with_eos
-from littune.prompts import STYLE_FILE, check_style_name, default_style_name, style_by_name, style_yaml
+from littune.prompts import (STYLE_FILE, check_style_name, default_style_name, read_tokenizer_config, style_by_name,
+                             style_yaml)
 from littune.splits import check_split_arguments, kept_records, split_orders, split_sizes  # noqa: F401 (split_sizes: tests)
 
 FIELDS = ("instruction", "input", "output")
@@ -95,7 +96,8 @@ def prepare(
     test_file = Path(test_file) if test_file is not None else None
     destination_path = Path(destination_path) if destination_path is not None else Path("data") / data_file.stem
     sources = parse_columns(columns)
-    prompt_style = prompt_style or default_style_name(checkpoint_dir)
+    tokenizer_config = read_tokenizer_config(checkpoint_dir)  # read once: the default style and the chat style's
+    prompt_style = prompt_style or default_style_name(checkpoint_dir, tokenizer_config)
     check_style_name(prompt_style, system)
     check_split_arguments(test_size, test_file)
     existing = [destination_path / name for name in ("train.pt", "val.pt", "test.pt", STYLE_FILE, "prepare.json")]
@@ -110,7 +112,7 @@ def prepare(
     split_sizes(n_train_read, test_split_fraction, test_size, val_size, test_file, data_file)
 
     tokenizer = load_tokenizer(checkpoint_dir)
-    style = style_by_name(prompt_style, checkpoint_dir, system, tokenizer=tokenizer)
+    style = style_by_name(prompt_style, checkpoint_dir, system, tokenizer=tokenizer, tokenizer_config=tokenizer_config)
     identity = tokenizer_identity_of(tokenizer, checkpoint_dir)
     max_seq_length = max_seq_length if max_seq_length is not None else model_block_size(checkpoint_dir)
 

@@ -60,8 +60,8 @@ def choose_prompt_style(name: Optional[str], run_dir: Optional[Path], checkpoint
         if folder is not None and (Path(folder) / STYLE_FILE).is_file():
             return load_style_file(folder)
     config = tokenizer_config if tokenizer_config is not None else read_tokenizer_config(checkpoint_dir)
-    default = CHAT_STYLE if read_chat_template(checkpoint_dir, config)[0] is not None else "alpaca"
-    return style_by_name(default, checkpoint_dir, system, tokenizer=tokenizer, tokenizer_config=config)
+    return style_by_name(default_style_name(checkpoint_dir, config), checkpoint_dir, system, tokenizer=tokenizer,
+                         tokenizer_config=config)
 
 
 def check_style_name(name: str, system: Optional[str]) -> None:
@@ -237,14 +237,16 @@ def chat_style(checkpoint_dir: Path, system: Optional[str], tokenizer=None, conf
     )
 
 
-def has_chat_template(checkpoint_dir: Path) -> bool:
+def has_chat_template(checkpoint_dir: Path, tokenizer_config: Optional[dict] = None) -> bool:
     checkpoint_dir = Path(checkpoint_dir)
-    return read_chat_template(checkpoint_dir, read_tokenizer_config(checkpoint_dir))[0] is not None
+    config = tokenizer_config if tokenizer_config is not None else read_tokenizer_config(checkpoint_dir)
+    return read_chat_template(checkpoint_dir, config)[0] is not None
 
 
-def default_style_name(checkpoint_dir: Path) -> str:
-    """The prompt style when none is asked for: an instruction model answers best in its own chat template."""
-    return CHAT_STYLE if has_chat_template(checkpoint_dir) else "alpaca"
+def default_style_name(checkpoint_dir: Path, tokenizer_config: Optional[dict] = None) -> str:
+    """The prompt style when none is asked for: an instruction model answers best in its own chat template.
+    `tokenizer_config`: tokenizer_config.json where the caller has read it."""
+    return CHAT_STYLE if has_chat_template(checkpoint_dir, tokenizer_config) else "alpaca"
 
 
 def read_tokenizer_config(checkpoint_dir: Path) -> dict:

@@ -133,12 +133,12 @@ def export(
     prepared = chosen.prepare(checkpoint_dir, config)
     run_dir = adapter["run_dir"] if adapter else merged_run(checkpoint_dir)
     # the run's prompt as a chat template (none for a base model: its own template stays)
-    prompt = run_prompt(run_dir, checkpoint_dir)
+    prompt = run_prompt(run_dir, checkpoint_dir, lambda: inputs.tokenizer)
     template = chat_template(prompt, gguf=chosen.gguf_template) if prompt is not None else None
     check_out_dir(out_dir, overwrite, [checkpoint_dir] + ([adapter["run_dir"]] if adapter else []))
 
     job = ExportJob(checkpoint_dir, out_dir, config, family, adapter, run_dir, prompt, template, dtype, shard_bytes,
-                    card_example=card_example, prepared=prepared)
+                    card_example=card_example, prepared=prepared, tokenizer=lambda: inputs.tokenizer)
     if chosen.merged:
         base = load_base(checkpoint_dir, config)
         job.state = merged_state(config, base, adapter) if adapter else base

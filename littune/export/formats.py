@@ -41,6 +41,7 @@ class ExportJob:
     card_example: bool = True  # the model card shows a test record as its prompt example
     state: Optional[dict] = None  # the full state dict (Lit-GPT names), the adapter merged in: formats that merge
     prepared: Any = None  # what the format's `prepare` returned
+    tokenizer: Callable[[], Any] = None  # the checkpoint's tokenizer, loaded on first call and kept (`RunInputs`)
 
 
 def _nothing(*args) -> None:

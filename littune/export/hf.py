@@ -6,7 +6,7 @@ import shutil
 import sys
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from tqdm import tqdm
@@ -136,8 +136,8 @@ def lit_to_hf(config, family: str, state: dict) -> dict:
     return out
 
 
-def token_ids(checkpoint_dir: Path) -> dict:
-    """bos/eos (and pad) ids for config.json: generation_config.json's, else the tokenizer's."""
+def token_ids(checkpoint_dir: Path, tokenizer: Callable) -> dict:
+    """bos/eos (and pad) ids for config.json: generation_config.json's, else the tokenizer's (`tokenizer()`)."""
     path = Path(checkpoint_dir) / "generation_config.json"
     ids = {}
     if path.is_file():
@@ -147,15 +147,13 @@ def token_ids(checkpoint_dir: Path) -> dict:
             raise UserError(f"{path}: invalid JSON ({e.msg}); restore it from the model's files") from e
         ids = {k: generation[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in generation}
     if "bos_token_id" not in ids or "eos_token_id" not in ids:
-        from litgpt import Tokenizer
-
-        tokenizer = Tokenizer(checkpoint_dir)
-        ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, **ids}
+        loaded = tokenizer()
+        ids = {"bos_token_id": loaded.bos_id, "eos_token_id": loaded.eos_id, **ids}
     return {k: v for k, v in ids.items() if v is not None}
 
 
 def write_hf(folder: Path, config, family: str, state: dict, checkpoint_dir: Path, dtype_name: Optional[str],
-             shard_bytes: int) -> None:
+             shard_bytes: int, tokenizer: Callable) -> None:
     dtype = torch_dtype(dtype_name, state)
     # tied embeddings stay tied unless the LoRA changed the head (then its merged weight differs and is written)
     tied = torch.equal(state["lm_head.weight"], state["transformer.wte.weight"])
@@ -163,7 +161,7 @@ def write_hf(folder: Path, config, family: str, state: dict, checkpoint_dir: Pat
     if tied:
         del tensors[HEAD_NAMES[family]]
     write_safetensors(tensors, folder / "model.safetensors", dtype, shard_bytes)
-    ids = token_ids(checkpoint_dir)
+    ids = token_ids(checkpoint_dir, tokenizer)
     save_json(hf_config(config, family, tied, dtype, ids), folder / "config.json")
     copy_tokenizer_files(checkpoint_dir, folder)
     if not (folder / "generation_config.json").is_file():
@@ -208,7 +206,8 @@ def write(job, folder: Path) -> str:
     from littune.export.card import write_model_card
     from littune.export.template import write_chat_template
 
-    write_hf(folder, job.config, job.family, job.state, job.checkpoint_dir, job.dtype, job.shard_bytes)
+    write_hf(folder, job.config, job.family, job.state, job.checkpoint_dir, job.dtype, job.shard_bytes,
+             job.tokenizer)
     if job.template is not None:
         write_chat_template(folder, job.template)
     write_model_card(folder, FORMAT, job.checkpoint_dir, job.config, job.run_dir, job.card_example)

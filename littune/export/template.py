@@ -28,7 +28,7 @@ Without a run (an export of the base model), the base's template and metadata st
 
 import re
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 from littune.common import UserError, save_json, save_text
 
@@ -52,13 +52,12 @@ class RunPrompt(NamedTuple):
     bos_id: Optional[int]
 
 
-def run_prompt(run_dir: Optional[Path], checkpoint_dir: Path) -> Optional[RunPrompt]:
+def run_prompt(run_dir: Optional[Path], checkpoint_dir: Path, tokenizer: Callable) -> Optional[RunPrompt]:
     """The prompt rule of the run (its prompt_style.yaml; a `littune merge` output carries its run's), or None
     where there is none (an export of a base model, or of a run written before littune kept its style). use_bos
     and the BOS id are those the run's prepared data was tokenised with (prepare.json: a merged folder's name can
-    change litgpt's use_bos), else those of the checkpoint's tokenizer."""
+    change litgpt's use_bos), else those of the checkpoint's tokenizer (`tokenizer()`: the command's, loaded once)."""
     from littune.export.card import read_json, read_yaml
-    from littune.prepared import load_tokenizer
     from littune.prompts import STYLE_FILE, load_style_file
 
     checkpoint_dir = Path(checkpoint_dir)
@@ -71,7 +70,7 @@ def run_prompt(run_dir: Optional[Path], checkpoint_dir: Path) -> Optional[RunPro
     if style_dir is None:
         return None
     style = load_style_file(style_dir)
-    tokenizer = load_tokenizer(checkpoint_dir)
+    tokenizer = tokenizer()
     data_dir = read_yaml(Path(run_dir) / "hyperparameters.yaml").get("data_dir") if run_dir is not None else None
     prepared = read_json(Path(data_dir) / "prepare.json").get("tokenizer") if data_dir else None
     prepared = prepared if isinstance(prepared, dict) else {}
