@@ -14,7 +14,10 @@ so an adapter trained on a quantized base loads onto the unquantized one and bac
 bitsandbytes is an extra: `pip install 'littune[quantize]'`.
 """
 
+import ctypes
 import logging
+import mmap
+import sys
 from typing import Callable, Literal, Optional
 
 import torch
@@ -109,6 +112,38 @@ def quantized_linear(linear: torch.nn.Linear, quantize: str, dtype: torch.dtype,
     return layer.train(linear.training)
 
 
+def file_backed_ranges() -> list[tuple[int, int]]:
+    """(start, end) of this process's memory mapped from files (Linux /proc/self/maps; [] elsewhere)."""
+    try:
+        lines = open("/proc/self/maps", encoding="utf-8", errors="replace").read().splitlines()
+    except OSError:
+        return []
+    ranges = []
+    for line in lines:
+        parts = line.split(maxsplit=5)
+        if len(parts) == 6 and parts[5].startswith("/"):  # a path: file-backed (not [heap], not anonymous)
+            start, end = (int(x, 16) for x in parts[0].split("-"))
+            ranges.append((start, end))
+    return ranges
+
+
+def release_pages(tensor: torch.Tensor, ranges: list[tuple[int, int]]) -> None:
+    """Take the pages of a tensor read from the memory-mapped lit_model.pth out of this process's resident set
+    (madvise MADV_DONTNEED), once it has been quantized or copied: read once, a 7B file's pages would otherwise count
+    in the RSS until the whole file is unmapped (measured: 7.6 of a Llama-2-7B NF4 step's 10.5 GB). Only whole pages
+    inside a file-backed mapping are released (`ranges`); the file is never written, so a later read of them
+    faults them in from the file again. Nothing happens on other systems or for tensors in ordinary memory."""
+    if sys.platform != "linux" or tensor.device.type != "cpu" or not ranges or not tensor.is_contiguous():
+        return
+    start = tensor.data_ptr()
+    end = start + tensor.numel() * tensor.element_size()
+    if not any(low <= start and end <= high for low, high in ranges):
+        return
+    first, last = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, end // mmap.PAGESIZE * mmap.PAGESIZE
+    if last > first:
+        ctypes.CDLL(None).madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), 4)  # MADV_DONTNEED
+
+
 def is_quantized(module: torch.nn.Module) -> bool:
     import bitsandbytes as bnb
 
@@ -131,6 +166,7 @@ def load_quantized(fabric, build: Callable[[], torch.nn.Module], state: dict, qu
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)  # litgpt's renaming hooks run
     if training:
         check_backward(quantize, device, compute_dtype(precision))
+    mapped = file_backed_ranges()
     for parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
             full = f"{parent_name}.{child_name}" if parent_name else child_name
@@ -138,14 +174,16 @@ def load_quantized(fabric, build: Callable[[], torch.nn.Module], state: dict, qu
                     f"{full}.weight")):
                 setattr(parent, child_name, quantized_linear(child, quantize, compute_dtype(precision), device, bnb,
                                                              training))
-    materialize(model, device, dtype)
+                release_pages(child.weight, mapped)
+    materialize(model, device, dtype, mapped)
     return fabric.setup_module(model), missing, unexpected
 
 
 @torch.no_grad()
-def materialize(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+def materialize(model: torch.nn.Module, device: torch.device, dtype: torch.dtype,
+                mapped: list[tuple[int, int]] = ()) -> None:
     """Every tensor but the quantized weights copied onto `device` (floating ones in `dtype`): none is left a view
-    of the memory-mapped file. A module with tensors still on the meta device (the method's parameters, the RoPE
+    of the memory-mapped file (whose pages are then released: `release_pages`). A module with tensors still on the meta device (the method's parameters, the RoPE
     cache) gets them allocated and its `reset_parameters` run, its loaded tensors kept as they were."""
     for module in model.modules():
         quantized = is_quantized(module)
@@ -161,6 +199,7 @@ def materialize(model: torch.nn.Module, device: torch.device, dtype: torch.dtype
                 else:
                     new = tensor.to(device=device, dtype=wanted, copy=True)
                     loaded[(kind, name)] = new
+                    release_pages(tensor, mapped)
                 tensors[name] = torch.nn.Parameter(new, requires_grad=tensor.requires_grad) \
                     if kind == "_parameters" else new
         if empty and hasattr(module, "reset_parameters"):
