@@ -63,11 +63,13 @@ def littune(*args: str, log: Path) -> float:
     return time.perf_counter() - start
 
 
-def checkpoint(workdir: Path, log: Path) -> Path:
-    folder = workdir / "checkpoints" / "HuggingFaceTB" / "SmolLM2-135M-Instruct"
+def checkpoint(workdir: Path, log: Path, gguf: Path = GGUF) -> Path:
+    """The model converted under WORKDIR/checkpoints (SmolLM2 as the demo lays it out; another GGUF by its name)."""
+    name = "HuggingFaceTB/SmolLM2-135M-Instruct" if gguf == GGUF else gguf.stem
+    folder = workdir / "checkpoints" / name
     if not (folder / "lit_model.pth").is_file():
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / GGUF.name).write_bytes(GGUF.read_bytes())
+        (folder / gguf.name).write_bytes(gguf.read_bytes())
         littune("convert", "--checkpoint_dir", str(folder), log=log)
     return folder
 
@@ -126,7 +128,7 @@ def run(args) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     log = run_dir / "commands.log"
     log.write_text("")
-    ckpt = checkpoint(workdir, log)
+    ckpt = checkpoint(workdir, log, args.gguf.resolve())
     train_file, test_file = task_files(workdir, args.task, args.train_records, args.seed)
     instruction, values = TASKS[args.task]
     columns = {"instruction": f"={instruction}", "input": "text", "output": "label"}
@@ -136,7 +138,7 @@ def run(args) -> dict:
                               "--columns", json.dumps(columns), "--output_values", json.dumps(values),
                               *shlex.split(args.prepare_args), log=log)
     test_records = len(test_file.read_text(encoding="utf-8").splitlines()) - 1
-    result = {"name": args.name, "task": args.task, "method": args.method, "seed": args.seed,
+    result = {"name": args.name, "model": ckpt.name, "task": args.task, "method": args.method, "seed": args.seed,
               "prepare_args": args.prepare_args, "finetune_args": args.finetune_args, "cpu_flags": cpu_flags(),
               "train_records": args.train_records, "test_records": test_records,
               "prepare_sec": round(prepare_seconds, 1)}
@@ -179,16 +181,17 @@ def summary(rows: list[dict]) -> str:
     """Runs of the same task, method and flags over several seeds: mean and spread (min-max) of each figure."""
     groups: dict = {}
     for r in rows:
-        groups.setdefault((r.get("task", "sst2"), r.get("method", "adapter_v2"), flags_of(r)), []).append(r)
-    lines = ["| task | method | flags | seeds | accuracy mean (min-max) | MCC mean (min-max) | fine-tune + evaluate, mean |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
-    for (task, method, flags), runs in groups.items():
+        groups.setdefault((r.get("model", "SmolLM2-135M-Instruct"), r.get("task", "sst2"), r.get("method", "adapter_v2"),
+                           flags_of(r)), []).append(r)
+    lines = ["| model | task | method | flags | seeds | accuracy mean (min-max) | MCC mean (min-max) "
+             "| fine-tune + evaluate, mean |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for (model, task, method, flags), runs in groups.items():
         def stat(key):
             values = [r["likelihood"][key] for r in runs]
             return f"{sum(values) / len(values):.3f} ({min(values):.3f}-{max(values):.3f})"
         seconds = sum(r["finetune_plus_evaluate_sec"] for r in runs) / len(runs)
         seeds = ",".join(str(r.get("seed", 0)) for r in runs)
-        lines.append(f"| {task} | {method} | `{flags}` | {seeds} | {stat('accuracy')} | {stat('mcc')} | {seconds:.0f} s |")
+        lines.append(f"| {model} | {task} | {method} | `{flags}` | {seeds} | {stat('accuracy')} | {stat('mcc')} | {seconds:.0f} s |")
     return "\n".join(lines)
 
 
@@ -212,6 +215,8 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/littune-bench-accuracy"))
     parser.add_argument("--name", default="defaults")
     parser.add_argument("--train_records", type=int, default=2000)
+    parser.add_argument("--gguf", type=Path, default=GGUF,
+                        help="the model, a GGUF file (default: SmolLM2-135M-Instruct from ../shared)")
     parser.add_argument("--task", default="sst2", choices=sorted(TASKS),
                         help="sst2 (SST-2 dev as the test file), rotten_tomatoes (a fixed balanced 1,066-sentence "
                              "test set), cola (GLUE dev; score with MCC)")
