@@ -35,6 +35,7 @@ import yaml
 import littune
 from littune.common import (Check, UserError, atomic_path, checked, first_line, json_type, replace_outputs, save_json,
                             sha256_file, write_torch)
+from littune.label_sets import candidate_sets, is_multi_label, set_texts
 from littune.metrics import detect_labels
 from littune.prepared import encode_batch, load_tokenizer, tokenizer_identity_of, with_eos
 from littune.prompts import (STYLE_FILE, check_style_name, default_style_name, read_tokenizer_config, style_by_name,
@@ -66,6 +67,8 @@ def prepare(
     system: Optional[str] = None,
     columns: Optional[dict[str, str]] = None,
     output_values: Optional[dict[str, str]] = None,
+    label_separator: Optional[str] = None,
+    none_label: Optional[str] = None,
     overwrite: bool = False,
 ) -> None:
     """Tokenise instruction files with a checkpoint's tokenizer into train.pt, val.pt and test.pt.
@@ -90,6 +93,8 @@ def prepare(
         system: With --prompt_style chat: a system message before every prompt.
         columns: Where each field comes from, as FIELD: COLUMN, or FIELD: =TEXT for the same fixed text in every record, e.g. {"instruction": "=Classify the sentiment.", "input": "text", "output": "label"}; unnamed fields come from the column of the same name.
         output_values: Replace whole output values, e.g. {"1": "positive", "0": "negative"}; an output not listed is an error.
+        label_separator: A multi-label task whose output column lists each record's labels as text split at this, e.g. "," (a JSON array as output needs none); the answer learned is the set, sorted by name, joined by ", ".
+        none_label: In a multi-label task: the answer of a record without any label, e.g. none (LexGLUE's "none" column).
         overwrite: Replace the prepared data already in --destination_path.
     """
     data_file, checkpoint_dir = Path(data_file), Path(checkpoint_dir)
@@ -106,8 +111,15 @@ def prepare(
     (instructions, inputs, outputs), n_train_read, n_test_read = read_sources(data_file, test_file, sources,
                                                                               output_values)
     n_read = n_train_read + n_test_read
+    label_sets = None
+    if is_multi_label(outputs, label_separator):
+        outputs, label_sets = set_texts(outputs, label_separator, none_label, lambda i: record_place(
+            i, n_train_read, data_file, test_file))
+    elif none_label is not None:
+        raise UserError("--none_label names the empty set of a multi-label task; these outputs are single texts (give "
+                        "--label_separator, or outputs as JSON lists)")
     if mask_inputs is None:
-        mask_inputs = detect_labels(outputs) is not None
+        mask_inputs = label_sets is not None or detect_labels(outputs) is not None
     # fail before tokenising; checked again on the records that survive
     split_sizes(n_train_read, test_split_fraction, test_size, val_size, test_file, data_file)
 
@@ -142,7 +154,9 @@ def prepare(
         "test_size": test_size,
         "val_size": val_size,
         "counts": counts,
-        "labels": detect_labels([outputs[i] for i in kept_train + kept_test]),
+        "labels": (candidate_sets([outputs[i] for i in kept_train]) if label_sets is not None
+                   else detect_labels([outputs[i] for i in kept_train + kept_test])),
+        "label_sets": label_sets,
         "max_seq_length": max_seq_length,
         "longest_record": max(len(full_ids[i]) for i in kept_train + kept_test),
         "mask_inputs": mask_inputs,
@@ -181,9 +195,15 @@ def print_summary(meta: dict, written: list[str], destination_path: Path, train_
         f"Read {sources_read}: {counts['train']:,} train, {counts['val']:,} val, {counts['test']:,} test, "
         f"{truncated:,} truncated to {max_seq_length} tokens, {counts['dropped']:,} dropped (nothing left to learn)"
     )
-    if meta["labels"] is not None:
-        print(f"Labels: {', '.join(meta['labels'])}" + (" (the prompt tokens are masked: only the label is learned)"
-                                                         if meta["mask_inputs"] else ""))
+    masked = " (the prompt tokens are masked: only the label is learned)" if meta["mask_inputs"] else ""
+    if meta["label_sets"] is not None:
+        label_sets, sets = meta["label_sets"], meta["labels"]
+        none = f" and {label_sets['none_label']!r} for none" if label_sets["none_label"] else ""
+        scored = (f"{len(sets)} distinct sets in training (likelihood scoring picks one)" if sets else
+                  "more distinct sets than likelihood scoring ranks: scored by generating")
+        print(f"Multi-label: {', '.join(label_sets['labels'])}{none}; {scored}{masked}")
+    elif meta["labels"] is not None:
+        print(f"Labels: {', '.join(meta['labels'])}{masked}")
     print(f"Longest record: {meta['longest_record']} tokens. Wrote {', '.join(written)} to {destination_path}")
     n_read = counts["read"]
     if truncated * 2 > n_read:  # most records lose their end: a too-small --max_seq_length, not a few outliers
@@ -389,17 +409,28 @@ def extract_fields(
                     raise UserError(f"{_where(data_file, index, lines)} has no {named}; every record needs "
                                     f"instruction and output (map other names with --columns)")
                 value = ""
+            elif field == "output" and isinstance(value, list) and all(isinstance(v, str) for v in value):
+                pass  # a multi-label record: its labels (`littune.label_sets`)
             elif not isinstance(value, str):
                 raise UserError(f"{_where(data_file, index, lines)}: field {column!r} is {json_type(value)} "
                                 f"({json.dumps(value)[:40]}), expected a string")
             fields[field].append(value)
     if output_values is not None:
         for index, output in enumerate(fields["output"]):
+            if isinstance(output, list):
+                raise UserError(f"{_where(data_file, index, lines)}: --output_values replaces whole output texts, and "
+                                f"this output is a list of labels; drop --output_values")
             if output not in output_values:
                 raise UserError(f"{_where(data_file, index, lines)}: output {output!r} is not in --output_values "
                                 f"({', '.join(map(repr, output_values))})")
         fields["output"] = [output_values[output] for output in fields["output"]]
     return fields["instruction"], fields["input"], fields["output"]
+
+
+def record_place(index: int, n_train_read: int, data_file: Path, test_file: Optional[Path]) -> str:
+    """Where the index-th record read (the data file's, then the test file's) comes from."""
+    return (f"{data_file}: record {index}" if index < n_train_read or test_file is None
+            else f"{test_file}: record {index - n_train_read}")
 
 
 def _where(data_file: Path, index: int, lines: Optional[list[int]]) -> str:

@@ -37,8 +37,8 @@ from typing import Annotated, Literal, Optional
 
 from littune.common import Check, UserError, checked, save_json, save_text
 from littune.inputs import RunInputs, load_for_inference
-from littune.metrics import (check_expected_in_labels, classification_metrics, detect_labels, exact_match, normalize,
-                             parse_labels)
+from littune.metrics import (SET_JOINER, check_expected_in_labels, detect_labels, exact_match, normalize,
+                             parse_labels, task_metrics)
 from littune.model import Precision, check_precision, default_precision
 from littune.plots import write_plots
 from littune.quantize import Quantize, check_quantize
@@ -86,7 +86,8 @@ def evaluate(
 
     records = inputs.split(split)
     expected = [r["output"] for r in records]
-    label_list = label_set(label_list, inputs.meta, expected)
+    label_sets = inputs.label_sets
+    label_list = label_set(label_list, inputs.meta, expected, label_sets)
     chosen = choose_scoring(scoring, label_list, data_dir)
     inputs.check_data_fits(records)
     style = inputs.data_style
@@ -96,7 +97,8 @@ def evaluate(
     fabric = L.Fabric(devices=1, precision=precision, accelerator="auto")
     model, tokenizer, _ = load_for_inference(fabric, checkpoint_dir, quantize=quantize, inputs=inputs)
     if chosen.generates:
-        max_new_tokens = max_new_tokens or (label_answer_tokens(tokenizer, label_list) if label_list else 32)
+        answers = label_list or ([SET_JOINER.join(label_sets["labels"])] if label_sets else None)  # the longest set
+        max_new_tokens = max_new_tokens or (label_answer_tokens(tokenizer, answers) if answers else 32)
         longest_prompt = max(records, key=lambda r: len(r["input_ids_no_response"]))["input_ids_no_response"]
         check_fits(longest_prompt, max_new_tokens, inputs.config.block_size)
 
@@ -119,7 +121,7 @@ def evaluate(
         "precision": precision,
         "quantize": quantize,
         "max_new_tokens": max_new_tokens if chosen.generates else None,
-        **figures(expected, rows, label_list, loss_sum / targets, chosen),
+        **figures(expected, rows, label_list, loss_sum / targets, chosen, label_sets),
     }
     written = write_outputs(out_dir, records, rows, metrics) + write_plots(metrics, out_dir, run_dir)
     print(format_table(metrics))
@@ -145,16 +147,18 @@ def choose_scoring(name: Optional[str], label_list: Optional[list[str]], data_di
 
 
 def figures(expected: list[str], rows: list[dict], label_list: Optional[list[str]], loss: float,
-            chosen: Scoring) -> dict:
-    """test_loss, perplexity, exact_match, the classification metrics (label tasks) and accuracy_norm."""
+            chosen: Scoring, label_sets: Optional[dict] = None) -> dict:
+    """test_loss, perplexity, exact_match, the classification metrics (label tasks; the set metrics of a multi-label
+    one) and accuracy_norm."""
     predicted = [row["predicted"] for row in rows]
     return {
         "test_loss": loss,
         "perplexity": math.exp(loss) if loss < 700 else float("inf"),
         "exact_match": exact_match(expected, predicted),
-        **classification_metrics(expected, predicted, label_list),
-        "accuracy_norm": (classification_metrics(expected, [row["predicted_norm"] for row in rows],
-                                                 label_list)["accuracy"] if chosen.by_bytes else None),
+        **task_metrics(expected, predicted, label_list, label_sets),
+        "multi_label": label_sets is not None,
+        "accuracy_norm": (task_metrics(expected, [row["predicted_norm"] for row in rows], label_list,
+                                       label_sets)["accuracy"] if chosen.by_bytes else None),
     }
 
 
@@ -177,9 +181,18 @@ def label_answer_tokens(tokenizer, labels: list[str]) -> int:
     return 4 + max(len(tokenizer.encode(v, bos=False, eos=False)) for v in variants)
 
 
-def label_set(given: Optional[list[str]], meta: dict, expected: list[str]) -> Optional[list[str]]:
+def label_set(given: Optional[list[str]], meta: dict, expected: list[str],
+              label_sets: Optional[dict] = None) -> Optional[list[str]]:
     """--labels (every expected output must be one); else prepare.json's "labels" where they cover the split's
-    expected outputs; else the label set detected from the expected outputs, or None (free text)."""
+    expected outputs; else the label set detected from the expected outputs, or None (free text). A multi-label
+    task's: the candidate sets of its training records (a test set none of them is cannot be predicted exactly, and
+    still counts label by label), or None where there are too many (its answers are then generated)."""
+    if label_sets is not None:
+        if given is not None:
+            raise UserError(f"--labels: a multi-label task's labels are the ones prepare recorded "
+                            f"({', '.join(label_sets['labels'])}); drop --labels")
+        recorded = meta.get("labels")
+        return [normalize(s) for s in recorded] if isinstance(recorded, list) and len(recorded) >= 2 else None
     if given is not None:
         check_expected_in_labels(expected, given)
         return given

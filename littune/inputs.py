@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from littune.checkpoints import load_model_config
-from littune.common import load_torch
+from littune.common import UserError, load_torch
 from littune.model import Adapter, check_adapter_fits, check_data_fits_model, load_model, resolve_adapter
 from littune.prepared import load_prepare_json, load_split, load_tokenizer
 from littune.prompts import STYLE_FILE, choose_prompt_style, load_style_file, read_tokenizer_config
@@ -60,6 +60,21 @@ class RunInputs:
     def labels(self) -> Optional[list]:
         """The label set prepare recorded, None for free-text outputs."""
         return self.meta.get("labels")
+
+    @property
+    def label_sets(self) -> Optional[dict]:
+        """A multi-label task's {"labels", "none_label"} (`littune.label_sets`), None for any other; a prepare.json
+        whose entry is not that shape is refused in one line."""
+        value = self.meta.get("label_sets")
+        if value is None:
+            return None
+        labels = value.get("labels") if isinstance(value, dict) else None
+        none = value.get("none_label") if isinstance(value, dict) else None
+        if not (isinstance(labels, list) and len(labels) >= 2 and all(isinstance(x, str) for x in labels)
+                and (none is None or isinstance(none, str))):
+            raise UserError(f"{self._data_dir() / 'prepare.json'}: label_sets is not {{\"labels\": [names], "
+                            f"\"none_label\": name or null}}; prepare the data again")
+        return {"labels": labels, "none_label": none}
 
     @property
     def ignore_index(self) -> int:

@@ -122,3 +122,82 @@ def matthews(matrix: list, n: int, correct: int, support: list[int], predicted_a
     if cov_pp * cov_tt == 0:
         return 0.0
     return cov_tp / math.sqrt(cov_tt * cov_pp)
+
+
+# ---------------------------------------------------------------------------------------------- label sets
+
+SET_JOINER = ", "  # between the labels of a set in its target text (`littune.label_sets.set_text`)
+
+
+def parse_set(text: str, labels: list[str], none_label: Optional[str]) -> tuple[frozenset, int]:
+    """(the known labels a predicted text names, how many of its parts are no label). Parts are split at commas,
+    trimmed and lowercased; the none label (or an empty text) is the empty set."""
+    parts = [normalize(part) for part in text.split(",") if part.strip()]
+    known = set(labels)
+    chosen = frozenset(p for p in parts if p in known)
+    unknown = sum(1 for p in parts if p not in known and p != none_label)
+    return chosen, unknown
+
+
+def set_metrics(expected: list[str], predicted: list[str], labels: list[str], none_label: Optional[str]) -> dict:
+    """Metrics of a multi-label task, as LexGLUE computes them: on the binarised label matrix (one column per label,
+    plus a column for the none label where the task has one: on when a record has no label), per-label precision,
+    recall and F1, micro and macro F1 (scikit-learn's f1_score(Y, P, average="micro"|"macro", zero_division=0));
+    accuracy: the exact set right (accuracy_score on the sets); MCC: the sets as classes (matthews_corrcoef on the
+    set texts); confusion_matrix: rows = expected label, columns = predicted label, the records with both (its
+    diagonal: each label's true positives); not_a_label: parts of answers that name no label."""
+    columns = list(labels) + ([none_label] if none_label is not None else [])
+    parsed = [parse_set(p, labels, none_label) for p in predicted]
+    true_sets = [parse_set(e, labels, none_label)[0] for e in expected]
+    pred_sets = [s for s, _ in parsed]
+
+    def row(labels_of: frozenset) -> list[bool]:
+        return [label in labels_of for label in labels] + ([not labels_of] if none_label is not None else [])
+
+    y_true, y_pred = [row(s) for s in true_sets], [row(s) for s in pred_sets]
+    per_class, tp_all, fp_all, fn_all = {}, 0, 0, 0
+    for c, label in enumerate(columns):
+        tp = sum(t[c] and p[c] for t, p in zip(y_true, y_pred))
+        fp = sum(p[c] and not t[c] for t, p in zip(y_true, y_pred))
+        fn = sum(t[c] and not p[c] for t, p in zip(y_true, y_pred))
+        per_class[label] = {"precision": tp / (tp + fp) if tp + fp else 0.0, "recall": tp / (tp + fn) if tp + fn else 0.0,
+                            "f1": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0, "support": tp + fn}
+        tp_all, fp_all, fn_all = tp_all + tp, fp_all + fp, fn_all + fn
+    matrix = [[sum(t[r] and p[c] for t, p in zip(y_true, y_pred)) for c in range(len(columns))]
+              for r in range(len(columns))]
+    n = len(expected)
+    micro_denominator = 2 * tp_all + fp_all + fn_all
+    return {
+        "labels": columns,
+        "not_a_label": sum(unknown for _, unknown in parsed),
+        "accuracy": sum(t == p for t, p in zip(true_sets, pred_sets)) / n if n else 0.0,
+        "f1_macro": sum(v["f1"] for v in per_class.values()) / len(columns),
+        "f1_micro": 2 * tp_all / micro_denominator if micro_denominator else 0.0,
+        "mcc": set_matthews(true_sets, pred_sets),
+        "per_class": per_class,
+        "confusion_matrix": matrix,
+        "confusion_matrix_columns": columns,
+    }
+
+
+def set_matthews(true_sets: list[frozenset], pred_sets: list[frozenset]) -> float:
+    """Multi-class MCC with each distinct set a class (scikit-learn's matthews_corrcoef on the sets' texts)."""
+    classes = {s: i for i, s in enumerate(sorted(set(true_sets) | set(pred_sets), key=sorted))}
+    n, k = len(true_sets), len(classes)
+    t, p = [0] * k, [0] * k
+    for a, b in zip(true_sets, pred_sets):
+        t[classes[a]] += 1
+        p[classes[b]] += 1
+    correct = sum(a == b for a, b in zip(true_sets, pred_sets))
+    cov_tp = correct * n - sum(x * y for x, y in zip(t, p))
+    cov_pp, cov_tt = n * n - sum(x * x for x in p), n * n - sum(x * x for x in t)
+    return cov_tp / math.sqrt(cov_tt * cov_pp) if cov_pp * cov_tt else 0.0
+
+
+def task_metrics(expected: list[str], predicted: list[str], labels: Optional[list[str]],
+                 label_sets: Optional[dict] = None) -> dict:
+    """The metrics of a label task: `classification_metrics` over `labels`, or for a multi-label task
+    (`label_sets`: prepare.json's {"labels", "none_label"}) `set_metrics` over its labels."""
+    if label_sets is None:
+        return classification_metrics(expected, predicted, labels)
+    return set_metrics(expected, predicted, label_sets["labels"], label_sets.get("none_label"))

@@ -26,7 +26,7 @@ INFERENCE_MODULES = [p for name in INFERENCE for p in ([PACKAGE / name] if name.
 RANKS = {
     "littune": 0, "common": 0, "outbound": 0,
     "checkpoints": 1, "methods": 1, "metrics": 1, "precision": 1, "quantize": 1, "prepared": 1, "splits": 1,
-    "prompts": 2, "model": 2,
+    "prompts": 2, "model": 2, "label_sets": 2,
     "sampling": 3, "scoring": 3, "data": 3, "inputs": 3, "plots": 3,
     "scorings": 4,
     "finetune": 5,

@@ -98,6 +98,7 @@ class TrainArgs:
 
 
 DEFAULT_TASK_METRIC = "val_mcc"  # see README: which checkpoint is best
+MULTI_LABEL_METRIC = "val_f1_macro"  # a multi-label task's (LexGLUE's headline metric: rare labels count as much)
 NOT_HYPERPARAMETERS = {"resume", "overwrite"}  # how this invocation starts, not what the run is
 
 
@@ -123,7 +124,7 @@ def total_steps(n_train: int, batch_size: int, epochs: Optional[int], max_steps:
 
 
 def resolve_defaults(args: TrainArgs, method_name: str, n_train: int, default_precision: Optional[str],
-                     label_task: bool, eight_pack_small: bool = False,
+                     label_task: bool, eight_pack_small: bool = False, multi_label: bool = False,
                      default_learning_rate: float = 3e-3) -> TrainArgs:
     """The flags left to littune, decided for this run and data: out_dir, precision, micro-batch and batch size,
     warmup, the metric that picks the best checkpoint. default_precision None leaves an unset precision None (the
@@ -146,7 +147,8 @@ def resolve_defaults(args: TrainArgs, method_name: str, n_train: int, default_pr
             f"--batch_size {batch_size} must be divisible by --micro_batch_size {micro_batch_size} x devices "
             f"{world} (gradient accumulation = batch_size / (micro_batch_size * devices))"
         )
-    best_metric = args.best_metric or (DEFAULT_TASK_METRIC if label_task else "val_loss")
+    best_metric = args.best_metric or ((MULTI_LABEL_METRIC if multi_label else DEFAULT_TASK_METRIC) if label_task
+                                       else "val_loss")
     if best_metric != "val_loss" and not label_task:
         raise UserError(f"--best_metric {best_metric}: {args.data_dir} is not a label task (prepare.json has no label "
                         f"set: its outputs are free text); use --best_metric val_loss")

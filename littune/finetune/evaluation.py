@@ -31,13 +31,14 @@ def evaluate_now(fabric, model, method: Method, records: list, micro_batch_size:
     return {**evaluation, "eval_sec": time.perf_counter() - started}
 
 
-def task_figures(model, method: Method, records: list, ignore_index: int, tokenizer, style, labels: list) -> list:
+def task_figures(model, method: Method, records: list, ignore_index: int, tokenizer, style, labels: list,
+                 label_sets: Optional[dict] = None) -> list:
     """[mean token loss, then TASK_METRICS] of the records from one likelihood-scoring pass, the one `littune
     evaluate --scoring likelihood` runs (`scoring.labels_with_loss`): each record's loss targets ride along with its
     labels, so the prompt runs once for both. The loss is `validate`'s: the same target tokens, summed over the
     records, over their number. It runs on the model itself, not Fabric's wrapper: under bf16-mixed in float32, as
-    `littune evaluate` scores."""
-    from littune.metrics import classification_metrics
+    `littune evaluate` scores. label_sets: a multi-label task's (`labels` are then its candidate sets)."""
+    from littune.metrics import task_metrics
     from littune.scoring import labels_with_loss
 
     model.eval()
@@ -45,7 +46,7 @@ def task_figures(model, method: Method, records: list, ignore_index: int, tokeni
     rows, loss_sum, targets = labels_with_loss(model, tokenizer, style, records, labels, ignore_index)
     method.before_forward(unwrap(model))
     model.train()
-    metrics = classification_metrics([r["output"] for r in records], [row["predicted"] for row in rows], labels)
+    metrics = task_metrics([r["output"] for r in records], [row["predicted"] for row in rows], labels, label_sets)
     return [loss_sum / max(targets, 1), *(metrics[name.removeprefix("val_")] for name in TASK_METRICS)]
 
 

@@ -68,6 +68,7 @@ def finetune(method: Method, args: TrainArgs, method_args, on_evaluation=None) -
     label_task = inputs.labels is not None and args.strategy != "fsdp"  # FSDP: no task metrics (see above)
     plain = plain_reason(args.shared_prefix, args.strategy, method, method_args, config, args.activation_checkpointing)
     args = resolve_defaults(args, method.name, len(train), None, label_task,  # an unset precision: decided below
+                            multi_label=inputs.label_sets is not None,
                             eight_pack_small=plain is None and eight_pack_small(train),
                             default_learning_rate=method.learning_rate)
     if args.precision is not None:  # a flag littune cannot use fails before any output is written
@@ -117,7 +118,7 @@ class Training:
     val: list  # the validation split (its first record gets a sample answer at each evaluation)
     scored: list  # the validation records each evaluation scores
     ignore_index: int
-    task: Optional[tuple]  # a label task: (tokenizer, prompt style, labels), for likelihood-scored task metrics
+    task: Optional[tuple]  # a label task: (tokenizer, prompt style, labels, label_sets), for its task metrics
     tokenizer: object
     shared_prefix: bool
     sharded: bool
@@ -164,7 +165,7 @@ def fit(fabric, method: Method, method_args, args: TrainArgs, inputs: RunInputs,
         fabric, method, args, model, optimizer, steps, progress, val,
         scored=val if args.eval_iters == "all" else val[:args.eval_iters * args.micro_batch_size],
         ignore_index=inputs.ignore_index, tokenizer=inputs.tokenizer,
-        task=(inputs.tokenizer, inputs.data_style, inputs.labels) if label_task else None,
+        task=(inputs.tokenizer, inputs.data_style, inputs.labels, inputs.label_sets) if label_task else None,
         shared_prefix=plain_reason(args.shared_prefix, "fsdp" if sharded else args.strategy, method, method_args,
                                    unwrap(model).config, args.activation_checkpointing) is None,
         sharded=sharded, out_dir=out_dir, run_files=run_files, metrics_path=metrics_path, loggers=loggers,
