@@ -25,8 +25,30 @@ def _save_png(figure, path: Path) -> None:
         figure.savefig(tmp, format="png", bbox_inches="tight")
 
 
+MAX_PLOTTED = 20  # classes drawn one by one in the confusion matrix; the rest are summed into one row and column
+REST = "the rest"
+
+
+def condensed(labels: list, columns: list, matrix: list, keep: int = MAX_PLOTTED) -> tuple[list, list, list]:
+    """(labels, columns, matrix) with at most `keep` rows: the keep - 1 labels with the most records, then one row
+    and one column "the rest" summing the others (columns beyond the labels, such as "other", stay at the end)."""
+    if len(labels) <= keep:
+        return labels, columns, matrix
+    support = [sum(row) for row in matrix]
+    kept = sorted(sorted(range(len(labels)), key=lambda i: -support[i])[:keep - 1])
+    rest = [i for i in range(len(labels)) if i not in kept]
+    extra = list(range(len(labels), len(columns)))  # e.g. "other": not a label
+
+    def fold(row: list) -> list:
+        return [row[c] for c in kept] + [sum(row[c] for c in rest)] + [row[c] for c in extra]
+
+    rows = [fold(matrix[r]) for r in kept] + [fold([sum(matrix[r][c] for r in rest) for c in range(len(columns))])]
+    return [labels[i] for i in kept] + [REST], [columns[i] for i in kept] + [REST] + [columns[c] for c in extra], rows
+
+
 def plot_confusion_matrix(metrics: dict, path: Path) -> None:
-    labels, columns, matrix = metrics["labels"], metrics["confusion_matrix_columns"], metrics["confusion_matrix"]
+    labels, columns, matrix = condensed(metrics["labels"], metrics["confusion_matrix_columns"],
+                                        metrics["confusion_matrix"])
     figure = _figure(1.6 + 0.9 * len(columns), 1.4 + 0.7 * len(labels))
     axes = figure.add_subplot()
     image = axes.imshow(matrix, cmap="Blues", aspect="auto", vmin=0)
