@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Annotated, Literal, Optional
 
 from littune.common import Check, UserError, checked, save_json, save_text
+from littune.decision import fit_bias, load_rule, logprobs_of, predictions, save_rule
 from littune.inputs import RunInputs, load_for_inference
 from littune.metrics import (SET_JOINER, check_expected_in_labels, detect_labels, exact_match, normalize,
                              parse_labels, task_metrics)
@@ -59,6 +60,7 @@ def evaluate(
     scoring: Optional[ScoringName] = None,
     precision: Optional[Precision] = None,
     quantize: Optional[Quantize] = None,
+    decision_rule: Literal["auto", "argmax", "fit"] = "auto",
 ) -> dict:
     """Evaluate a fine-tuned adapter (or the base model) on a prepared split: loss, predictions, metrics, plots.
 
@@ -74,6 +76,7 @@ def evaluate(
         scoring: likelihood (the most likely label after the prompt, like lm-evaluation-harness; needs a label set) or generate (greedy answers compared as text). Default: likelihood when the label set is known, else generate.
         precision: 32-true, bf16-true, bf16-mixed, 16-true or 16-mixed (default: as littune finetune's: bf16-true on GPUs with bfloat16, 32-true on CPU).
         quantize: The base model's linear layers in 4 bits (bnb.nf4, bnb.nf4-dq, bnb.fp4, bnb.fp4-dq) or 8 bits (bnb.int8) with bitsandbytes, quantized while loading (pip install 'littune[quantize]'); the adapter loads as it is.
+        decision_rule: With likelihood scoring: fit (a per-label bias on the log-likelihoods that maximises the validation split's macro F1, saved as the run's decision_rule.json, then used here: for imbalanced labels), auto (the run's decision_rule.json where it has one, else argmax) or argmax (the most likely label).
     """
     checkpoint_dir, data_dir = Path(checkpoint_dir), Path(data_dir)
     label_list = parse_labels(labels) if labels is not None else None
@@ -102,9 +105,14 @@ def evaluate(
         longest_prompt = max(records, key=lambda r: len(r["input_ids_no_response"]))["input_ids_no_response"]
         check_fits(longest_prompt, max_new_tokens, inputs.config.block_size)
 
+    bias = chosen_rule(decision_rule, chosen, label_list, run_dir or out_dir, lambda: fitted_rule(
+        chosen, model, tokenizer, style, inputs, label_list, label_sets, batch_size, fabric.device, run_dir or out_dir))
     started = time.perf_counter()
     rows, loss_sum, targets = chosen.score(model, tokenizer, style, records, label_list, inputs.ignore_index,
                                            batch_size, max_new_tokens, fabric.device)
+    if bias is not None:  # the argmax prediction stays in each row beside the rule's
+        for row, label in zip(rows, predictions(logprobs_of(rows, label_list), label_list, bias)):
+            row["predicted_argmax"], row["predicted"] = row["predicted"], label
     if targets == 0:
         raise UserError("no target tokens in the split (every label is --ignore_index); nothing to compute a loss on")
     seconds = time.perf_counter() - started
@@ -121,12 +129,40 @@ def evaluate(
         "precision": precision,
         "quantize": quantize,
         "max_new_tokens": max_new_tokens if chosen.generates else None,
+        "decision_rule": dict(zip(label_list, bias)) if bias is not None else None,
         **figures(expected, rows, label_list, loss_sum / targets, chosen, label_sets),
     }
     written = write_outputs(out_dir, records, rows, metrics) + write_plots(metrics, out_dir, run_dir)
     print(format_table(metrics))
     print(f"Wrote {', '.join(written)} to {out_dir}", file=sys.stderr)
     return metrics
+
+
+def chosen_rule(rule: str, chosen: Scoring, label_list: Optional[list[str]], rule_dir: Path, fit) -> Optional[list]:
+    """The per-label bias to predict with (None: argmax): fitted now (`fit()`), or the run's saved one."""
+    if rule == "argmax" or (rule == "auto" and (label_list is None or not chosen.by_bytes)):
+        return None
+    if not chosen.by_bytes or label_list is None:  # by_bytes: the scoring ranks every label by its log-likelihood
+        raise UserError(f"--decision_rule {rule}: a bias on the labels' log-likelihoods needs --scoring likelihood and "
+                        f"a label set; use --decision_rule argmax")
+    return fit() if rule == "fit" else load_rule(rule_dir, label_list)
+
+
+def fitted_rule(chosen: Scoring, model, tokenizer, style, inputs: RunInputs, label_list: list[str],
+                label_sets: Optional[dict], batch_size: int, device, rule_dir: Path) -> list[float]:
+    """The bias fitted on the validation split (never the test split), saved in rule_dir."""
+    try:
+        records = inputs.split("val")
+    except UserError as e:
+        raise UserError(f"--decision_rule fit: the validation split is needed to fit it ({e})") from None
+    rows, _, _ = chosen.score(model, tokenizer, style, records, label_list, inputs.ignore_index, batch_size, None,
+                              device)
+    bias, before, after = fit_bias(logprobs_of(rows, label_list), label_list, [r["output"] for r in records],
+                                   label_sets)
+    path = save_rule(rule_dir, label_list, bias, before, after, len(records))
+    print(f"decision rule fitted on {len(records)} validation records: macro F1 {before:.4f} with argmax, "
+          f"{after:.4f} with the bias; wrote {path}", file=sys.stderr)
+    return bias
 
 
 def default_out_dir(split: str, data_dir: Path, run_dir: Optional[Path]) -> Path:

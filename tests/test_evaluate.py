@@ -162,8 +162,8 @@ def test_label_set_detection_and_parsing():
     assert label_metrics.detect_labels(["positive", "Negative ", "negative", "positive"]) == ["negative", "positive"]
     assert label_metrics.detect_labels(["yes", "yes", "no"]) is None  # a value seen once: free text, not labels
     assert label_metrics.detect_labels(["yes"] * 5) is None  # one value is not a classification
-    assert label_metrics.detect_labels([f"l{i}" for i in range(20)] * 2) is not None
-    assert label_metrics.detect_labels([f"l{i}" for i in range(21)] * 2) is None
+    assert label_metrics.detect_labels([f"l{i}" for i in range(64)] * 2) is not None  # 64 classes: still labels
+    assert label_metrics.detect_labels([f"l{i}" for i in range(65)] * 2) is None
     alpaca_outputs = [r["output"] for r in json.loads(ALPACA_335.read_text())[:50]]
     assert label_metrics.detect_labels(alpaca_outputs) is None
     assert label_metrics.parse_labels(" Positive, negative ,neutral") == ["positive", "negative", "neutral"]

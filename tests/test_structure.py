@@ -27,7 +27,7 @@ RANKS = {
     "littune": 0, "common": 0, "outbound": 0,
     "checkpoints": 1, "methods": 1, "metrics": 1, "precision": 1, "quantize": 1, "prepared": 1, "splits": 1,
     "prompts": 2, "model": 2, "label_sets": 2,
-    "sampling": 3, "scoring": 3, "data": 3, "inputs": 3, "plots": 3,
+    "sampling": 3, "scoring": 3, "data": 3, "inputs": 3, "plots": 3, "decision": 3,
     "scorings": 4,
     "finetune": 5,
     "evaluate": 6, "generate": 6, "export": 6, "serve": 6,
