@@ -5,6 +5,9 @@ import os
 # Under pytest-xdist (scripts/test.sh runs `-n auto`), each worker takes its share of the cores, it and the
 # processes its tests start: two workers of two torch threads each on 2 cores wait on each other at every op.
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+# the CPU precision probe stays off for the whole session, module-scoped fixtures (a server, a run) included:
+# results must not depend on the CPU (see precision_not_measured; tests/test_precision.py turns it on with a stub)
+os.environ["LITTUNE_PRECISION_PROBE"] = "off"
 if _WORKERS > 1:
     os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // _WORKERS))
 

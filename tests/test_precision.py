@@ -128,3 +128,29 @@ def test_the_real_probe_times_one_block_within_its_box(small_checkpoint):
         measured = precision.probe_block(config, training)
         assert measured["float32_s"] > 0 and measured["bfloat16_s"] > 0
         assert 16 <= measured["tokens"] <= 128 and measured["seconds"] < precision.TIME_BOX_S + 1
+
+
+def test_evaluate_generate_and_serve_pick_the_inference_precision_of_this_machine(small_checkpoint, alpaca64,
+                                                                                 tmp_path, machine, capsys):
+    """bf16-true where one block's forward is >= 1.15x faster in bf16 (the inference rule), with its reason in the
+    output; 32-true below that and on a CPU without bf16 units; --precision wins."""
+    from littune.serve import load_service
+
+    def evaluated(out, *flags):
+        capsys.readouterr()
+        assert main(["evaluate", "--checkpoint_dir", str(small_checkpoint), "--data_dir", str(alpaca64),
+                     "--out_dir", str(out), *flags]) == 0
+        return json.loads((out / "metrics.json").read_text())["precision"], capsys.readouterr().err
+
+    machine["answer"] = timings(1.0, 0.8)  # 1.25x: enough for inference (1.15x), not for training (2x)
+    chosen, err = evaluated(tmp_path / "fast")
+    assert chosen == "bf16-true" and "precision bf16-true (measured on this CPU" in err and "1.25x" in err
+    assert machine["calls"] == [("inference", load_model_config(small_checkpoint).n_embd)]
+    assert main(["generate", "--checkpoint_dir", str(small_checkpoint), "--prompt", "Hi", "--max_new_tokens", "2"]) == 0
+    assert "precision bf16-true (measured on this CPU earlier, cached" in capsys.readouterr().err
+    assert next(iter(load_service(small_checkpoint).models.values())).served.module.lm_head.weight.dtype \
+        == __import__("torch").bfloat16
+    assert evaluated(tmp_path / "given", "--precision", "32-true")[0] == "32-true"
+    machine["cpu"] = AVX2_CPU
+    chosen, err = evaluated(tmp_path / "avx2")
+    assert chosen == "32-true" and "no bfloat16 units" in err

@@ -202,13 +202,14 @@ def load_service(checkpoint_dir: Path, adapter_path: Optional[Path] = None, *,
     import lightning as L
 
     from littune.inputs import RunInputs, load_for_inference
-    from littune.model import check_precision, default_precision, unwrap
+    from littune.model import check_precision, inference_precision, unwrap
 
     checkpoint_dir = Path(checkpoint_dir)
-    precision = precision or default_precision()
-    check_precision(precision)
-    fabric = L.Fabric(devices=1, precision=precision, accelerator="auto")
+    if precision is not None:
+        check_precision(precision)
     inputs = RunInputs(checkpoint_dir, adapter_path=adapter_path)
+    precision, why = inference_precision(precision, inputs.config)
+    fabric = L.Fabric(devices=1, precision=precision, accelerator="auto")
     if adapters is not None:
         models, tokenizer = load_models(fabric, inputs, adapters, prompt_style, system)
     else:
@@ -216,6 +217,7 @@ def load_service(checkpoint_dir: Path, adapter_path: Optional[Path] = None, *,
         style = inputs.prompt_style(prompt_style, system, run_dir)
         model_id = checkpoint_dir.resolve().name + (f"+{run_dir.resolve().name}" if run_dir is not None else "")
         models = [Model(model_id, Served(model_id, unwrap(model)), style, tuple(style.stop_tokens(tokenizer)))]
+    print(f"littune serve: precision {precision}{f' ({why})' if why else ''}", file=sys.stderr, flush=True)
     config = models[0].served.module.config
     # a sliding-window layer keeps only the window in its cache: beyond it this engine's cache would be wrong
     context = min(config.block_size, config.sliding_window_size or config.block_size)
