@@ -145,3 +145,20 @@ def test_pages_of_the_mapped_file_leave_the_resident_set_once_read_and_read_back
     anonymous = torch.arange(2**20, dtype=torch.float32)
     release_pages(anonymous, file_backed_ranges())  # ordinary memory: untouched
     assert torch.equal(anonymous, torch.arange(2**20, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("quantize", ["bnb.nf4", "bnb.fp4-dq"])
+def test_quantizing_a_slice_of_rows_at_a_time_gives_bitsandbytes_own_bytes(quantize, monkeypatch):
+    from littune import quantize as q
+
+    monkeypatch.setattr(q, "CHUNK_ELEMENTS", 3 * 128)  # slices of 3 rows of 128 values
+    linear = torch.nn.Linear(128, 10, bias=False)
+    ours = q.quantized_linear(linear, quantize, torch.float32, torch.device("cpu"), bnb, training=False)
+    kind = quantize.removeprefix("bnb.").removesuffix("-dq")
+    theirs = bnb.nn.Linear4bit(128, 10, bias=False, compute_dtype=torch.float32, quant_type=kind,
+                               compress_statistics=quantize.endswith("-dq"))
+    theirs.weight = bnb.nn.Params4bit(linear.weight.detach().clone(), requires_grad=False, quant_type=kind,
+                                      compress_statistics=quantize.endswith("-dq"), module=theirs)._quantize("cpu")
+    assert torch.equal(ours.weight.data, theirs.weight.data)
+    x = torch.randn(4, 128)
+    assert torch.equal(ours(x), theirs(x))
