@@ -18,13 +18,11 @@ import json
 import os
 import shlex
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("LITTUNE_SHARED_DATA", REPO.parent / "shared" / "data"))
+from bench_accuracy import PEAK_RSS_GB, SHARED_DATA, littune as run_littune  # this folder's script (python puts it on sys.path)
+
 ALPACA = SHARED_DATA / "alpaca" / "stanford_alpaca_first335.json"
 # litgpt config name -> (Hub repo id the folder is named as, the tokenizer files to copy in)
 MODELS = {"Llama-2-7b-hf": ("meta-llama/Llama-2-7b-hf", SHARED_DATA / "tokenizers" / "llama"),
@@ -91,18 +89,9 @@ def make_checkpoint(name: str, folder: Path) -> int:
 
 
 def littune(*args: str, log: Path) -> dict:
-    """`littune ARGS` as a subprocess: its wall seconds and its own peak RSS (GB)."""
-    start = time.perf_counter()
-    with open(log, "a", encoding="utf-8") as f:
-        f.write(f"$ littune {shlex.join(args)}\n")
-        f.flush()
-        process = subprocess.Popen([sys.executable, "-m", "littune.cli", *args], stdout=f, stderr=subprocess.STDOUT,
-                                   cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        _, status, usage = os.wait4(process.pid, 0)
-    code = os.waitstatus_to_exitcode(status)
-    if code != 0:
-        sys.exit(f"littune {args[0]} failed (exit {code}); see {log}")
-    return {"seconds": round(time.perf_counter() - start, 1), "peak_rss_gb": round(usage.ru_maxrss / 2**20, 2)}
+    """`littune ARGS` as a subprocess (bench_accuracy's runner): its wall seconds and its own peak RSS (GB)."""
+    seconds = run_littune(*args, log=log)
+    return {"seconds": round(seconds, 1), "peak_rss_gb": PEAK_RSS_GB[args[0]]}
 
 
 def run(args) -> dict:
