@@ -162,3 +162,27 @@ def test_quantizing_a_slice_of_rows_at_a_time_gives_bitsandbytes_own_bytes(quant
     assert torch.equal(ours.weight.data, theirs.weight.data)
     x = torch.randn(4, 128)
     assert torch.equal(ours(x), theirs(x))
+
+
+def test_an_nf4_base_gives_the_logits_of_transformers_load_in_4bit(tmp_path):
+    """The test oracle: transformers + bitsandbytes (BitsAndBytesConfig(load_in_4bit, nf4), which leaves the
+    vocabulary projection unquantized, as littune does) on the same tiny Llama, float32 compute."""
+    import lightning as L
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from conftest import make_hf_checkpoint, max_diff
+    from littune.inputs import load_for_inference
+
+    folder = tmp_path / "tiny-llama"
+    make_hf_checkpoint(folder, "llama", intermediate_size=256)  # rows of 64 and 256 values: whole 64-value blocks
+    assert main(["convert", "--checkpoint_dir", str(folder)]) == 0
+    ids = torch.randint(0, 32000, (1, 24), generator=torch.Generator().manual_seed(0))
+    theirs = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32, device_map="cpu",
+                                                  quantization_config=BitsAndBytesConfig(
+                                                      load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                      bnb_4bit_compute_dtype=torch.float32))
+    fabric = L.Fabric(devices=1, accelerator="cpu", precision="32-true")
+    ours, _, _ = load_for_inference(fabric, folder, quantize="bnb.nf4")
+    assert type(ours.lm_head) is torch.nn.Linear  # kept in float, as transformers keeps it
+    with torch.no_grad():
+        assert max_diff(ours(ids), theirs(ids).logits) <= 1e-4
