@@ -101,10 +101,11 @@ def quantized_linear(linear: torch.nn.Linear, quantize: str, dtype: torch.dtype,
     else:
         layer.weight = quantized_4bit(weight, quant_type, quantize.endswith("-dq"), dtype, device, layer, bnb)
         # On an AVX512-BF16 CPU, bitsandbytes repacks the weight in place for a forward-only kernel the first time
-        # the layer runs in eval mode without gradients; a fine-tuning run evaluates, then trains through the layer
-        # again, and that kernel has no backward: a model that trains keeps the plain layout.
-        if training:
-            layer.support_avx512bf16_for_cpu = False
+        # the layer runs in eval mode without gradients. That kernel has no backward (a fine-tuning run evaluates,
+        # then trains through the layer again), and it dies of SIGFPE on an input of zero rows (bitsandbytes 0.50.2,
+        # measured: `littune evaluate --quantize bnb.nf4` on SmolLM2 killed the process): every layer keeps the
+        # plain layout.
+        layer.support_avx512bf16_for_cpu = False
     if linear.bias is not None:
         layer.bias = torch.nn.Parameter(linear.bias.detach(), requires_grad=False)
     return layer.train(linear.training)

@@ -186,3 +186,22 @@ def test_an_nf4_base_gives_the_logits_of_transformers_load_in_4bit(tmp_path):
     assert type(ours.lm_head) is torch.nn.Linear  # kept in float, as transformers keeps it
     with torch.no_grad():
         assert max_diff(ours(ids), theirs(ids).logits) <= 1e-4
+
+
+def test_a_quantized_layer_in_eval_mode_takes_an_empty_batch():
+    """bitsandbytes' forward-only AVX512-BF16 kernel (which littune turns off) died of SIGFPE on zero rows: run in a
+    subprocess, so that such a crash fails this test rather than the test process."""
+    import subprocess
+    import sys
+
+    code = ("import torch, bitsandbytes as bnb\n"
+            "from littune.quantize import quantized_linear\n"
+            "for dtype in (torch.bfloat16, torch.float32):\n"
+            "    layer = quantized_linear(torch.nn.Linear(576, 1536, bias=False), 'bnb.nf4', dtype,\n"
+            "                             torch.device('cpu'), bnb, training=False).eval()\n"
+            "    with torch.no_grad():\n"
+            "        assert layer(torch.randn(4, 3, 576, dtype=dtype)).shape == (4, 3, 1536)\n"
+            "        assert layer(torch.randn(0, 5, 576, dtype=dtype)).shape == (0, 5, 1536)\n"
+            "print('ok')\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "ok" in result.stdout, (result.returncode, result.stderr[-500:])
