@@ -61,7 +61,7 @@ class RunInputs:
         """The label set prepare recorded, None for free-text outputs."""
         return self.meta.get("labels")
 
-    @property
+    @cached_property
     def label_sets(self) -> Optional[dict]:
         """A multi-label task's {"labels", "none_label"} (`littune.label_sets`), None for any other; a prepare.json
         whose entry is not that shape is refused in one line."""

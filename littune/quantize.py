@@ -126,6 +126,9 @@ def file_backed_ranges() -> list[tuple[int, int]]:
     return ranges
 
 
+LIBC = ctypes.CDLL(None) if sys.platform == "linux" else None  # this process's C library (madvise), opened once
+
+
 def release_pages(tensor: torch.Tensor, ranges: list[tuple[int, int]]) -> None:
     """Take the pages of a tensor read from the memory-mapped lit_model.pth out of this process's resident set
     (madvise MADV_DONTNEED), once it has been quantized or copied: read once, a 7B file's pages would otherwise count
@@ -140,7 +143,7 @@ def release_pages(tensor: torch.Tensor, ranges: list[tuple[int, int]]) -> None:
         return
     first, last = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, end // mmap.PAGESIZE * mmap.PAGESIZE
     if last > first:
-        ctypes.CDLL(None).madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), 4)  # MADV_DONTNEED
+        LIBC.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), 4)  # MADV_DONTNEED
 
 
 # linear layers left unquantized, as transformers' load_in_4bit leaves them (its modules_to_not_convert): the output
